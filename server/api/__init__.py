@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP endpoints: one package per endpoint (protocol, serving, router)."""

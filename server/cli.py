@@ -1,0 +1,108 @@
+"""The `alignserve` command line.
+
+    alignserve serve [--model DIR] [--port N] ...   run the OpenAI-compatible server
+    alignserve demo build [--output DIR] [--seed N] rebuild the demo models from a seed
+
+Every `serve` flag is a field of `server.settings.Settings` and can also be set
+with the environment variable ALIGNSERVE_<FIELD> (flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from server.settings import Settings
+
+
+def _flag_type(annotation: object) -> tuple[type, list[str] | None]:
+    """argparse type and choices for a settings field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, [str(a) for a in typing.get_args(annotation)]
+    return annotation, None  # type: ignore[return-value]
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag_type, choices = _flag_type(field.annotation)
+        default = "model's own" if field.default is None else (
+            "the demo model" if field.default_factory else field.default)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=flag_type, choices=choices, default=None,
+            help=f"{field.description or name} [env ALIGNSERVE_{name.upper()}; default: {default}]",
+        )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"]) or "settings"
+            print(f"alignserve serve: invalid {field}: {error['msg']}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def _demo_build(args: argparse.Namespace) -> int:
+    from models.demo.build import build_demo
+
+    card = build_demo(args.output, seed=args.seed, steps=args.steps)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models.demo.build import demo_base_dir
+
+    parser = argparse.ArgumentParser(
+        prog="alignserve", description="Inference-time alignment server: vLLM with guided decoding."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the OpenAI-compatible server",
+        description="Serve a base model over the OpenAI API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /ready). With no flags: the demo model on 127.0.0.1:8000.",
+    )
+    _add_settings_flags(serve)
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="the demo task and its models")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True, metavar="COMMAND")
+    build = demo_commands.add_parser(
+        "build", help="rebuild the demo models from a seed",
+        description="Train the demo base model on the arithmetic task, reproducibly from a seed, "
+        "and print its card (including measured pass@1).",
+    )
+    build.add_argument("--output", type=Path, default=demo_base_dir(), help="output directory [default: %(default)s]")
+    build.add_argument("--seed", type=int, default=0, help="random seed [default: %(default)s]")
+    build.add_argument("--steps", type=int, default=None, help="training steps [default: the recipe's]")
+    build.set_defaults(run=_demo_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Shared fixtures: one real server (real CLI, real vLLM engine, demo model) per test session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ALIGNSERVE = Path(sys.executable).parent / "alignserve"
+SERVER_START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, process: subprocess.Popen, base_url: str, log_path: Path) -> None:
+        self.process = process
+        self.base_url = base_url
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def unfinished_requests(self) -> int:
+        return httpx.get(f"{self.base_url}/health", timeout=5).json()["unfinished_requests"]
+
+
+def start_server(log_path: Path, *flags: str) -> RunningServer:
+    """Start `alignserve serve` and wait until /health answers 200."""
+    port = free_port()
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [str(ALIGNSERVE), "serve", "--port", str(port), *flags],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    stop_server(server)
+    raise RuntimeError(f"server did not become healthy in {SERVER_START_TIMEOUT_S} s:\n{server.log()[-4000:]}")
+
+
+def stop_server(server: RunningServer) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The demo model served by the real CLI on a free port."""
+    running = start_server(tmp_path_factory.mktemp("server") / "server.log")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def openai_client(server: RunningServer):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def model_name() -> str:
+    return "demo-base"

@@ -1,0 +1,44 @@
+"""A client that goes away aborts its engine request, streaming or not."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.engine
+
+# Long enough that the request is still running when the client leaves.
+LONG = {"prompt": "1+1=", "max_tokens": 500, "temperature": 1.0, "ignore_eos": True}
+
+
+def wait_for_unfinished(server, predicate, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    count = server.unfinished_requests()
+    while not predicate(count) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = server.unfinished_requests()
+    return count
+
+
+def test_streaming_disconnect_aborts_engine_request(server, model_name):
+    assert wait_for_unfinished(server, lambda c: c == 0, 30) == 0
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        with client.stream("POST", "/v1/completions", json={"model": model_name, "stream": True, "n": 2, **LONG}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert server.unfinished_requests() > 0
+    # The connection is closed here, long before 500 tokens x 2 choices are done.
+    assert wait_for_unfinished(server, lambda c: c == 0, 2.0) == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_non_streaming_disconnect_aborts_engine_request(server, model_name, path):
+    assert wait_for_unfinished(server, lambda c: c == 0, 30) == 0
+    body = {"model": model_name, **LONG}
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}{path}", json={**body, "n": 4}, timeout=httpx.Timeout(30, read=0.5))
+    assert wait_for_unfinished(server, lambda c: c == 0, 2.0) == 0

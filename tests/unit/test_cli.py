@@ -1,0 +1,56 @@
+"""The `alignserve` command line and its settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.demo.build import demo_base_dir
+from server.cli import build_parser
+from server.settings import Settings
+
+ALIGNSERVE = Path(sys.executable).parent / "alignserve"
+
+
+def test_every_setting_has_a_serve_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in help_text
+        assert f"ALIGNSERVE_{name.upper()}" in help_text
+
+
+def test_console_script_help():
+    for args in ([], ["serve"], ["demo", "build"]):
+        result = subprocess.run([str(ALIGNSERVE), *args, "--help"], capture_output=True, text=True, check=True)
+        assert "usage: alignserve" in result.stdout
+
+
+def test_invalid_setting_exits_2_naming_it():
+    result = subprocess.run([str(ALIGNSERVE), "serve", "--model", "/nonexistent"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "model" in result.stderr and "/nonexistent" in result.stderr
+
+
+def test_defaults_serve_the_demo_model(monkeypatch):
+    settings = Settings()
+    assert settings.model == demo_base_dir()
+    assert settings.model_name == "demo-base"
+    assert settings.port == 8000
+
+
+def test_environment_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALIGNSERVE_PORT", "9123")
+    monkeypatch.setenv("ALIGNSERVE_MAX_N", "4")
+    assert (Settings().port, Settings().max_n) == (9123, 4)
+    assert Settings(port=9200).port == 9200
+    (tmp_path / "config.json").write_text("{}")
+    assert Settings(model=tmp_path).model_name == tmp_path.name
+    assert Settings(model=tmp_path, served_model_name="x").model_name == "x"
+    with pytest.raises(ValueError):
+        Settings(port=70000)
+    frozen = Settings()
+    with pytest.raises(ValueError):
+        frozen.port = 1
