@@ -1,0 +1,45 @@
+"""Guide-model runtime: a compact Llama/Qwen2 decoder with a slot-indexed KV cache and guide heads.
+
+Pure torch (no vLLM): it runs next to the base model inside the engine's worker, one
+batched incremental forward per generated token over all guided rows.
+"""
+
+from models.runtime.config import DecoderConfig, RopeConfig
+from models.runtime.decoder import Decoder
+from models.runtime.guide import GuideModel, load_guide_model
+from models.runtime.heads import (
+    HEAD_TYPES,
+    ARMHead,
+    BernoulliHead,
+    ExpectedHead,
+    GuideHead,
+    HistogramHead,
+    LMHead,
+    build_head,
+    load_head,
+    save_head,
+)
+from models.runtime.kv_cache import SlotKVCache, SlotsExhaustedError
+from models.runtime.loader import CheckpointError, load_decoder
+
+__all__ = [
+    "HEAD_TYPES",
+    "ARMHead",
+    "BernoulliHead",
+    "CheckpointError",
+    "Decoder",
+    "DecoderConfig",
+    "ExpectedHead",
+    "GuideHead",
+    "GuideModel",
+    "HistogramHead",
+    "LMHead",
+    "RopeConfig",
+    "SlotKVCache",
+    "SlotsExhaustedError",
+    "build_head",
+    "load_decoder",
+    "load_guide_model",
+    "load_head",
+    "save_head",
+]

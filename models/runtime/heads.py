@@ -1,0 +1,199 @@
+"""Guide heads: map the backbone's final-norm hidden states to guidance scores.
+
+Two scoring shapes (DESIGN.md section 3):
+
+- Q-type (``scoring="q"``): the hidden state of prefix s, ``[B, H]``, scores every
+  vocabulary token y as the next token: ``[B, V]`` (or ``[B, V, m]``).
+- V-type (``scoring="v"``): the hidden state of each candidate token appended to s
+  (``Decoder.score_candidates``), ``[B, k, H]``, gives one score per candidate:
+  ``[B, k]`` (or ``[B, k, m]``).
+
+======== =============================================== =========== ============
+type     score                                           Q-type      V-type
+======== =============================================== =========== ============
+bernoulli logit of P(R = 1 | s, y)                        [B, V]      [B, k]
+histogram logits over m return atoms z_j (in the config)  [B, V, m]   [B, k, m]
+expected  predicted expected reward V(s, y)               [B, V]      [B, k]
+arm       r(s, y) = e_y . (U V^T h_s) + b . h_s           [B, V]      --
+lm        backbone LM logits (GenARM; caller log-softmaxes) [B, V]    --
+======== =============================================== =========== ============
+
+A head is stored in the guide-model directory, next to the backbone checkpoint:
+``guide_head.json`` (``{"type": ..., "scoring": ..., params}``) and ``head.safetensors``.
+All leading dimensions are carried through, so heads also apply to ``[B, T, H]`` in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models.runtime.loader import CheckpointError
+
+HEAD_CONFIG_FILE = "guide_head.json"
+HEAD_WEIGHTS_FILE = "head.safetensors"
+SCORINGS = ("q", "v")
+
+
+class GuideHead(nn.Module):
+    """Base class. ``forward(hidden, output_embedding)``: the backbone's output embedding
+    ``[V, H]`` is passed for heads that score tokens through it (``arm``, ``lm``)."""
+
+    type: ClassVar[str]
+    scorings: ClassVar[tuple[str, ...]] = SCORINGS
+    uses_output_embedding: ClassVar[bool] = False
+
+    def __init__(self, hidden_size: int, vocab_size: int, scoring: str) -> None:
+        super().__init__()
+        if scoring not in self.scorings:
+            raise ValueError(f"head type {self.type!r} does not support scoring={scoring!r}; use {self.scorings}")
+        self.hidden_size, self.vocab_size, self.scoring = hidden_size, vocab_size, scoring
+
+    def params(self) -> dict[str, Any]:
+        """Type-specific JSON parameters (besides ``type`` and ``scoring``)."""
+        return {}
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.type, "scoring": self.scoring, **self.params()}
+
+
+class _ValueHead(GuideHead):
+    """Linear value head with ``num_atoms`` outputs per scored token (1 = a scalar score)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, scoring: str, num_atoms: int = 1) -> None:
+        super().__init__(hidden_size, vocab_size, scoring)
+        self.num_atoms = num_atoms
+        scored = vocab_size if scoring == "q" else 1  # Q-type: every token y; V-type: the token already appended
+        self.proj = nn.Linear(hidden_size, scored * num_atoms)
+
+    def forward(self, hidden: Tensor, output_embedding: Tensor | None = None) -> Tensor:
+        """Q: ``[..., H] -> [..., V(, m)]``; V: ``[..., k, H] -> [..., k(, m)]``."""
+        out = self.proj(hidden)
+        if self.scoring == "q":
+            out = out.unflatten(-1, (self.vocab_size, self.num_atoms))
+        return out.squeeze(-1) if self.num_atoms == 1 else out
+
+
+class BernoulliHead(_ValueHead):
+    """Logit of the probability that the final reward is 1; Q-sharp offset log(1 - p + p e^eta)."""
+
+    type = "bernoulli"
+
+
+class ExpectedHead(_ValueHead):
+    """Predicted expected reward (CD-FUDGE prefix scorer); offset lambda * V."""
+
+    type = "expected"
+
+
+class HistogramHead(_ValueHead):
+    """Logits of a categorical return distribution over atoms z_j; offset logsumexp_j(log p_j + eta z_j)."""
+
+    type = "histogram"
+
+    def __init__(self, hidden_size: int, vocab_size: int, scoring: str, atoms: list[float]) -> None:
+        atoms = [float(z) for z in atoms]
+        if len(atoms) < 2 or not all(map(math.isfinite, atoms)) or any(a >= b for a, b in zip(atoms, atoms[1:])):
+            raise ValueError(f"histogram atoms must be >= 2 finite, strictly increasing values, got {atoms}")
+        super().__init__(hidden_size, vocab_size, scoring, num_atoms=len(atoms))
+        self.atom_values = atoms  # exact values for the JSON config, whatever the buffer's dtype
+        self.register_buffer("atoms", torch.tensor(atoms), persistent=False)  # z [m]
+
+    def params(self) -> dict[str, Any]:
+        return {"atoms": self.atom_values}
+
+
+class ARMHead(GuideHead):
+    """Low-rank autoregressive reward head: r(s, y) = e_y . (W h_s) + b . h_s, W = U V^T of rank r.
+
+    All y come from one forward: ``[..., H] -> [..., V]``.
+    """
+
+    type = "arm"
+    scorings = ("q",)
+    uses_output_embedding = True
+
+    def __init__(self, hidden_size: int, vocab_size: int, scoring: str, rank: int) -> None:
+        super().__init__(hidden_size, vocab_size, scoring)
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"arm rank must be a positive integer, got {rank!r}")
+        self.rank = rank
+        self.u = nn.Parameter(torch.randn(hidden_size, rank) * 0.02)  # U [H, r]
+        self.v = nn.Parameter(torch.randn(hidden_size, rank) * 0.02)  # V [H, r]
+        self.b = nn.Parameter(torch.zeros(hidden_size))  # b [H]
+
+    def params(self) -> dict[str, Any]:
+        return {"rank": self.rank}
+
+    def forward(self, hidden: Tensor, output_embedding: Tensor) -> Tensor:
+        wh = (hidden @ self.v) @ self.u.T  # W h = U (V^T h), [..., H]
+        return wh @ output_embedding.T + (hidden @ self.b).unsqueeze(-1)  # e_y . W h + b . h, [..., V]
+
+
+class LMHead(GuideHead):
+    """The backbone's own LM head (GenARM reward LM): next-token logits ``[..., V]``."""
+
+    type = "lm"
+    scorings = ("q",)
+    uses_output_embedding = True
+
+    def forward(self, hidden: Tensor, output_embedding: Tensor) -> Tensor:
+        return F.linear(hidden, output_embedding)
+
+
+HEAD_TYPES: dict[str, type[GuideHead]] = {
+    cls.type: cls for cls in (BernoulliHead, HistogramHead, ExpectedHead, ARMHead, LMHead)
+}
+_PARAMS: dict[str, tuple[str, ...]] = {"histogram": ("atoms",), "arm": ("rank",)}
+
+
+def build_head(config: dict[str, Any], hidden_size: int, vocab_size: int) -> GuideHead:
+    """Construct a freshly initialised head from its JSON config; ValueError names any bad field."""
+    head_type = config.get("type")
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"unknown guide head type {head_type!r}; known: {sorted(HEAD_TYPES)}")
+    params = {k: v for k, v in config.items() if k not in ("type", "scoring")}
+    wanted = _PARAMS.get(head_type, ())
+    if unknown := sorted(params.keys() - set(wanted)):
+        raise ValueError(f"unknown parameters {unknown} for guide head type {head_type!r}; it takes {list(wanted)}")
+    if missing := sorted(set(wanted) - params.keys()):
+        raise ValueError(f"guide head type {head_type!r} needs parameters {missing}")
+    return HEAD_TYPES[head_type](hidden_size, vocab_size, config.get("scoring", "q"), **params)
+
+
+def save_head(head: GuideHead, directory: str | Path) -> None:
+    """Write ``guide_head.json`` and ``head.safetensors`` into ``directory`` (created if needed)."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / HEAD_CONFIG_FILE).write_text(json.dumps(head.config(), indent=2) + "\n")
+    save_file({k: t.detach().contiguous().cpu() for k, t in head.state_dict().items()}, str(root / HEAD_WEIGHTS_FILE))
+
+
+def load_head(
+    directory: str | Path,
+    hidden_size: int,
+    vocab_size: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> GuideHead:
+    """Read a head saved by ``save_head``; CheckpointError if its weights do not match its config."""
+    root = Path(directory)
+    config_file, weights_file = root / HEAD_CONFIG_FILE, root / HEAD_WEIGHTS_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no {HEAD_CONFIG_FILE} in {root}")
+    head = build_head(json.loads(config_file.read_text()), hidden_size, vocab_size)
+    expected = {k: t.shape for k, t in head.state_dict().items()}
+    state = load_file(str(weights_file)) if weights_file.is_file() else {}
+    if state.keys() != expected.keys() or any(state[k].shape != s for k, s in expected.items()):
+        got = {k: tuple(t.shape) for k, t in state.items()}
+        want = {k: tuple(s) for k, s in expected.items()}
+        raise CheckpointError(f"{weights_file} holds {got}, but a {head.type!r} head needs {want}")
+    head.load_state_dict(state)
+    return head.to(device=device, dtype=dtype).eval()
