@@ -1,0 +1,1 @@
+"""Thin per-engine adapters over `guidance.batch.GuidanceBatch`."""

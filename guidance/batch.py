@@ -1,0 +1,243 @@
+"""Guidance over a batch of rows: engine-independent state and the per-step `apply`.
+
+An engine adapter tells the batch which request sits in which row (`add`,
+`remove`, `move`, in that order per update) and calls `apply(logits)` once per
+decoding step. Per step each guide model costs one batched forward over all its
+rows: `step` feeds every row the token it generated last (a `prefill` of the
+prompt when a request joins), then its head scores the candidates.
+
+Per-request KL is written per output position into a preallocated buffer, so a
+step that does not sample (a chunk of a long prompt) is overwritten by the step
+that does, and the total is summed only when it is collected.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from guidance.catalog import GuideCatalog
+from guidance.divergence import candidate_mask, kl_guided_to_base
+from guidance.module import WHOLE_VOCABULARY
+from guidance.spec import ResolvedGuidance
+from models.runtime.guide import GuideModel
+
+# Reports of requests that left the batch, kept until collected (oldest dropped first).
+MAX_UNCOLLECTED_REPORTS = 4096
+
+
+@dataclass(frozen=True)
+class GuidanceReport:
+    kl: float  # sum over generated tokens of KL(pi_guided || pi_base)
+    steps: int  # generated tokens that were guided
+
+
+@dataclass
+class _Request:
+    key: str
+    guidance: list[ResolvedGuidance]
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]  # live reference, grown by the engine
+    stat: int  # row of the KL buffer
+    slots: dict[str, int]  # guide model name -> KV-cache slot
+    first_output: int  # outputs generated before this (re)join, whose KL is carried
+    carried_kl: Tensor | float = 0.0
+    carried_steps: int = 0
+    fed: int = 0  # tokens already in the guide caches
+    collected: bool = False
+
+    def new_tokens(self) -> list[int]:
+        """Prompt and output tokens the guide models have not seen yet."""
+        n_prompt = len(self.prompt_ids)
+        if self.fed >= n_prompt:
+            return list(self.output_ids[self.fed - n_prompt:])
+        return list(self.prompt_ids[self.fed:]) + list(self.output_ids)
+
+
+@dataclass
+class _Group:
+    """Rows that use one module with one guide model this step."""
+
+    rows: list[int] = field(default_factory=list)  # positions among the guided rows
+    entries: list[ResolvedGuidance] = field(default_factory=list)
+
+
+class GuidanceBatch:
+    def __init__(
+        self,
+        models: Mapping[str, GuideModel],
+        catalog: GuideCatalog,
+        *,
+        max_requests: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._models = dict(models)
+        self._catalog = catalog
+        self._device = torch.device(device)
+        for model in self._models.values():
+            model.setup_cache(max_requests, max_len)
+        # Final hidden state of the last token each slot has seen, per guide model: [slots, H].
+        self._last_hidden = {
+            name: torch.zeros(max_requests, m.backbone.config.hidden_size, device=self._device)
+            for name, m in self._models.items()
+        }
+        self._atoms = {
+            name: torch.tensor(catalog[name].atoms, device=self._device) if catalog[name].atoms else None
+            for name in self._models
+        }
+        self._kl_at = torch.zeros(max_requests, max_len, device=self._device)  # KL by output position
+        self._free_stats = list(range(max_requests - 1, -1, -1))
+        self._rows: dict[int, _Request] = {}
+        self._uncollected: OrderedDict[str, tuple[Tensor | float, int]] = OrderedDict()
+
+    @property
+    def num_guided(self) -> int:
+        return len(self._rows)
+
+    # Batch updates: apply removed, then added, then moved.
+
+    def add(self, row: int, key: str, guidance: Sequence[ResolvedGuidance],
+            prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
+        """A request joins row `row` (replacing whatever was there)."""
+        if row in self._rows:
+            self.remove(row)
+        active = [g for g in guidance if g.params.strength > 0]
+        if not active:
+            return  # strength 0 everywhere: exactly the unguided distribution, nothing to run
+        carried_kl, carried_steps = self._uncollected.pop(key, (0.0, 0))  # rejoining after preemption
+        self._rows[row] = _Request(
+            key=key,
+            guidance=active,
+            prompt_ids=prompt_ids,
+            output_ids=output_ids,
+            stat=self._free_stats.pop(),
+            slots={name: self._models[name].cache.allocate() for name in {g.params.model for g in active}},
+            first_output=len(output_ids),
+            carried_kl=carried_kl,
+            carried_steps=carried_steps,
+        )
+
+    def remove(self, row: int) -> None:
+        request = self._rows.pop(row, None)
+        if request is None:
+            return
+        for name, slot in request.slots.items():
+            self._models[name].cache.free(slot)
+        if not request.collected:
+            self._uncollected[request.key] = self._totals(request)
+            while len(self._uncollected) > MAX_UNCOLLECTED_REPORTS:
+                self._uncollected.popitem(last=False)
+        self._free_stats.append(request.stat)
+
+    def move(self, source: int, target: int, swap: bool) -> None:
+        moving = self._rows.pop(source, None)
+        if swap:
+            if (other := self._rows.pop(target, None)) is not None:
+                self._rows[source] = other
+        else:
+            self.remove(target)
+        if moving is not None:
+            self._rows[target] = moving
+
+    # Per step.
+
+    @torch.no_grad()
+    def apply(self, logits: Tensor) -> Tensor:
+        """Add every guided row's offsets to its logits ``[rows, V]`` in place; record its KL."""
+        if not self._rows:
+            return logits
+        rows = list(self._rows)
+        requests = [self._rows[r] for r in rows]
+        unseen = {id(q): q.new_tokens() for q in requests}
+        for name, model in self._models.items():
+            fresh = [(q, unseen[id(q)]) for q in requests if name in q.slots and unseen[id(q)]]
+            if fresh:
+                self._feed(name, model, fresh)
+        for q in requests:
+            q.fed = len(q.prompt_ids) + len(q.output_ids)
+        row_index = torch.tensor(rows, device=logits.device)
+        base = logits[row_index].float()  # [G, V]
+        offsets = torch.zeros_like(base)
+        for (model_name, _), group in self._groups(requests).items():
+            self._add_offsets(offsets, base, requests, model_name, group)
+        stat = torch.tensor([q.stat for q in requests], device=self._device)
+        position = torch.tensor([len(q.output_ids) for q in requests], device=self._device)
+        self._kl_at[stat, position] = kl_guided_to_base(base, offsets).to(self._device)
+        logits[row_index] = (base + offsets).to(logits.dtype)
+        return logits
+
+    def _feed(self, name: str, model: GuideModel, fresh: list[tuple[_Request, list[int]]]) -> None:
+        """Append each row's unseen tokens to its guide cache: one `step` when every row has one
+        new token (the steady state), else one `prefill` (requests joining or resuming).
+
+        Rows with nothing unseen (a long prompt whose prefill the engine spreads over several
+        steps) are left out; their last hidden state is still current."""
+        slots = [q.slots[name] for q, _ in fresh]
+        slot_index = torch.tensor(slots, device=self._device)
+        if all(len(tokens) == 1 for _, tokens in fresh):
+            hidden = model.step(slot_index, torch.tensor([t[0] for _, t in fresh], device=self._device))
+        else:
+            hidden = model.prefill(slots, [torch.tensor(t, device=self._device) for _, t in fresh])
+        self._last_hidden[name][slot_index] = hidden.float()
+
+    @staticmethod
+    def _groups(requests: list[_Request]) -> dict[tuple[str, str], _Group]:
+        groups: dict[tuple[str, str], _Group] = defaultdict(_Group)
+        for i, request in enumerate(requests):
+            for entry in request.guidance:
+                group = groups[(entry.params.model, entry.module.name)]
+                group.rows.append(i)
+                group.entries.append(entry)
+        return groups
+
+    def _add_offsets(self, offsets: Tensor, base: Tensor, requests: list[_Request],
+                     model_name: str, group: _Group) -> None:
+        """offsets[rows] += d for one (guide model, module) group, ``d`` zero outside each row's candidates."""
+        model, info, atoms = self._models[model_name], self._catalog[model_name], self._atoms[model_name]
+        module = group.entries[0].module
+        vocab = base.shape[-1]
+        index = torch.tensor(group.rows, device=base.device)
+        strength = torch.tensor([[e.params.strength] for e in group.entries], device=base.device)  # [b, 1]
+        top_k = [vocab if e.top_k == WHOLE_VOCABULARY else min(e.top_k, vocab) for e in group.entries]
+        slots = torch.tensor([requests[i].slots[model_name] for i in group.rows], device=self._device)
+
+        if info.scoring == "q":
+            scores = module.token_scores(model.score_next(self._last_hidden[model_name][slots]))  # [b, V(, m)]
+            if min(top_k) == vocab:
+                offsets.index_add_(0, index, module.offsets(scores, strength, info.head_type, atoms))
+                return
+            candidates, valid = candidate_mask(base[index], torch.tensor(top_k, device=base.device), max(top_k))
+            gather_index = candidates if scores.dim() == 2 else candidates.unsqueeze(-1).expand(-1, -1, scores.shape[-1])
+            candidate_scores = scores.gather(1, gather_index)
+        else:
+            candidates, valid = candidate_mask(base[index], torch.tensor(top_k, device=base.device), max(top_k))
+            candidate_scores = model.score_candidates(slots, candidates.to(self._device))  # [b, k(, m)]
+        d = module.offsets(candidate_scores.float(), strength, info.head_type, atoms).masked_fill(~valid, 0.0)
+        offsets.index_add_(0, index, torch.zeros_like(base[index]).scatter_(1, candidates, d))
+
+    # Reports.
+
+    def _totals(self, request: _Request) -> tuple[Tensor | float, int]:
+        end = len(request.output_ids)
+        kl = request.carried_kl + self._kl_at[request.stat, request.first_output:end].sum()
+        return kl, request.carried_steps + end - request.first_output
+
+    def collect(self, keys: Sequence[str]) -> dict[str, GuidanceReport]:
+        """Reports of the given requests (finished or still in the batch); each is returned once."""
+        active = {q.key: q for q in self._rows.values()}
+        reports = {}
+        for key in keys:
+            if key in self._uncollected:
+                kl, steps = self._uncollected.pop(key)
+            elif key in active and not active[key].collected:
+                kl, steps = self._totals(active[key])
+                active[key].collected = True
+            else:
+                continue
+            reports[key] = GuidanceReport(kl=float(kl), steps=steps)
+        return reports

@@ -1,0 +1,73 @@
+"""The operator's table of guide models: names requests may use, and what each one is.
+
+Built from ``{name: directory}``. Reading a catalog touches only the small JSON
+files (``config.json``, ``guide_head.json``), so the HTTP process can validate
+requests and list models without loading weights; the engine's worker loads them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.runtime.heads import HEAD_CONFIG_FILE
+
+
+@dataclass(frozen=True)
+class GuideModelInfo:
+    name: str
+    path: Path
+    head_type: str
+    scoring: str  # "q": every next token from one forward; "v": k appended candidates
+    vocab_size: int
+    atoms: tuple[float, ...] | None = None
+
+    def describe(self) -> dict:
+        info = {"name": self.name, "head": self.head_type, "scoring": self.scoring}
+        if self.atoms is not None:
+            info["atoms"] = list(self.atoms)
+        return info
+
+
+class GuideCatalog:
+    def __init__(self, models: Mapping[str, GuideModelInfo]) -> None:
+        self._models = dict(models)
+
+    @classmethod
+    def from_paths(cls, paths: Mapping[str, str | Path]) -> "GuideCatalog":
+        return cls({name: read_guide_info(name, Path(path)) for name, path in paths.items()})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
+
+    def __getitem__(self, name: str) -> GuideModelInfo:
+        return self._models[name]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def paths(self) -> dict[str, str]:
+        return {name: str(info.path) for name, info in self._models.items()}
+
+
+def read_guide_info(name: str, path: Path) -> GuideModelInfo:
+    """Describe the guide model in `path`; ValueError naming the model if it is not one."""
+    try:
+        head = json.loads((path / HEAD_CONFIG_FILE).read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"guide model {name!r}: {path} is not a guide-model directory ({exc})") from exc
+    atoms = head.get("atoms")
+    return GuideModelInfo(
+        name=name,
+        path=path,
+        head_type=head["type"],
+        scoring=head.get("scoring", "q"),
+        vocab_size=int(config["vocab_size"]),
+        atoms=tuple(float(z) for z in atoms) if atoms is not None else None,
+    )

@@ -1,0 +1,1 @@
+"""Built-in guidance modules, one per file."""

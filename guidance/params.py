@@ -1,0 +1,57 @@
+"""Per-request guidance parameters, validated at the HTTP edge and again in the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from guidance.errors import GuidanceError
+
+MAX_STRENGTH = 1000.0
+
+
+class GuidanceParams(BaseModel):
+    """One entry of a request's ``guidance`` list.
+
+    `top_k` picks the candidate tokens C (the top-k of the base logits); -1 means the
+    whole vocabulary, None the module's default. Tokens outside C get offset 0.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    model: str = Field(min_length=1, description="A guide model configured by the operator.")
+    strength: float = Field(ge=0.0, le=MAX_STRENGTH, description="Guidance strength; 0 = unguided.")
+    top_k: int | None = Field(default=None, description="Candidate tokens: top-k of the base logits; -1 = all.")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_range(cls, top_k: int | None) -> int | None:
+        if top_k is not None and top_k != -1 and top_k < 1:
+            raise ValueError("top_k must be -1 (whole vocabulary) or at least 1")
+        return top_k
+
+
+def _field_path(prefix: str, loc: tuple) -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def validate_entry(params_class: type[GuidanceParams], entry: Any, param: str) -> GuidanceParams:
+    """Validate one guidance entry, naming the offending field on error."""
+    try:
+        return params_class.model_validate(entry)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        path = _field_path(param, tuple(error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"Unrecognized guidance argument: {path}"
+        elif error["type"] == "missing":
+            message = f"Missing guidance parameter: {path}"
+        else:
+            message = f"Invalid value for '{path}': {message}"
+        raise GuidanceError(message, path) from None

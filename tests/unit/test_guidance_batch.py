@@ -1,0 +1,200 @@
+"""GuidanceBatch against an independent full-recompute reference, through joins, leaves and moves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from guidance.batch import GuidanceBatch
+from guidance.catalog import GuideCatalog
+from guidance.divergence import kl_guided_to_base
+from guidance.loading import load_guide_models
+from guidance.spec import parse_guidance
+from models.runtime import build_head, save_head
+
+V, H = 64, 128
+HEADS = {
+    "value": {"type": "bernoulli", "scoring": "q"},
+    "hist": {"type": "histogram", "scoring": "v", "atoms": [0.0, 0.5, 1.0]},
+    "prefix": {"type": "expected", "scoring": "v"},
+    "arm": {"type": "arm", "scoring": "q", "rank": 4},
+    "rlm": {"type": "lm", "scoring": "q"},
+}
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> GuideCatalog:
+    root = tmp_path_factory.mktemp("guides")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, initializer_range=0.2)
+    paths = {}
+    for i, (name, head) in enumerate(HEADS.items()):
+        path = root / name
+        torch.manual_seed(i)
+        LlamaForCausalLM(config).save_pretrained(path)
+        built = build_head(head, H, V)
+        with torch.no_grad():
+            for p in built.parameters():
+                p.normal_(0, 0.3)
+        save_head(built, path)
+        paths[name] = path
+    return GuideCatalog.from_paths(paths)
+
+
+@pytest.fixture
+def models(catalog):
+    return load_guide_models(catalog, dtype=torch.float32, device="cpu")
+
+
+def reference_offsets(models, catalog, guidance, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """Offsets for one row by full recompute of the guide models over `tokens`."""
+    total = torch.zeros(V)
+    for entry in guidance:
+        if entry.params.strength == 0:
+            continue
+        model, info = models[entry.params.model], catalog[entry.params.model]
+        atoms = torch.tensor(info.atoms) if info.atoms else None
+        k = V if entry.top_k == -1 else entry.top_k
+        candidates = torch.topk(logits, k).indices
+        strength = torch.tensor([[entry.params.strength]])
+        with torch.no_grad():
+            if info.scoring == "q":
+                hidden = model.backbone.forward(torch.tensor([tokens]))[:, -1]
+                scores = entry.module.token_scores(model.head(hidden, model.backbone.output_embedding))[0]
+                candidate_scores = scores[candidates].unsqueeze(0)
+            else:
+                rows = torch.tensor([tokens + [c] for c in candidates.tolist()])
+                candidate_scores = model.head(model.backbone.forward(rows)[:, -1:], None)[:, 0].unsqueeze(0)
+        d = entry.module.offsets(candidate_scores, strength, info.head_type, atoms)[0]
+        total[candidates] += d
+    return total
+
+
+SPECS = {
+    "q": [{"type": "qsharp", "model": "value", "strength": 3.0, "top_k": 5}],
+    "hist+cd": [{"type": "qsharp", "model": "hist", "strength": 2.0, "top_k": 4},
+                {"type": "cd", "model": "prefix", "strength": 1.5, "top_k": 6}],
+    "arm+genarm": [{"type": "arm", "model": "arm", "strength": 0.7},
+                   {"type": "genarm", "model": "rlm", "strength": 0.5, "top_k": 10}],
+    "zero": [{"type": "qsharp", "model": "value", "strength": 0.0}],
+}
+
+
+class FakeEngine:
+    """Drives a batch like vLLM does: rows, live output lists, greedy sampling on guided logits."""
+
+    def __init__(self, batch: GuidanceBatch, catalog, models, seed: int = 0) -> None:
+        self.batch, self.catalog, self.models = batch, catalog, models
+        self.rows: dict[int, dict] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.expected_kl: dict[str, float] = {}
+
+    def add(self, row: int, key: str, spec: str, prompt: list[int]) -> None:
+        guidance = parse_guidance(SPECS[spec], self.catalog)
+        request = {"key": key, "guidance": guidance, "prompt": prompt, "output": []}
+        self.rows[row] = request
+        self.expected_kl[key] = 0.0
+        self.batch.add(row, key, guidance, prompt, request["output"])
+
+    def remove(self, row: int) -> None:
+        del self.rows[row]
+        self.batch.remove(row)
+
+    def move(self, source: int, target: int, swap: bool) -> None:
+        a, b = self.rows.pop(source, None), self.rows.pop(target, None)
+        if a is not None:
+            self.rows[target] = a
+        if swap and b is not None:
+            self.rows[source] = b
+        self.batch.move(source, target, swap)
+
+    def step(self) -> None:
+        size = max(self.rows) + 1
+        logits = torch.randn(size, V, generator=self.generator)
+        expected = logits.clone()
+        for row, request in self.rows.items():
+            d = reference_offsets(self.models, self.catalog, request["guidance"],
+                                  request["prompt"] + request["output"], logits[row])
+            expected[row] = logits[row] + d
+            self.expected_kl[request["key"]] += kl_guided_to_base(logits[row:row + 1], d.unsqueeze(0)).item()
+        out = self.batch.apply(logits.clone())
+        assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
+        for row, request in self.rows.items():
+            request["output"].append(int(out[row].argmax()))
+
+
+def test_no_guided_rows_is_a_no_op(catalog, models):
+    batch = GuidanceBatch(models, catalog, max_requests=4, max_len=32)
+    logits = torch.randn(3, V)
+    assert batch.apply(logits) is logits
+
+
+def test_rows_join_leave_and_move_and_match_full_recompute(catalog, models):
+    batch = GuidanceBatch(models, catalog, max_requests=4, max_len=64)
+    engine = FakeEngine(batch, catalog, models)
+    engine.add(0, "a", "q", [1, 5, 9])
+    engine.step()
+    engine.add(1, "b", "hist+cd", [1, 7])
+    engine.add(2, "c", "arm+genarm", [1, 3, 3, 8, 2])
+    engine.step()
+    engine.step()
+    engine.move(2, 1, swap=True)
+    engine.step()
+    engine.remove(0)
+    engine.move(2, 0, swap=False)  # condense: b goes from row 2 to row 0
+    engine.step()
+    engine.add(2, "d", "q", [1, 4])  # reuses freed slots
+    engine.step()
+    engine.step()
+    keys = ["a", "b", "c", "d"]
+    reports = batch.collect(keys)
+    assert set(reports) == set(keys)
+    for key in keys:
+        assert reports[key].kl == pytest.approx(engine.expected_kl[key], rel=1e-4, abs=1e-6)
+    assert {k: r.steps for k, r in reports.items()} == {"a": 4, "b": 6, "c": 6, "d": 2}
+    assert batch.collect(keys) == {}  # each report is handed out once
+
+
+def test_strength_zero_rows_are_untouched(catalog, models):
+    batch = GuidanceBatch(models, catalog, max_requests=2, max_len=16)
+    batch.add(0, "z", parse_guidance(SPECS["zero"], catalog), [1, 2], [])
+    assert batch.num_guided == 0
+    logits = torch.randn(1, V)
+    assert torch.equal(batch.apply(logits.clone()), logits)
+
+
+def test_report_survives_preemption_and_resume(catalog, models):
+    batch = GuidanceBatch(models, catalog, max_requests=2, max_len=32)
+    engine = FakeEngine(batch, catalog, models, seed=3)
+    engine.add(0, "p", "q", [1, 2, 3])
+    engine.step()
+    engine.step()
+    request = engine.rows[0]
+    engine.batch.remove(0)  # preempted: leaves the batch, output kept
+    del engine.rows[0]
+    engine.rows[1] = request
+    batch.add(1, "p", request["guidance"], request["prompt"], request["output"])  # resumes: guide caches re-prefilled
+    engine.step()
+    report = batch.collect(["p"])["p"]
+    assert report.steps == 3
+    assert report.kl == pytest.approx(engine.expected_kl["p"], rel=1e-4)
+
+
+def test_partial_prefill_steps_are_not_counted(catalog, models):
+    """A step that samples nothing (output unchanged) is overwritten by the one that samples."""
+    batch = GuidanceBatch(models, catalog, max_requests=2, max_len=32)
+    guidance = parse_guidance(SPECS["q"], catalog)
+    output: list[int] = []
+    batch.add(0, "k", guidance, [1, 2, 3, 4], output)
+    batch.apply(torch.randn(1, V))  # a prefill chunk: nothing sampled
+    logits = torch.randn(1, V)
+    d = reference_offsets(models, catalog, guidance, [1, 2, 3, 4], logits[0])
+    batch.apply(logits.clone())
+    output.append(5)
+    report = batch.collect(["k"])["k"]
+    assert report.steps == 1
+    assert report.kl == pytest.approx(kl_guided_to_base(logits, d.unsqueeze(0)).item(), rel=1e-4)
