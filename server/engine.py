@@ -1,25 +1,40 @@
 """The one place that builds and talks to vLLM's engine.
 
-`Engine` wraps vLLM's `AsyncLLM`: it starts it from `Settings`, streams
-per-choice deltas of a request, aborts requests and reports liveness. The
-HTTP layer never touches vLLM types: it passes `SamplingOptions` in and gets
-`ChoiceDelta`s out.
+`Engine` wraps vLLM's `AsyncLLM`: it starts it from `Settings` (registering the
+guidance logits processor when guide models are configured), streams per-choice
+deltas of a request, aborts requests, collects guidance reports and reports
+liveness. The HTTP layer never touches vLLM types: it passes `SamplingOptions`
+in and gets `ChoiceDelta`s out.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
+import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from guidance.adapters.vllm import (
+    GUIDANCE_ARG,
+    KEY_ARG,
+    REPORTS_RPC,
+    WORKER_EXTENSION,
+    GuidanceLogitsProcessor,
+    engine_config,
+)
+from guidance.batch import GuidanceReport
+from guidance.catalog import GuideCatalog
 from server.settings import Settings
+from server.streams import merge
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +56,27 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     ignore_eos: bool = False
+    guidance: tuple[dict[str, Any], ...] = ()  # validated entries, see guidance.spec
 
-    def to_vllm(self) -> SamplingParams:
+    def child_params(self, index: int, key: str) -> SamplingParams:
+        """Parameters of choice `index`, sampled as its own engine request.
+
+        A seeded request gives choice i the seed `seed + i`, as vLLM does for `n > 1`.
+        """
+        extra_args = {GUIDANCE_ARG: list(self.guidance), KEY_ARG: key} if self.guidance else None
         return SamplingParams(
-            n=self.n,
+            n=1,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
             max_tokens=self.max_tokens,
             stop=list(self.stop),
-            seed=self.seed,
+            seed=None if self.seed is None else self.seed + index,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logprobs=self.logprobs,
             ignore_eos=self.ignore_eos,
+            extra_args=extra_args,
             # Each yielded output carries only what is new since the previous one.
             output_kind=RequestOutputKind.DELTA,
         )
@@ -78,10 +100,11 @@ class ChoiceDelta:
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None
+    guidance: GuidanceReport | None = None  # on a guided choice's last delta
 
 
 class Engine:
-    """Async vLLM engine for one base model."""
+    """Async vLLM engine for one base model and its guide models."""
 
     def __init__(self, llm: AsyncLLM, max_model_len: int, start_seconds: float) -> None:
         self._llm = llm
@@ -89,8 +112,24 @@ class Engine:
         self.start_seconds = start_seconds
 
     @classmethod
-    def start(cls, settings: Settings) -> "Engine":
+    def start(cls, settings: Settings, catalog: GuideCatalog) -> "Engine":
         """Build the engine (spawns vLLM's engine-core and worker processes)."""
+        guided: dict[str, Any] = {}
+        if len(catalog):
+            # vLLM runs this hook in our process per request; give it the table to check names.
+            GuidanceLogitsProcessor.catalog = catalog
+            guided = dict(
+                logits_processors=[GuidanceLogitsProcessor],
+                additional_config=engine_config(catalog),
+                worker_extension_cls=WORKER_EXTENSION,
+                # The guide models must see each sampled token before the next step; async
+                # scheduling hands processors placeholder ids instead.
+                async_scheduling=False,
+            )
+            if torch.cuda.is_available():
+                # CUDA builds default to Model Runner V2, which rejects V1 logits processors.
+                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+                logger.info("guidance: set VLLM_USE_V2_MODEL_RUNNER=0 (V1 logits-processor interface)")
         args = AsyncEngineArgs(
             model=str(settings.model),
             served_model_name=settings.model_name,
@@ -105,37 +144,51 @@ class Engine:
             # parameters are the only ones that apply, as with the OpenAI API.
             generation_config="vllm",
             disable_log_stats=True,
+            **guided,
         )
         began = time.perf_counter()
         llm = AsyncLLM.from_engine_args(args)
         elapsed = time.perf_counter() - began
         max_len = llm.model_config.max_model_len
-        logger.info("engine started in %.1f s (max_model_len=%d)", elapsed, max_len)
+        logger.info("engine started in %.1f s (max_model_len=%d, guide models: %s)",
+                    elapsed, max_len, ", ".join(catalog.names()) or "none")
         return cls(llm, max_len, elapsed)
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], options: SamplingOptions
-    ) -> AsyncIterator[ChoiceDelta]:
-        """Stream the deltas of all `options.n` choices of one prompt.
+    def generate(self, request_id: str, prompt_ids: list[int], options: SamplingOptions) -> AsyncIterator[ChoiceDelta]:
+        """Stream the deltas of all `options.n` choices of one prompt, as they come.
 
-        Cancelling the iteration (client gone) aborts the request in the engine.
+        Each choice is its own engine request (`<request_id>-<index>`), so each guided
+        choice has its own report. Closing the stream (client gone) aborts them all.
         """
+        return merge([self._generate_choice(f"{request_id}-{i}", i, prompt_ids, options) for i in range(options.n)])
+
+    async def _generate_choice(
+        self, engine_id: str, index: int, prompt_ids: list[int], options: SamplingOptions
+    ) -> AsyncIterator[ChoiceDelta]:
         top_k = options.logprobs
+        params = options.child_params(index, key=engine_id)
         try:
-            async for output in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), options.to_vllm(), request_id
-            ):
+            async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, engine_id):
                 for choice in output.outputs:
-                    yield ChoiceDelta(
-                        index=choice.index,
+                    delta = ChoiceDelta(
+                        index=index,
                         text=choice.text,
                         token_ids=tuple(choice.token_ids),
                         logprobs=None if top_k is None else _token_logprobs(choice, top_k),
                         finish_reason=choice.finish_reason,
                     )
+                    if delta.finish_reason is not None and options.guidance:
+                        delta = replace(delta, guidance=await self._guidance_report(engine_id))
+                    yield delta
         finally:
             # No-op for a finished request; stops an abandoned one.
-            await self._llm.abort(request_id)
+            await self._llm.abort(engine_id)
+
+    async def _guidance_report(self, key: str) -> GuidanceReport:
+        """The worker's KL report of a finished guided request (zero if it was never guided)."""
+        (reports, *_) = await self._llm.collective_rpc(REPORTS_RPC, args=([key],))
+        kl, steps = reports.get(key, (0.0, 0))
+        return GuidanceReport(kl=kl, steps=steps)
 
     async def check_health(self) -> None:
         """Raise if the engine core is dead."""

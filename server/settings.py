@@ -7,6 +7,7 @@ below. Library code never reads the environment; it receives this object.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.demo.build import demo_base_dir
+from models.demo.paths import demo_guides_file
 
 DEMO_MODEL_NAME = "demo-base"
 
@@ -43,7 +45,13 @@ class Settings(BaseSettings):
     max_num_seqs: int | None = Field(
         default=None, ge=1, description="Most sequences the engine batches per step; default: vLLM's."
     )
+    guide_models: Path | None = Field(
+        default=None,
+        description="JSON file mapping guide-model names to directories (relative to the file); "
+        "default: the demo guide models when serving the demo model, else none.",
+    )
     max_n: int = Field(default=16, ge=1, description="Largest `n` a request may ask for.")
+    max_guidance_entries: int = Field(default=4, ge=1, description="Most guidance entries one request may list.")
     seed: int = Field(default=0, description="Engine seed (requests without a seed still sample freshly).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -52,6 +60,18 @@ class Settings(BaseSettings):
         if not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a model directory (no config.json)")
         return self
+
+    def guide_model_paths(self) -> dict[str, Path]:
+        """The operator's guide-model table, {name: directory}."""
+        table_file = self.guide_models
+        if table_file is None and self.model.resolve() == demo_base_dir().resolve() and demo_guides_file().is_file():
+            table_file = demo_guides_file()
+        if table_file is None:
+            return {}
+        table = json.loads(table_file.read_text())
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise ValueError(f"guide_models: {table_file} must hold a JSON object of name -> directory")
+        return {name: (table_file.parent / path).resolve() for name, path in table.items()}
 
     @property
     def model_name(self) -> str:

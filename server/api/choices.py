@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from guidance.batch import GuidanceReport
+from guidance.spec import ResolvedGuidance
 from server.engine import ChoiceDelta, TokenLogprob
 
 
@@ -13,6 +15,7 @@ class Choice:
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    guidance: GuidanceReport | None = None
 
 
 class ChoiceCollector:
@@ -27,6 +30,7 @@ class ChoiceCollector:
         choice.num_tokens += len(delta.token_ids)
         choice.logprobs.extend(delta.logprobs or ())
         choice.finish_reason = delta.finish_reason or choice.finish_reason
+        choice.guidance = delta.guidance or choice.guidance
 
     def sorted(self) -> list[tuple[int, Choice]]:
         return sorted(self.choices.items())
@@ -34,6 +38,18 @@ class ChoiceCollector:
     @property
     def completion_tokens(self) -> int:
         return sum(choice.num_tokens for choice in self.choices.values())
+
+
+def guidance_report(report: GuidanceReport | None) -> dict[str, float | int]:
+    """A guided choice's `guidance` object: exact KL(guided || base) summed over its tokens."""
+    if report is None:
+        return {"kl": 0.0, "steps": 0}
+    return {"kl": report.kl, "steps": report.steps}
+
+
+def guidance_summary(guidance: list[ResolvedGuidance]) -> dict:
+    """The response-level `guidance` object: the modules and strengths used."""
+    return {"entries": [g.describe() for g in guidance]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from guidance.spec import ResolvedGuidance
 from server.engine import SamplingOptions
 from server.errors import ContextLengthExceeded, InvalidRequest
 
@@ -39,6 +40,9 @@ class SamplingRequest(StrictModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    guidance: list[dict[str, Any]] | None = Field(
+        default=None, description="Per-step guidance entries, e.g. {type: qsharp, model: demo-value, strength: 4}."
+    )
 
     @field_validator("top_k")
     @classmethod
@@ -58,7 +62,9 @@ class SamplingRequest(StrictModel):
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def sampling_options(self, max_tokens: int, logprobs: int | None) -> SamplingOptions:
+    def sampling_options(
+        self, max_tokens: int, logprobs: int | None, guidance: list[ResolvedGuidance] = ()
+    ) -> SamplingOptions:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingOptions(
             max_tokens=max_tokens,
@@ -72,6 +78,7 @@ class SamplingRequest(StrictModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
+            guidance=tuple(g.params.model_dump() for g in guidance),
         )
 
 

@@ -30,9 +30,10 @@ def test_sampling_options_carry_every_field():
         max_tokens=7, n=3, temperature=0.5, top_p=0.9, top_k=5, stop=("##",), seed=11,
         presence_penalty=0.1, frequency_penalty=-0.2, logprobs=2, ignore_eos=True,
     )
-    params = options.to_vllm()
-    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (3, 0.5, 0.9, 5, 7)
-    assert params.stop == ["##"] and params.seed == 11 and params.logprobs == 2 and params.ignore_eos
+    params = options.child_params(2, key="k")
+    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens) == (1, 0.5, 0.9, 5, 7)
+    assert params.stop == ["##"] and params.seed == 13 and params.logprobs == 2 and params.ignore_eos
+    assert params.extra_args is None
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from server.api.streaming import SSE_DONE, merge, sse, tagged
+from server.api.streaming import SSE_DONE, sse
+from server.streams import merge, tagged
 
 
 async def _items(values, delay: float, log: list | None = None):

@@ -18,10 +18,10 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response:
     serving = ChatServing(services)
-    prompt_ids, options = serving.prepare(body)
+    prompt_ids, options, guidance = serving.prepare(body)
     if body.stream:
         return StreamingResponse(
-            serving.stream(body, prompt_ids, options), media_type="text/event-stream", headers=SSE_HEADERS
+            serving.stream(body, prompt_ids, options, guidance), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    result = await cancel_on_disconnect(request, serving.complete(body, prompt_ids, options))
+    result = await cancel_on_disconnect(request, serving.complete(body, prompt_ids, options, guidance))
     return JSONResponse(result) if result is not None else Response(status_code=499)

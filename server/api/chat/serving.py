@@ -7,7 +7,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from server.api.chat.protocol import ChatCompletionRequest
-from server.api.choices import ChoiceCollector, usage
+from guidance.spec import ResolvedGuidance
+from server.api.choices import ChoiceCollector, guidance_report, guidance_summary, usage
 from server.api.common import check_n, completion_budget
 from server.api.streaming import SSE_DONE, sse
 from server.engine import SamplingOptions, TokenLogprob
@@ -19,20 +20,24 @@ class ChatServing:
     def __init__(self, services: Services) -> None:
         self._services = services
 
-    def prepare(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingOptions]:
+    def prepare(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingOptions, list[ResolvedGuidance]]:
         """Validate the request against the model and render its messages (all errors are 400s)."""
         services = self._services
         services.check_model(request.model)
         check_n(request.n, services.settings.max_n)
+        guidance = services.resolve_guidance(request.guidance)
         prompt_ids = services.renderer.render_chat([m.template_message() for m in request.messages])
         limit, limit_param = request.completion_limit
         max_tokens = completion_budget(
             len(prompt_ids), limit, services.engine.max_model_len,
             prompt_param="messages", max_tokens_param=limit_param,
         )
-        return prompt_ids, request.sampling_options(max_tokens, request.num_logprobs)
+        return prompt_ids, request.sampling_options(max_tokens, request.num_logprobs, guidance), guidance
 
-    async def complete(self, request: ChatCompletionRequest, prompt_ids: list[int], options: SamplingOptions) -> dict:
+    async def complete(
+        self, request: ChatCompletionRequest, prompt_ids: list[int], options: SamplingOptions,
+        guidance: list[ResolvedGuidance],
+    ) -> dict:
         request_id, created = _new_id(), int(time.time())
         collector = ChoiceCollector()
         async for delta in self._services.engine.generate(request_id, prompt_ids, options):
@@ -46,7 +51,7 @@ class ChatServing:
             }
             for index, choice in collector.sorted()
         ]
-        return {
+        response = {
             "id": request_id,
             "object": "chat.completion",
             "created": created,
@@ -54,9 +59,15 @@ class ChatServing:
             "choices": choices,
             "usage": usage(len(prompt_ids), collector.completion_tokens),
         }
+        if guidance:
+            for choice, (_, collected) in zip(choices, collector.sorted()):
+                choice["guidance"] = guidance_report(collected.guidance)
+            response["guidance"] = guidance_summary(guidance)
+        return response
 
     async def stream(
-        self, request: ChatCompletionRequest, prompt_ids: list[int], options: SamplingOptions
+        self, request: ChatCompletionRequest, prompt_ids: list[int], options: SamplingOptions,
+        guidance: list[ResolvedGuidance],
     ) -> AsyncIterator[str]:
         request_id, created = _new_id(), int(time.time())
         collector = ChoiceCollector()
@@ -77,6 +88,8 @@ class ChatServing:
                     "logprobs": _logprobs(list(delta.logprobs or ())) if request.logprobs else None,
                     "finish_reason": delta.finish_reason,
                 }
+                if guidance and delta.finish_reason is not None:
+                    choice["guidance"] = guidance_report(delta.guidance)
                 yield sse(chunk([choice]))
             if request.include_usage_in_stream:
                 final = chunk([])

@@ -18,8 +18,10 @@ async def create_completion(
     body: CompletionRequest, request: Request, services: Services = Depends(get_services)
 ) -> Response:
     serving = CompletionServing(services)
-    prompts = serving.prepare(body)
+    prompts, guidance = serving.prepare(body)
     if body.stream:
-        return StreamingResponse(serving.stream(body, prompts), media_type="text/event-stream", headers=SSE_HEADERS)
-    result = await cancel_on_disconnect(request, serving.complete(body, prompts))
+        return StreamingResponse(
+            serving.stream(body, prompts, guidance), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    result = await cancel_on_disconnect(request, serving.complete(body, prompts, guidance))
     return JSONResponse(result) if result is not None else Response(status_code=499)

@@ -7,10 +7,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.api.choices import ChoiceCollector, usage
+from guidance.spec import ResolvedGuidance
+from server.api.choices import ChoiceCollector, guidance_report, guidance_summary, usage
 from server.api.common import check_n, completion_budget
 from server.api.completions.protocol import CompletionRequest
-from server.api.streaming import SSE_DONE, merge, sse, tagged
+from server.api.streaming import SSE_DONE, sse
+from server.streams import merge, tagged
 from server.engine import ChoiceDelta, SamplingOptions, TokenLogprob
 from server.errors import APIError, api_error_body
 from server.services import Services
@@ -27,11 +29,12 @@ class CompletionServing:
     def __init__(self, services: Services) -> None:
         self._services = services
 
-    def prepare(self, request: CompletionRequest) -> list[PreparedPrompt]:
+    def prepare(self, request: CompletionRequest) -> tuple[list[PreparedPrompt], list[ResolvedGuidance]]:
         """Validate the request against the model and tokenize its prompts (all errors are 400s)."""
         services = self._services
         services.check_model(request.model)
         check_n(request.n, services.settings.max_n)
+        guidance = services.resolve_guidance(request.guidance)
         prompts = request.prompts()
         prepared = []
         for i, prompt in enumerate(prompts):
@@ -45,8 +48,9 @@ class CompletionServing:
                 len(token_ids), request.max_tokens, services.engine.max_model_len,
                 prompt_param=param, max_tokens_param="max_tokens",
             )
-            prepared.append(PreparedPrompt(token_ids, text, request.sampling_options(max_tokens, request.logprobs)))
-        return prepared
+            options = request.sampling_options(max_tokens, request.logprobs, guidance)
+            prepared.append(PreparedPrompt(token_ids, text, options))
+        return prepared, guidance
 
     def _deltas(self, request_id: str, prompts: list[PreparedPrompt], n: int) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         """Deltas of every prompt's choices; the choice index is prompt_index * n + i."""
@@ -57,7 +61,9 @@ class CompletionServing:
         ]
         return merge(streams)
 
-    async def complete(self, request: CompletionRequest, prompts: list[PreparedPrompt]) -> dict:
+    async def complete(
+        self, request: CompletionRequest, prompts: list[PreparedPrompt], guidance: list[ResolvedGuidance]
+    ) -> dict:
         request_id, created = _new_id(), int(time.time())
         collector = ChoiceCollector()
         async for offset, delta in self._deltas(request_id, prompts, request.n):
@@ -71,7 +77,9 @@ class CompletionServing:
                 "logprobs": _logprobs(choice.logprobs, len(prefix)) if request.logprobs is not None else None,
                 "finish_reason": choice.finish_reason,
             })
-        return {
+            if guidance:
+                choices[-1]["guidance"] = guidance_report(choice.guidance)
+        response = {
             "id": request_id,
             "object": "text_completion",
             "created": created,
@@ -79,8 +87,13 @@ class CompletionServing:
             "choices": choices,
             "usage": usage(_prompt_tokens(prompts), collector.completion_tokens),
         }
+        if guidance:
+            response["guidance"] = guidance_summary(guidance)
+        return response
 
-    async def stream(self, request: CompletionRequest, prompts: list[PreparedPrompt]) -> AsyncIterator[str]:
+    async def stream(
+        self, request: CompletionRequest, prompts: list[PreparedPrompt], guidance: list[ResolvedGuidance]
+    ) -> AsyncIterator[str]:
         request_id, created = _new_id(), int(time.time())
         collector = ChoiceCollector()
         text_offsets: dict[int, int] = {}
@@ -101,6 +114,8 @@ class CompletionServing:
                     start = text_offsets.get(index, len(text) - len(delta.text))
                     choice["logprobs"] = _logprobs(list(delta.logprobs or ()), start)
                     text_offsets[index] = start + len(delta.text)
+                if guidance and delta.finish_reason is not None:
+                    choice["guidance"] = guidance_report(delta.guidance)
                 yield sse(chunk([choice]))
             if request.include_usage_in_stream:
                 final = chunk([])
