@@ -1,0 +1,178 @@
+"""Token-level guidance through the real server, engine and demo guide models."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from openai import AsyncOpenAI
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from guidance.verifiers import get_verifier
+from models.demo.build import demo_base_dir
+from models.demo.paths import demo_guides_file
+from models.demo.task import sample_problems
+from tests.reference_guidance import ReferenceGuide, guided_greedy
+
+pytestmark = pytest.mark.engine
+
+PROMPT = "234+567="
+GUIDANCES = {
+    "qsharp": [{"type": "qsharp", "model": "demo-value", "strength": 4.0}],
+    "qsharp-hist": [{"type": "qsharp", "model": "demo-value-hist", "strength": 4.0, "top_k": 8}],
+    "cd": [{"type": "cd", "model": "demo-prefix", "strength": 3.0, "top_k": 8}],
+    "arm": [{"type": "arm", "model": "demo-arm", "strength": 2.0}],
+    "genarm": [{"type": "genarm", "model": "demo-genarm", "strength": 1.0}],
+    "composed": [{"type": "qsharp", "model": "demo-value", "strength": 2.0, "top_k": 10},
+                 {"type": "genarm", "model": "demo-genarm", "strength": 0.5}],
+}
+
+
+def complete(client, model, guidance=None, **kwargs):
+    extra = dict(kwargs.pop("extra_body", {}))
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return client.completions.create(model=model, extra_body=extra, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(GUIDANCES))
+def test_strength_zero_is_token_for_token_unguided(openai_client, model_name, name):
+    zero = [{**entry, "strength": 0.0} for entry in GUIDANCES[name]]
+    for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 5, "n": 3}):
+        plain = complete(openai_client, model_name, prompt=PROMPT, max_tokens=10, **kwargs)
+        zeroed = complete(openai_client, model_name, zero, prompt=PROMPT, max_tokens=10, **kwargs)
+        assert [c.text for c in zeroed.choices] == [c.text for c in plain.choices]
+        assert all(c.model_extra["guidance"] == {"kl": 0.0, "steps": 0} for c in zeroed.choices)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    base = LlamaForCausalLM.from_pretrained(demo_base_dir(), torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo_base_dir())
+    import json
+
+    table = json.loads(demo_guides_file().read_text())
+    guides = {name: ReferenceGuide(demo_guides_file().parent / path) for name, path in table.items()}
+    return base, tokenizer, guides
+
+
+@pytest.mark.parametrize("name", sorted(GUIDANCES))
+def test_guided_greedy_equals_reference_loop(openai_client, model_name, reference, name):
+    base, tokenizer, guides = reference
+    for prompt in ("234+567=", "81-95=", "9+990="):
+        ids = tokenizer.encode(prompt)
+        expected = guided_greedy(base, guides, GUIDANCES[name], ids, max_tokens=8, eos_id=tokenizer.eos_token_id)
+        result = complete(openai_client, model_name, GUIDANCES[name], prompt=prompt, max_tokens=8, temperature=0)
+        assert result.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True), prompt
+
+
+def test_guidance_reports_kl_and_steps(openai_client, model_name):
+    result = complete(openai_client, model_name, GUIDANCES["composed"], prompt=PROMPT, max_tokens=6,
+                      temperature=1.0, seed=3, n=2, extra_body={"ignore_eos": True})
+    for choice in result.choices:
+        report = choice.model_extra["guidance"]
+        assert report["steps"] == 6 and report["kl"] > 0
+    assert result.model_extra["guidance"] == {"entries": [
+        {"type": "qsharp", "model": "demo-value", "strength": 2.0, "top_k": 10},
+        {"type": "genarm", "model": "demo-genarm", "strength": 0.5, "top_k": -1}]}
+
+
+def test_streamed_guided_equals_non_streamed_and_reports_in_final_chunk(openai_client, model_name):
+    kwargs = dict(prompt=PROMPT, max_tokens=8, temperature=1.0, seed=11, n=2)
+    whole = complete(openai_client, model_name, GUIDANCES["qsharp"], **kwargs)
+    texts, reports = {}, {}
+    for chunk in complete(openai_client, model_name, GUIDANCES["qsharp"], stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                reports[choice.index] = choice.model_extra["guidance"]
+            else:
+                assert "guidance" not in (choice.model_extra or {})
+    for choice in whole.choices:
+        assert texts[choice.index] == choice.text
+        assert reports[choice.index]["steps"] == choice.model_extra["guidance"]["steps"]
+        assert reports[choice.index]["kl"] == pytest.approx(choice.model_extra["guidance"]["kl"], rel=1e-4)
+
+
+def test_chat_guidance(openai_client, model_name):
+    result = openai_client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=8,
+        extra_body={"guidance": GUIDANCES["cd"]})
+    assert result.choices[0].model_extra["guidance"]["steps"] >= 1
+
+
+def test_mixed_batch_gives_each_request_its_solo_output(server, openai_client, model_name):
+    """Guided and unguided requests joining and leaving at different times (rows removed, added, moved)."""
+    plan = [(0.00, None, 12), (0.05, "qsharp", 4), (0.10, "cd", 16), (0.12, None, 3),
+            (0.20, "arm", 9), (0.25, "genarm", 6), (0.30, "qsharp-hist", 11), (0.35, "composed", 7)]
+    prompts = [p.prompt for p in sample_problems(len(plan), seed=99)]
+    solo = [complete(openai_client, model_name, GUIDANCES.get(g), prompt=p, max_tokens=n, temperature=0,
+                     extra_body={"ignore_eos": True}).choices[0].text for p, (_, g, n) in zip(prompts, plan)]
+
+    async def run():
+        async with AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as client:
+            async def one(prompt, delay, name, n):
+                await asyncio.sleep(delay)
+                extra = {"ignore_eos": True}
+                if name:
+                    extra["guidance"] = GUIDANCES[name]
+                result = await client.completions.create(model=model_name, prompt=prompt, max_tokens=n,
+                                                         temperature=0, extra_body=extra)
+                return result.choices[0].text
+            return await asyncio.gather(*(one(p, d, g, n) for p, (d, g, n) in zip(prompts, plan)))
+
+    for _ in range(2):
+        assert asyncio.run(run()) == solo
+
+
+def test_qsharp_raises_pass_at_1(server, model_name):
+    problems = sample_problems(150, seed=31337)
+    verifier = get_verifier("demo-verifier")
+
+    async def accuracy(guidance) -> float:
+        async with AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0) as client:
+            async def one(i, prompt):
+                extra = {"guidance": guidance} if guidance else {}
+                result = await client.completions.create(model=model_name, prompt=prompt, max_tokens=8,
+                                                         temperature=1.0, seed=i, extra_body=extra)
+                return verifier(prompt, result.choices[0].text)
+            rewards = await asyncio.gather(*(one(i, p.prompt) for i, p in enumerate(problems)))
+        return sum(rewards) / len(rewards)
+
+    base = asyncio.run(accuracy(None))
+    guided = asyncio.run(accuracy(GUIDANCES["qsharp"]))
+    assert guided > base + 0.03, (base, guided)
+
+
+@pytest.mark.parametrize(
+    ("guidance", "param"),
+    [
+        ([{"type": "nope", "model": "demo-value", "strength": 1}], "guidance[0].type"),
+        ([{"type": "qsharp", "model": "no-such-model", "strength": 1}], "guidance[0].model"),
+        ([{"type": "qsharp", "model": "demo-value", "strength": -1}], "guidance[0].strength"),
+        ([{"type": "qsharp", "model": "demo-value", "strength": 1, "eta": 1}], "guidance[0].eta"),
+        ([{"type": "arm", "model": "demo-arm", "strength": 1}, {"type": "arm", "model": "demo-value", "strength": 1}],
+         "guidance[1].model"),
+        ([{"type": "cd", "model": "demo-prefix", "strength": 1, "top_k": -1}], "guidance[0].top_k"),
+        ([{"type": "qsharp", "model": "demo-value", "strength": 1}] * 5, "guidance"),
+        ("qsharp", "guidance"),
+        ([3], "guidance[0]"),
+    ],
+)
+def test_bad_guidance_is_400_naming_the_field(http, model_name, guidance, param):
+    for path, body in (("/v1/completions", {"prompt": PROMPT}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}]})):
+        response = http.post(path, json={"model": model_name, "guidance": guidance, **body})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+
+
+def test_guidance_listing(http):
+    listing = http.get("/v1/guidance").json()
+    assert {m["type"] for m in listing["modules"]} >= {"qsharp", "cd", "arm", "genarm"}
+    models = {m["name"]: m for m in listing["guide_models"]}
+    assert set(models) == {"demo-value", "demo-value-hist", "demo-prefix", "demo-arm", "demo-genarm"}
+    assert models["demo-value"]["head"] == "bernoulli"
+    qsharp = next(m for m in listing["modules"] if m["type"] == "qsharp")
+    assert qsharp["parameters"]["strength"]["minimum"] == 0.0
