@@ -13,6 +13,8 @@ that does, and the total is summed only when it is collected.
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,23 @@ from models.runtime.guide import GuideModel
 
 # Reports of requests that left the batch, kept until collected (oldest dropped first).
 MAX_UNCOLLECTED_REPORTS = 4096
+# Upper bounds (seconds) of the histogram of guidance time per engine step.
+STEP_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class StepTimings:
+    """Cumulative histogram of the wall time `apply` spends on guided steps (host clock: on
+    CUDA it measures launch time unless the device is synchronised)."""
+
+    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(STEP_SECONDS_BUCKETS) + 1))
+    count: int = 0
+    total_seconds: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.bucket_counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, seconds)] += 1
+        self.count += 1
+        self.total_seconds += seconds
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,7 @@ class GuidanceBatch:
         self._free_stats = list(range(max_requests - 1, -1, -1))
         self._rows: dict[int, _Request] = {}
         self._uncollected: OrderedDict[str, tuple[Tensor | float, int]] = OrderedDict()
+        self.timings = StepTimings()
 
     @property
     def num_guided(self) -> int:
@@ -151,6 +171,7 @@ class GuidanceBatch:
         """Add every guided row's offsets to its logits ``[rows, V]`` in place; record its KL."""
         if not self._rows:
             return logits
+        began = time.perf_counter()
         rows = list(self._rows)
         requests = [self._rows[r] for r in rows]
         unseen = {id(q): q.new_tokens() for q in requests}
@@ -169,6 +190,7 @@ class GuidanceBatch:
         position = torch.tensor([len(q.output_ids) for q in requests], device=self._device)
         self._kl_at[stat, position] = kl_guided_to_base(base, offsets).to(self._device)
         logits[row_index] = (base + offsets).to(logits.dtype)
+        self.timings.observe(time.perf_counter() - began)
         return logits
 
     def _feed(self, name: str, model: GuideModel, fresh: list[tuple[_Request, list[int]]]) -> None:

@@ -54,6 +54,9 @@ class GuideCatalog:
     def paths(self) -> dict[str, str]:
         return {name: str(info.path) for name, info in self._models.items()}
 
+    def paths_by_name(self) -> dict[str, Path]:
+        return {name: info.path for name, info in self._models.items()}
+
 
 def read_guide_info(name: str, path: Path) -> GuideModelInfo:
     """Describe the guide model in `path`; ValueError naming the model if it is not one."""

@@ -1,4 +1,4 @@
-"""FastAPI application factory: routes, error envelope, and the engine's lifespan."""
+"""FastAPI application factory: routes, middleware, error envelope, and the engine's lifespan."""
 
 from __future__ import annotations
 
@@ -15,36 +15,56 @@ from server.api.chat.router import router as chat_router
 from server.api.completions.router import router as completions_router
 from server.api.guidance import router as guidance_router
 from server.api.health import router as health_router
+from server.api.metrics import router as metrics_router
 from server.api.models import router as models_router
+from server.cache.service import ResponseCache
 from server.engine import Engine
 from server.errors import install_error_handlers
+from server.lifecycle import Lifecycle
+from server.middleware import ApiKeyAuth, BodySizeLimit, RequestOutcomes
 from server.prompts import PromptRenderer
 from server.services import Services
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
 
 def create_app(
     settings: Settings, start_engine: Callable[[Settings, GuideCatalog], Engine] = Engine.start
 ) -> FastAPI:
-    """The HTTP app; its lifespan starts the engine before the first request and stops it after the last."""
+    """The HTTP app; its lifespan starts the engine before the first request and stops it after the last.
+
+    `app.state.lifecycle` is the drain switch the CLI flips on SIGTERM.
+    """
+    lifecycle = Lifecycle(settings.max_waiting_requests, settings.retry_after_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer = PromptRenderer.load(settings.model)
         catalog = GuideCatalog.from_paths(settings.guide_model_paths())
         check_tokenizers(settings.model, catalog)
+        cache = ResponseCache.from_settings(settings, catalog.paths_by_name())
         engine = start_engine(settings, catalog)
-        app.state.services = Services(settings, engine, renderer, catalog, created=int(time.time()))
-        logger.info("serving %s from %s", settings.model_name, settings.model)
+        app.state.services = Services(settings, engine, renderer, catalog, lifecycle, cache, created=int(time.time()))
+        logger.info("serving %s from %s (cache: %s)", settings.model_name, settings.model,
+                    cache.backend.name if cache.backend else "off")
         try:
             yield
         finally:
+            await cache.close()
             engine.shutdown()
 
     app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan)
+    app.state.lifecycle = lifecycle
     install_error_handlers(app)
-    for router in (health_router, models_router, guidance_router, completions_router, chat_router):
+    for router in (health_router, metrics_router, models_router, guidance_router, completions_router, chat_router):
         app.include_router(router)
+    # Added last = outermost: the body limit and key check run before anything else.
+    app.add_middleware(RequestOutcomes)
+    if settings.api_key_list:
+        open_paths = OPEN_PATHS if settings.auth_metrics else OPEN_PATHS | {"/metrics"}
+        app.add_middleware(ApiKeyAuth, keys=settings.api_key_list, open_paths=open_paths)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -10,16 +10,42 @@ with the environment variable ALIGNSERVE_<FIELD> (flags win).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import signal
 import sys
 import types
 import typing
 from pathlib import Path
 
+import uvicorn
 from pydantic import ValidationError
 
+from server.lifecycle import Lifecycle
 from server.settings import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that SIGTERM first drains: /ready turns 503, new requests get 503,
+    in-flight ones finish (up to the drain timeout), then the server exits. A second
+    signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.drain_timeout_s = drain_timeout_s
+
+    def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        if sig != signal.SIGTERM or self.lifecycle.draining or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self.lifecycle.draining = True  # at once, before the loop runs the drain task
+        asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_and_exit()))
+
+    async def _drain_and_exit(self) -> None:
+        await self.lifecycle.drain(self.drain_timeout_s)
+        self.should_exit = True
 
 
 def _flag_type(annotation: object) -> tuple[type, list[str] | None]:
@@ -44,8 +70,6 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
 
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
@@ -57,7 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"alignserve serve: invalid {field}: {error['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s).run()
     return 0
 
 

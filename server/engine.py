@@ -27,12 +27,14 @@ from guidance.adapters.vllm import (
     GUIDANCE_ARG,
     KEY_ARG,
     REPORTS_RPC,
+    TIMINGS_RPC,
     WORKER_EXTENSION,
     GuidanceLogitsProcessor,
     engine_config,
 )
-from guidance.batch import GuidanceReport
+from guidance.batch import GuidanceReport, StepTimings
 from guidance.catalog import GuideCatalog
+from server.metrics import observe_guidance
 from server.settings import Settings
 from server.streams import merge
 
@@ -106,10 +108,13 @@ class ChoiceDelta:
 class Engine:
     """Async vLLM engine for one base model and its guide models."""
 
-    def __init__(self, llm: AsyncLLM, max_model_len: int, start_seconds: float) -> None:
+    def __init__(self, llm: AsyncLLM, max_model_len: int, start_seconds: float, guided: bool) -> None:
         self._llm = llm
         self.max_model_len = max_model_len
+        self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.start_seconds = start_seconds
+        self._guided = guided
+        self.pending_requests = 0  # engine requests submitted and not yet finished
 
     @classmethod
     def start(cls, settings: Settings, catalog: GuideCatalog) -> "Engine":
@@ -143,7 +148,8 @@ class Engine:
             # Ignore sampling defaults in the model's generation_config.json: a request's
             # parameters are the only ones that apply, as with the OpenAI API.
             generation_config="vllm",
-            disable_log_stats=True,
+            # vLLM's stat logger feeds its Prometheus metrics (vllm:*), served at /metrics.
+            disable_log_stats=False,
             **guided,
         )
         began = time.perf_counter()
@@ -152,7 +158,7 @@ class Engine:
         max_len = llm.model_config.max_model_len
         logger.info("engine started in %.1f s (max_model_len=%d, guide models: %s)",
                     elapsed, max_len, ", ".join(catalog.names()) or "none")
-        return cls(llm, max_len, elapsed)
+        return cls(llm, max_len, elapsed, guided=bool(guided))
 
     def generate(self, request_id: str, prompt_ids: list[int], options: SamplingOptions) -> AsyncIterator[ChoiceDelta]:
         """Stream the deltas of all `options.n` choices of one prompt, as they come.
@@ -167,6 +173,7 @@ class Engine:
     ) -> AsyncIterator[ChoiceDelta]:
         top_k = options.logprobs
         params = options.child_params(index, key=engine_id)
+        self.pending_requests += 1
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, engine_id):
                 for choice in output.outputs:
@@ -178,17 +185,26 @@ class Engine:
                         finish_reason=choice.finish_reason,
                     )
                     if delta.finish_reason is not None and options.guidance:
-                        delta = replace(delta, guidance=await self._guidance_report(engine_id))
+                        delta = replace(delta, guidance=await self._guidance_report(engine_id, options))
                     yield delta
         finally:
+            self.pending_requests -= 1
             # No-op for a finished request; stops an abandoned one.
             await self._llm.abort(engine_id)
 
-    async def _guidance_report(self, key: str) -> GuidanceReport:
+    async def _guidance_report(self, key: str, options: SamplingOptions) -> GuidanceReport:
         """The worker's KL report of a finished guided request (zero if it was never guided)."""
         (reports, *_) = await self._llm.collective_rpc(REPORTS_RPC, args=([key],))
         kl, steps = reports.get(key, (0.0, 0))
+        observe_guidance([entry["type"] for entry in options.guidance], kl, steps)
         return GuidanceReport(kl=kl, steps=steps)
+
+    async def guidance_timings(self) -> StepTimings | None:
+        """The worker's cumulative guidance step timings (None without guide models)."""
+        if not self._guided:
+            return None
+        (timings, *_) = await self._llm.collective_rpc(TIMINGS_RPC, timeout=5.0)
+        return None if timings is None else StepTimings(**timings)
 
     async def check_health(self) -> None:
         """Raise if the engine core is dead."""

@@ -8,8 +8,11 @@ Exception tree (raise these from serving code; `install_error_handlers` maps the
     APIError                      any error with an HTTP status
     ├── InvalidRequest            400 invalid_request_error (param names the field)
     │   └── ContextLengthExceeded 400, code "context_length_exceeded"
+    ├── AuthenticationFailed      401 invalid_request_error, code "invalid_api_key"
     ├── ModelNotFound             404 invalid_request_error, code "model_not_found"
-    └── ServiceUnavailable        503 service_unavailable (engine not ready or dead)
+    ├── PayloadTooLarge           413 invalid_request_error
+    ├── TooManyRequests           429 rate_limit_error, with a Retry-After header
+    └── ServiceUnavailable        503 service_unavailable (draining, engine not ready or dead)
 
 pydantic validation errors become 400 with `param` set to the exact field path
 (e.g. ``messages[0].content``, ``guidance[0].strength``), never 422.
@@ -35,6 +38,7 @@ class APIError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -62,6 +66,29 @@ class ModelNotFound(APIError):
         super().__init__(f"The model `{model}` does not exist.", param="model")
 
 
+class AuthenticationFailed(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class TooManyRequests(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class ServiceUnavailable(APIError):
     status = 503
     type = "service_unavailable"
@@ -76,7 +103,7 @@ def api_error_body(error: APIError) -> dict:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(api_error_body(error), status_code=error.status)
+    return JSONResponse(api_error_body(error), status_code=error.status, headers=error.headers)
 
 
 # pydantic inserts the tried member type of a union into error locations

@@ -9,8 +9,10 @@ from fastapi import Request
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
 from guidance.spec import ResolvedGuidance, parse_guidance
+from server.cache.service import ResponseCache
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound
+from server.lifecycle import Lifecycle
 from server.prompts import PromptRenderer
 from server.settings import Settings
 
@@ -21,11 +23,22 @@ class Services:
     engine: Engine
     renderer: PromptRenderer
     catalog: GuideCatalog
+    lifecycle: Lifecycle
+    cache: ResponseCache
     created: int
 
     def check_model(self, model: str) -> None:
         if model != self.settings.model_name:
             raise ModelNotFound(model)
+
+    def admit(self, engine_requests: int) -> None:
+        """Backpressure and draining: raise 429 / 503 before any work is queued."""
+        self.lifecycle.admit(engine_requests, self.engine.pending_requests, self.engine.max_num_seqs)
+
+    def check_max_tokens(self, max_tokens: int | None, param: str) -> None:
+        limit = self.settings.max_tokens_limit
+        if limit is not None and max_tokens is not None and max_tokens > limit:
+            raise InvalidRequest(f"{param} must be at most {limit}, got {max_tokens}.", param=param)
 
     def resolve_guidance(self, entries: list | None) -> list[ResolvedGuidance]:
         """A request's validated guidance list (empty when it asks for none)."""

@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     kv_cache_space_gib: float = Field(
         default=1.0, gt=0, description="Memory reserved for vLLM's KV cache, in GiB."
     )
-    max_num_seqs: int | None = Field(
-        default=None, ge=1, description="Most sequences the engine batches per step; default: vLLM's."
+    max_num_seqs: int = Field(
+        default=64, ge=1,
+        description="Most sequences the engine runs at once (each guide model keeps a KV-cache slot per sequence).",
     )
     guide_models: Path | None = Field(
         default=None,
@@ -51,7 +52,35 @@ class Settings(BaseSettings):
         "default: the demo guide models when serving the demo model, else none.",
     )
     max_n: int = Field(default=16, ge=1, description="Largest `n` a request may ask for.")
+    max_tokens_limit: int | None = Field(
+        default=None, ge=1, description="Largest max_tokens a request may ask for; default: the context length."
+    )
     max_guidance_entries: int = Field(default=4, ge=1, description="Most guidance entries one request may list.")
+    api_keys: str | None = Field(
+        default=None, description="Comma-separated API keys; when set, /v1/* requires 'Authorization: Bearer <key>'."
+    )
+    auth_metrics: bool = Field(default=False, description="Require an API key for /metrics too.")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body, in bytes (413 beyond).")
+    max_waiting_requests: int = Field(
+        default=512, ge=0, description="Most engine requests that may wait for a slot; 429 beyond."
+    )
+    cache: Literal["on", "off"] = Field(
+        default="on", description="Cache responses of deterministic requests (temperature 0 or a seed)."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis URL (redis://host:6379/0) for a cache shared by replicas; default: in memory."
+    )
+    cache_ttl_s: int = Field(default=3600, ge=1, description="How long a cached response lives.")
+    cache_max_entries: int = Field(default=4096, ge=1, description="Entries the in-memory cache keeps (LRU).")
+    cache_namespace: str = Field(default="alignserve", min_length=1, description="Prefix of cache keys in Redis.")
+    redis_timeout_s: float = Field(default=0.05, gt=0, description="Timeout of one Redis command.")
+    redis_cooldown_s: float = Field(
+        default=1.0, ge=0, description="After a Redis failure, how long requests skip Redis (fail open)."
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429.")
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
     seed: int = Field(default=0, description="Engine seed (requests without a seed still sample freshly).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -72,6 +101,10 @@ class Settings(BaseSettings):
         if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
             raise ValueError(f"guide_models: {table_file} must hold a JSON object of name -> directory")
         return {name: (table_file.parent / path).resolve() for name, path in table.items()}
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in (self.api_keys or "").split(",") if key.strip()]
 
     @property
     def model_name(self) -> str:

@@ -32,6 +32,7 @@ CONFIG_KEY = "alignserve"  # in VllmConfig.additional_config: {"guide_models": {
 GUIDANCE_ARG = "guidance"
 KEY_ARG = "guidance_key"
 REPORTS_RPC = "alignserve_guidance_reports"
+TIMINGS_RPC = "alignserve_guidance_timings"
 
 # The worker's batch, for the report RPC (one processor per worker process).
 _worker_batch: GuidanceBatch | None = None
@@ -114,6 +115,10 @@ class GuidanceWorkerExtension:
             return {}
         reports: dict[str, GuidanceReport] = _worker_batch.collect(keys)
         return {key: (r.kl, r.steps) for key, r in reports.items()}
+
+    def alignserve_guidance_timings(self) -> dict | None:
+        """`StepTimings` as a plain dict (RPC results cross processes as msgpack)."""
+        return None if _worker_batch is None else vars(_worker_batch.timings)
 
 
 WORKER_EXTENSION = f"{GuidanceWorkerExtension.__module__}.{GuidanceWorkerExtension.__qualname__}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from guidance.batch import GuidanceReport
-from guidance.spec import ResolvedGuidance
 from server.engine import ChoiceDelta, TokenLogprob
 
 
@@ -45,11 +44,6 @@ def guidance_report(report: GuidanceReport | None) -> dict[str, float | int]:
     if report is None:
         return {"kl": 0.0, "steps": 0}
     return {"kl": report.kl, "steps": report.steps}
-
-
-def guidance_summary(guidance: list[ResolvedGuidance]) -> dict:
-    """The response-level `guidance` object: the modules and strengths used."""
-    return {"entries": [g.describe() for g in guidance]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

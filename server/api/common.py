@@ -40,6 +40,9 @@ class SamplingRequest(StrictModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    cache: bool | None = Field(
+        default=None, description="false: neither read nor write the response cache for this request."
+    )
     guidance: list[dict[str, Any]] | None = Field(
         default=None, description="Per-step guidance entries, e.g. {type: qsharp, model: demo-value, strength: 4}."
     )
@@ -88,11 +91,12 @@ def check_n(n: int, max_n: int) -> None:
 
 
 def completion_budget(
-    prompt_len: int, max_tokens: int | None, max_model_len: int, *, prompt_param: str, max_tokens_param: str
+    prompt_len: int, max_tokens: int | None, max_model_len: int, *, prompt_param: str, max_tokens_param: str,
+    limit: int | None = None,
 ) -> int:
     """Tokens the completion may use; a prompt that leaves no room is a 400.
 
-    With no `max_tokens` the completion may fill the rest of the context.
+    With no `max_tokens` the completion may fill the rest of the context, up to `limit`.
     """
     if prompt_len >= max_model_len:
         raise ContextLengthExceeded(
@@ -102,7 +106,7 @@ def completion_budget(
         )
     room = max_model_len - prompt_len
     if max_tokens is None:
-        return room
+        return room if limit is None else min(room, limit)
     if max_tokens > room:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, you "

@@ -23,4 +23,6 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
 async def ready(services: Services = Depends(get_services)) -> JSONResponse:
     if not services.engine.alive:
         return JSONResponse({"status": "engine dead"}, status_code=503)
+    if services.lifecycle.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     return JSONResponse({"status": "ready", "model": services.settings.model_name})

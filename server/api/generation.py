@@ -1,0 +1,177 @@
+"""What the two generation endpoints share: running choices, streaming, caching, admission.
+
+An endpoint supplies a `GenerationServing` subclass (how to validate its request and
+how its responses and chunks look); `serve` does the rest: a cache lookup, admission
+(429/503), counting the request in flight for draining, the engine run, streamed or
+not, aborting on disconnect, and storing the response for deterministic requests.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from guidance.spec import ResolvedGuidance
+from server.api.choices import Choice, ChoiceCollector, usage
+from server.api.common import SamplingRequest
+from server.api.streaming import SSE_DONE, SSE_HEADERS, cancel_on_disconnect, sse
+from server.engine import ChoiceDelta, SamplingOptions
+from server.errors import APIError, api_error_body
+from server.services import Services
+from server.streams import merge, tagged
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    text: str
+    options: SamplingOptions
+
+
+@dataclass
+class Prepared:
+    """A validated request: its prompts, ready for the engine, and its guidance."""
+
+    prompts: list[PreparedPrompt]
+    guidance: list[ResolvedGuidance] = field(default_factory=list)
+
+    @property
+    def engine_requests(self) -> int:
+        return sum(p.options.n for p in self.prompts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+
+class GenerationServing(ABC):
+    id_prefix: str
+    object: str
+    chunk_object: str
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    @abstractmethod
+    def prepare(self, body: SamplingRequest) -> Prepared:
+        """Validate the request against the model and settings; every error is a 4xx APIError."""
+
+    @abstractmethod
+    def choice(self, body: SamplingRequest, prepared: Prepared, index: int, choice: Choice) -> dict:
+        """One whole choice of a response."""
+
+    @abstractmethod
+    def chunk_choice(self, body: SamplingRequest, prepared: Prepared, index: int, delta: ChoiceDelta,
+                     previous_text: str | None) -> dict:
+        """One streamed delta; `previous_text` is the choice's text before it (None for its first delta)."""
+
+    @abstractmethod
+    def replay_choices(self, body: SamplingRequest, choice: dict) -> list[dict]:
+        """A cached whole choice as the chunk choices a stream would have sent."""
+
+    def opening_choices(self, body: SamplingRequest, prepared: Prepared) -> list[dict]:
+        """Chunk choices sent before any token (chat announces the assistant role)."""
+        return []
+
+    def deltas(self, request_id: str, prepared: Prepared) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """Deltas of every prompt's choices, keyed by the response's choice index."""
+        engine = self.services.engine
+        streams = []
+        for i, prompt in enumerate(prepared.prompts):
+            offset = i * prompt.options.n
+            streams.append(tagged(offset, engine.generate(f"{request_id}-{i}", prompt.token_ids, prompt.options)))
+        return merge(streams)
+
+    def response(self, body: SamplingRequest, prepared: Prepared, collector: ChoiceCollector,
+                 request_id: str, created: int) -> dict:
+        response = {
+            "id": request_id,
+            "object": self.object,
+            "created": created,
+            "model": body.model,
+            "choices": [self.choice(body, prepared, index, choice) for index, choice in collector.sorted()],
+            "usage": usage(prepared.prompt_tokens, collector.completion_tokens),
+        }
+        if prepared.guidance:
+            response["guidance"] = {"entries": [g.describe() for g in prepared.guidance]}
+        return response
+
+    def _chunk(self, body: SamplingRequest, request_id: str, created: int, choices: list[dict]) -> dict:
+        return {"id": request_id, "object": self.chunk_object, "created": created, "model": body.model,
+                "choices": choices}
+
+    def _new_id(self) -> tuple[str, int]:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+
+    async def complete(self, body: SamplingRequest, prepared: Prepared) -> dict:
+        request_id, created = self._new_id()
+        collector = ChoiceCollector()
+        async for index, delta in self.deltas(request_id, prepared):
+            collector.add(index, delta)
+        return self.response(body, prepared, collector, request_id, created)
+
+    async def stream(self, body: SamplingRequest, prepared: Prepared, cache_key: str | None) -> AsyncIterator[str]:
+        request_id, created = self._new_id()
+        collector = ChoiceCollector()
+        try:
+            for choice in self.opening_choices(body, prepared):
+                yield sse(self._chunk(body, request_id, created, [choice]))
+            async for index, delta in self.deltas(request_id, prepared):
+                previous = collector.choices.get(index)
+                previous_text = None if previous is None else previous.text
+                collector.add(index, delta)
+                choice = self.chunk_choice(body, prepared, index, delta, previous_text)
+                yield sse(self._chunk(body, request_id, created, [choice]))
+            if body.include_usage_in_stream:
+                yield sse({**self._chunk(body, request_id, created, []),
+                           "usage": usage(prepared.prompt_tokens, collector.completion_tokens)})
+            if cache_key is not None:
+                await self.services.cache.store(cache_key, self.response(body, prepared, collector, request_id, created))
+        except APIError as exc:
+            yield sse(api_error_body(exc))
+        yield SSE_DONE
+
+    async def replay(self, body: SamplingRequest, prepared: Prepared, cached: dict) -> AsyncIterator[str]:
+        """A cached response sent as the stream that produced it would have looked."""
+        request_id, created = self._new_id()
+        for choice in self.opening_choices(body, prepared):
+            yield sse(self._chunk(body, request_id, created, [choice]))
+        for choice in cached["choices"]:
+            for chunk_choice in self.replay_choices(body, choice):
+                yield sse(self._chunk(body, request_id, created, [chunk_choice]))
+        if body.include_usage_in_stream:
+            yield sse({**self._chunk(body, request_id, created, []), "usage": cached["usage"]})
+        yield SSE_DONE
+
+    async def serve(self, request: Request, body: SamplingRequest) -> Response:
+        services = self.services
+        prepared = self.prepare(body)
+        cache_key = services.cache.key_for(self.object, body, prepared.guidance)
+        cached = await services.cache.lookup(cache_key) if cache_key is not None else None
+        if cached is not None:
+            if body.stream:
+                return StreamingResponse(self.replay(body, prepared, cached), media_type="text/event-stream",
+                                         headers=SSE_HEADERS)
+            request_id, created = self._new_id()
+            return JSONResponse({**cached, "id": request_id, "created": created})
+        services.admit(prepared.engine_requests)
+        lifecycle = services.lifecycle
+        lifecycle.enter()
+        if body.stream:
+            return StreamingResponse(lifecycle.track(self.stream(body, prepared, cache_key)),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        try:
+            result = await cancel_on_disconnect(request, self.complete(body, prepared))
+        finally:
+            lifecycle.leave()
+        if result is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        if cache_key is not None:
+            await services.cache.store(cache_key, result)
+        return JSONResponse(result)

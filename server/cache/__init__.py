@@ -1,0 +1,1 @@
+"""Response cache for deterministic requests: in memory by default, Redis when configured."""

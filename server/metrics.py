@@ -1,0 +1,71 @@
+"""Prometheus metrics: vLLM's own `vllm:*` metrics plus alignserve's, in one registry.
+
+vLLM's stat logger registers its request, token and latency metrics (running and
+waiting requests, time to first token, inter-token latency, end-to-end latency,
+prompt and generation tokens, request outcomes) in prometheus_client's default
+registry of this process, with vLLM's names and meanings, so existing dashboards
+and autoscalers work unchanged. The metrics below are ours. Labels are bounded:
+endpoint, outcome, guidance module, cache backend — never a request id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from guidance.batch import STEP_SECONDS_BUCKETS, StepTimings
+
+REQUESTS = Counter(
+    "alignserve_requests_total", "HTTP generation requests by endpoint and outcome.", ["endpoint", "outcome"]
+)
+GUIDED_CHOICES = Counter(
+    "alignserve_guided_choices_total", "Choices generated with a guidance module.", ["module"]
+)
+GUIDED_TOKENS = Counter("alignserve_guided_tokens_total", "Tokens generated under guidance.")
+KL_PER_TOKEN = Histogram(
+    "alignserve_guidance_kl_per_token_nats",
+    "Per choice: KL(guided || base) summed over its tokens, divided by its tokens.",
+    ["guidance"],
+    buckets=(0.001, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+)
+CACHE_REQUESTS = Counter(
+    "alignserve_cache_requests_total",
+    "Response-cache lookups and stores by backend and outcome (hit, miss, store, error, bypass).",
+    ["backend", "outcome"],
+)
+DRAINING = Gauge("alignserve_draining", "1 while the server drains in-flight requests before exiting.")
+
+
+class GuideStepCollector(Collector):
+    """`alignserve_guide_step_seconds`: time the guidance processor spends per engine step
+    (guide-model forwards and offsets), read from the engine worker at scrape time."""
+
+    def __init__(self) -> None:
+        self.timings: StepTimings | None = None
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        family = HistogramMetricFamily(
+            "alignserve_guide_step_seconds", "Guidance time per engine step with guided rows."
+        )
+        if self.timings is not None:
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, STEP_SECONDS_BUCKETS), "+Inf"), self.timings.bucket_counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric([], buckets, self.timings.total_seconds)
+        yield family
+
+
+GUIDE_STEPS = GuideStepCollector()
+REGISTRY.register(GUIDE_STEPS)
+
+
+def observe_guidance(modules: list[str], kl: float, steps: int) -> None:
+    for module in modules:
+        GUIDED_CHOICES.labels(module).inc()
+    GUIDED_TOKENS.inc(steps)
+    if steps:
+        KL_PER_TOKEN.labels("+".join(sorted(set(modules)))).observe(kl / steps)

@@ -1,0 +1,107 @@
+"""ASGI middleware: API keys, request body size, and request outcome metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so streaming responses and client-disconnect
+detection pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from server.errors import AuthenticationFailed, PayloadTooLarge, error_response
+from server.metrics import REQUESTS
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+
+class ApiKeyAuth:
+    """Requires ``Authorization: Bearer <key>`` with one of `keys` outside `open_paths`."""
+
+    def __init__(self, app: ASGIApp, keys: list[str], open_paths: frozenset[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys]
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = AuthenticationFailed("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.")
+        await error_response(error)(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        matched = False
+        for key in self.keys:  # compare with every key, in constant time each
+            matched |= hmac.compare_digest(token.strip(), key)
+        return matched and scheme.lower() == b"bearer"
+
+
+class BodySizeLimit:
+    """413 for a request body over `max_bytes`, declared (Content-Length) or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(self._error())(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._error()  # raised inside body parsing: the app's handler answers 413
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _error(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+
+
+class RequestOutcomes:
+    """Counts generation requests by endpoint and outcome (from the response status)."""
+
+    OUTCOMES = {200: "success", 401: "unauthorized", 413: "invalid", 429: "rejected", 499: "aborted",
+                503: "unavailable"}
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = GENERATION_PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if endpoint is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            outcome = self.OUTCOMES.get(status) or ("invalid" if 400 <= status < 500 else "error")
+            REQUESTS.labels(endpoint, outcome).inc()
