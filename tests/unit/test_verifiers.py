@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from guidance import verifiers
 from guidance.verifiers import (
     UnknownVerifierError,
     get_verifier,
@@ -29,20 +30,18 @@ def test_unknown_name_lists_known_names() -> None:
     assert "demo-verifier" in message
 
 
-def test_register_and_duplicate() -> None:
+def test_register_and_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Register into a copy of the table, so other tests see the original.
+    monkeypatch.setattr(verifiers, "_VERIFIERS", dict(verifiers._VERIFIERS))
     name = "test-length-verifier"
 
     def by_length(prompt: str, completion: str) -> float:
         return float(len(completion))
 
     register_verifier(name, by_length)
-    try:
-        assert get_verifier(name)("p", "abc") == 3.0
-        assert name in verifier_names()
-        with pytest.raises(ValueError, match=name):
-            register_verifier(name, by_length)
-    finally:
-        from guidance import verifiers
-
-        verifiers._VERIFIERS.pop(name)
-    assert name not in verifier_names()
+    assert get_verifier(name)("p", "abc") == 3.0
+    assert name in verifier_names()
+    with pytest.raises(ValueError, match=name):
+        register_verifier(name, by_length)
+    with pytest.raises(ValueError, match="demo-verifier"):
+        register_verifier("demo-verifier", by_length)
