@@ -79,14 +79,15 @@ class GenerationServing(ABC):
         """Chunk choices sent before any token (chat announces the assistant role)."""
         return []
 
-    def deltas(self, request_id: str, prepared: Prepared) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    async def deltas(self, request_id: str, prepared: Prepared) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         """Deltas of every prompt's choices, keyed by the response's choice index."""
         engine = self.services.engine
-        streams = []
-        for i, prompt in enumerate(prepared.prompts):
-            offset = i * prompt.options.n
-            streams.append(tagged(offset, engine.generate(f"{request_id}-{i}", prompt.token_ids, prompt.options)))
-        return merge(streams)
+        streams = [
+            tagged(i * prompt.options.n, engine.generate(f"{request_id}-{i}", prompt.token_ids, prompt.options))
+            for i, prompt in enumerate(prepared.prompts)
+        ]
+        async for offset, delta in merge(streams):
+            yield offset + delta.index, delta
 
     def response(self, body: SamplingRequest, prepared: Prepared, collector: ChoiceCollector,
                  request_id: str, created: int) -> dict:

@@ -9,8 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-# Long enough that the request is still running when the client leaves.
-LONG = {"prompt": "1+1=", "max_tokens": 500, "temperature": 1.0, "ignore_eos": True}
+# Long enough (8 x 500 tokens, seconds on CPU) that the request still runs when the client leaves.
+LONG = {"prompt": "1+1=", "max_tokens": 500, "temperature": 1.0, "ignore_eos": True, "n": 8}
 
 
 def wait_for_unfinished(server, predicate, timeout_s: float) -> int:
@@ -25,7 +25,7 @@ def wait_for_unfinished(server, predicate, timeout_s: float) -> int:
 def test_streaming_disconnect_aborts_engine_request(server, model_name):
     assert wait_for_unfinished(server, lambda c: c == 0, 30) == 0
     with httpx.Client(base_url=server.base_url, timeout=30) as client:
-        with client.stream("POST", "/v1/completions", json={"model": model_name, "stream": True, "n": 2, **LONG}) as r:
+        with client.stream("POST", "/v1/completions", json={"model": model_name, "stream": True, **LONG}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
             assert server.unfinished_requests() > 0
@@ -39,6 +39,10 @@ def test_non_streaming_disconnect_aborts_engine_request(server, model_name, path
     body = {"model": model_name, **LONG}
     if path.endswith("chat/completions"):
         body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}{path}", json={**body, "n": 4}, timeout=httpx.Timeout(30, read=0.5))
+    response = None
+    try:
+        response = httpx.post(f"{server.base_url}{path}", json=body, timeout=httpx.Timeout(30, read=0.5))
+    except httpx.ReadTimeout:
+        pass  # the client gives up and closes the connection
+    assert response is None, f"answered before the client left: {response.status_code} {response.text[:200]}"
     assert wait_for_unfinished(server, lambda c: c == 0, 2.0) == 0

@@ -44,7 +44,7 @@ class CompletionServing(GenerationServing):
         result = {
             "index": index,
             "text": prefix + choice.text,
-            "logprobs": _logprobs(choice.logprobs, len(prefix)) if body.logprobs is not None else None,
+            "logprobs": _logprobs(choice.logprobs, choice.text, len(prefix)) if body.logprobs is not None else None,
             "finish_reason": choice.finish_reason,
         }
         if prepared.guidance:
@@ -58,7 +58,7 @@ class CompletionServing(GenerationServing):
         result = {
             "index": index,
             "text": (prefix if previous_text is None else "") + delta.text,
-            "logprobs": _logprobs(list(delta.logprobs or ()), start) if body.logprobs is not None else None,
+            "logprobs": _logprobs(list(delta.logprobs or ()), delta.text, start) if body.logprobs is not None else None,
             "finish_reason": delta.finish_reason,
         }
         if prepared.guidance and delta.finish_reason is not None:
@@ -69,12 +69,17 @@ class CompletionServing(GenerationServing):
         return [choice]
 
 
-def _logprobs(tokens: list[TokenLogprob], text_offset: int) -> dict:
-    """The completions endpoint's logprobs object, offsets counted in characters of the returned text."""
-    offsets = []
+def _logprobs(tokens: list[TokenLogprob], text: str, text_offset: int) -> dict:
+    """The completions endpoint's logprobs object for `tokens`, which produced `text`.
+
+    Offsets count characters of the returned text from `text_offset`; a token whose string is
+    not in the text (a special token the text skips) takes no room.
+    """
+    offsets, position = [], 0
     for token in tokens:
-        offsets.append(text_offset)
-        text_offset += len(token.token)
+        offsets.append(text_offset + position)
+        if text.startswith(token.token, position):
+            position += len(token.token)
     return {
         "tokens": [t.token for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
