@@ -1,0 +1,412 @@
+"""The Dockerfile and Kubernetes manifests: parsed and cross-checked, no Docker or cluster needed.
+
+What is checked is what breaks a deployment silently: probes on the wrong paths, a
+container that may run as root, a Service or PDB or HPA that selects nothing, a
+kustomization that forgets a file, and environment variables that are not settings.
+With `kubernetes-validate` installed, every manifest is also checked against the
+Kubernetes API schemas (bundled with that package, so offline).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+DEPLOY = ROOT / "deploy"
+BASE = DEPLOY / "kubernetes"
+OVERLAY = DEPLOY / "model-volume"
+ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
+DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+
+SERVER = "alignserve"  # Deployment, Service, PDB, HPA, container name
+IMAGE_UID = 10001
+ENV_NAME = re.compile(r"\bALIGNSERVE_[A-Z0-9_]+\b")
+# A setting DESIGN.md announces: manifests may name it in comments even before the server has it.
+ANNOUNCED = {"ALIGNSERVE_REDIS_URL"}
+SETTING_ENV = {f"ALIGNSERVE_{name.upper()}" for name in Settings.model_fields}
+
+
+@functools.cache
+def load(path: Path) -> list[dict[str, Any]]:
+    """The YAML documents of a file (cached: tests only read them)."""
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def kustomization(directory: Path) -> dict[str, Any]:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+def base_objects() -> list[dict[str, Any]]:
+    return [doc for name in kustomization(BASE)["resources"] for doc in load(BASE / name)]
+
+
+def find(kind: str, name: str) -> dict[str, Any]:
+    matches = [o for o in base_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def deployments() -> list[dict[str, Any]]:
+    return [o for o in base_objects() if o["kind"] == "Deployment"]
+
+
+def server_container() -> dict[str, Any]:
+    (container,) = [c for c in find("Deployment", SERVER)["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == SERVER]
+    return container
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def container_port(container: dict[str, Any], port: int | str) -> int:
+    """The container port a probe or Service targetPort names (by name or number)."""
+    for p in container.get("ports", []):
+        if port in (p.get("name"), p["containerPort"]):
+            return p["containerPort"]
+    raise AssertionError(f"{container['name']} has no port {port!r}")
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions, current = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        current += " " + stripped.removesuffix("\\").strip()
+        if not stripped.endswith("\\"):
+            keyword, _, args = current.strip().partition(" ")
+            instructions.append((keyword.upper(), args.strip()))
+            current = ""
+    return instructions
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, args in dockerfile_instructions():
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+# ---------------------------------------------------------------- kustomize
+
+
+def test_kustomization_lists_every_manifest():
+    listed = kustomization(BASE)["resources"]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert not [p for p in BASE.iterdir() if p.is_dir()], "kustomize refuses a base that contains an overlay"
+
+
+def test_overlay_lists_every_file_and_builds_on_the_base():
+    overlay = kustomization(OVERLAY)
+    local = [r for r in overlay["resources"] if not r.startswith("..")]
+    patches = [p["path"] for p in overlay["patches"]]
+    assert "../kubernetes" in overlay["resources"]
+    assert set(local + patches) == {p.name for p in OVERLAY.glob("*.yaml")} - {"kustomization.yaml"}
+    # Strategic-merge patches must name objects the base defines.
+    names = {(o["kind"], o["metadata"]["name"]) for o in base_objects()}
+    for patch in patches:
+        for doc in load(OVERLAY / patch):
+            assert (doc["kind"], doc["metadata"]["name"]) in names
+
+
+def test_manifests_are_namespace_agnostic():
+    for path in [*BASE.glob("*.yaml"), *OVERLAY.glob("*.yaml")]:
+        for doc in load(path):
+            where = doc if doc.get("kind") == "Kustomization" else doc.get("metadata", {})
+            assert "namespace" not in where, f"{path.name} pins a namespace"
+
+
+def test_kustomize_image_name_matches_the_deployment():
+    (image,) = kustomization(BASE)["images"]
+    assert server_container()["image"].split(":")[0] == image["name"]
+
+
+# ---------------------------------------------------------------- server Deployment
+
+
+def test_server_probes_use_health_and_ready():
+    container = server_container()
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container_port(container, container[probe]["httpGet"]["port"]) == 8000
+
+
+def test_startup_probe_allows_minutes_for_the_engine():
+    startup = server_container()["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= 600
+
+
+def test_server_listens_where_the_probes_look():
+    env = {e["name"]: e.get("value") for e in server_container()["env"]}
+    assert env["ALIGNSERVE_HOST"] == "0.0.0.0"
+    assert int(env["ALIGNSERVE_PORT"]) == container_port(server_container(), "http") == 8000
+
+
+def test_termination_grace_exceeds_drain_timeout():
+    grace = find("Deployment", SERVER)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    env = {e["name"]: e.get("value") for e in server_container()["env"]}
+    drain = float(env.get("ALIGNSERVE_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
+    # The engine needs seconds to stop after the drain (about 9 s measured for the demo).
+    assert grace >= drain + 20
+
+
+def test_server_uses_the_redis_service():
+    env = {e["name"]: e.get("value") for e in server_container()["env"]}
+    service = find("Service", "alignserve-redis")
+    assert env["ALIGNSERVE_REDIS_URL"].startswith(
+        f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/")
+
+
+def test_service_links_are_off():
+    # A Service named `alignserve` injects ALIGNSERVE_PORT=tcp://...: an invalid port setting.
+    for deployment in deployments():
+        assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False
+
+
+def test_replica_count_is_left_to_the_hpa():
+    assert "replicas" not in find("Deployment", SERVER)["spec"]
+
+
+@pytest.mark.parametrize("name", [SERVER, "alignserve-redis"])
+def test_every_container_is_non_root_and_bounded(name):
+    deployment = find("Deployment", name)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] > 0
+    assert selects(deployment["spec"]["selector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])
+    for container in pod["containers"]:
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"]["drop"] == ["ALL"]
+        for bound in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][bound]), f"{container['name']} {bound}"
+        assert "readinessProbe" in container and "livenessProbe" in container
+
+
+def test_server_runs_as_the_image_user_with_writable_scratch():
+    pod = find("Deployment", SERVER)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == IMAGE_UID
+    mounts = {m["mountPath"] for m in server_container()["volumeMounts"]}
+    # Read-only root: vLLM, Triton and Python write under /tmp and HOME; vLLM needs /dev/shm.
+    assert {"/tmp", dockerfile_env()["HOME"], "/dev/shm"} <= mounts
+
+
+def test_gpu_variant_is_documented_in_the_deployment():
+    assert "nvidia.com/gpu: 1" in (BASE / "deployment.yaml").read_text()
+
+
+# ---------------------------------------------------------------- Service, PDB, HPA, monitoring
+
+
+def test_services_target_container_ports():
+    for service_name, deployment_name, port in ((SERVER, SERVER, 8000), ("alignserve-redis", "alignserve-redis", 6379)):
+        service = find("Service", service_name)
+        template = find("Deployment", deployment_name)["spec"]["template"]
+        assert selects(service["spec"]["selector"], template["metadata"]["labels"])
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["port"] == port
+        (container,) = template["spec"]["containers"]
+        assert container_port(container, service_port["targetPort"]) == port
+    assert find("Service", SERVER)["spec"]["ports"][0]["name"] == "http"
+
+
+def test_service_selects_only_the_server():
+    selector = find("Service", SERVER)["spec"]["selector"]
+    assert not selects(selector, find("Deployment", "alignserve-redis")["spec"]["template"]["metadata"]["labels"])
+
+
+def test_pdb_selects_the_server_pods():
+    pdb = find("PodDisruptionBudget", SERVER)
+    assert pdb["spec"]["minAvailable"] == 1
+    labels = find("Deployment", SERVER)["spec"]["template"]["metadata"]["labels"]
+    assert selects(pdb["spec"]["selector"]["matchLabels"], labels)
+
+
+def test_hpa_scales_the_server_on_queue_depth():
+    hpa = find("HorizontalPodAutoscaler", SERVER)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": SERVER}
+    # With one replica, the PDB's minAvailable 1 would block every node drain.
+    assert hpa["spec"]["minReplicas"] >= 2
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    assert metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
+
+
+def test_prometheus_adapter_rule_yields_the_hpa_metric():
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    assert "vllm:num_requests_waiting" in rule["seriesQuery"]
+    renamed = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), "vllm:num_requests_waiting")
+    hpa = find("HorizontalPodAutoscaler", SERVER)
+    assert renamed == hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+
+
+def test_service_monitor_scrapes_metrics_of_the_server_service():
+    monitor = find("ServiceMonitor", SERVER)
+    service = find("Service", SERVER)
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_redis_is_reachable_from_the_server_only():
+    policy = find("NetworkPolicy", "alignserve-redis")
+    redis_labels = find("Deployment", "alignserve-redis")["spec"]["template"]["metadata"]["labels"]
+    server_labels = find("Deployment", SERVER)["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], redis_labels)
+    (rule,) = policy["spec"]["ingress"]
+    assert selects(rule["from"][0]["podSelector"]["matchLabels"], server_labels)
+
+
+# ---------------------------------------------------------------- guide-model table
+
+
+def test_guide_table_configmap_is_what_the_server_reads():
+    env = {e["name"]: e.get("value") for e in server_container()["env"]}
+    table_path = Path(env["ALIGNSERVE_GUIDE_MODELS"])
+    pod = find("Deployment", SERVER)["spec"]["template"]["spec"]
+    (mount,) = [m for m in server_container()["volumeMounts"] if m["mountPath"] == str(table_path.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    configmap = find("ConfigMap", volume["configMap"]["name"])
+    for data in (configmap["data"], load(OVERLAY / "guides-configmap-patch.yaml")[0]["data"]):
+        table = json.loads(data[table_path.name])
+        assert isinstance(table, dict) and all(isinstance(v, str) and v.startswith("/") for v in table.values())
+
+
+def demo_table_in_configmap() -> dict[str, str]:
+    return json.loads(find("ConfigMap", "alignserve-guides")["data"]["guides.json"])
+
+
+def test_demo_guide_table_points_into_the_image():
+    workdir = [args for keyword, args in final_stage() if keyword == "WORKDIR"][-1]
+    checkpoints = Path(workdir) / "models" / "demo" / "checkpoints"
+    assert all(Path(path).parent == checkpoints for path in demo_table_in_configmap().values())
+
+
+def test_demo_guide_table_matches_the_committed_demo():
+    committed = ROOT / "models" / "demo" / "checkpoints" / "guides.json"
+    if not committed.is_file():
+        pytest.skip("no demo guide checkpoints yet: the ConfigMap's guide directories cannot be checked")
+    demo = json.loads(committed.read_text())
+    assert {name: Path(path).name for name, path in demo_table_in_configmap().items()} == demo
+    for directory in demo.values():
+        assert (committed.parent / directory).is_dir()
+
+
+# ---------------------------------------------------------------- settings named in env
+
+
+def deploy_texts() -> dict[str, str]:
+    paths = [DOCKERFILE, *BASE.glob("*.yaml"), *OVERLAY.glob("*.yaml"), DEPLOY_DOC]
+    return {str(p.relative_to(ROOT)): p.read_text() for p in paths if p.is_file()}
+
+
+def active_env_names() -> set[str]:
+    names = set(dockerfile_env())
+    docs = base_objects() + [doc for p in OVERLAY.glob("*.yaml") for doc in load(p)]
+    for doc in docs:
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            names |= {e["name"] for e in container.get("env", [])}
+    return {n for n in names if n.startswith("ALIGNSERVE_")}
+
+
+def test_env_variables_set_are_settings():
+    assert active_env_names() - SETTING_ENV == set()
+
+
+def test_env_variables_mentioned_are_settings_or_announced():
+    for name, text in deploy_texts().items():
+        unknown = set(ENV_NAME.findall(text)) - SETTING_ENV - ANNOUNCED
+        assert not unknown, f"{name} names {sorted(unknown)}, which are not settings"
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_runs_alignserve_as_non_root_on_8000():
+    stage = final_stage()
+    (user,) = [args for keyword, args in stage if keyword == "USER"]
+    assert user.split(":")[0] == str(IMAGE_UID)
+    assert ("EXPOSE", "8000") in stage
+    assert ("ENTRYPOINT", '["alignserve"]') in stage
+    assert ("CMD", '["serve"]') in stage
+    (healthcheck,) = [args for keyword, args in stage if keyword == "HEALTHCHECK"]
+    assert "/health" in healthcheck and "--start-period" in healthcheck
+    assert dockerfile_env()["ALIGNSERVE_HOST"] == "0.0.0.0"
+    assert int(dockerfile_env()["ALIGNSERVE_PORT"]) == Settings.model_fields["port"].default
+
+
+def test_dockerfile_builds_both_variants_with_the_setup_script():
+    instructions = dockerfile_instructions()
+    assert ("ARG", "VARIANT=cpu") in instructions
+    stages = {args.split(" AS ")[-1] for keyword, args in instructions if keyword == "FROM" and " AS " in args}
+    assert {"runtime-cpu", "runtime-cuda"} <= stages
+    assert final_stage()[0] == ("FROM", "runtime-${VARIANT}")
+    assert any(k == "RUN" and 'scripts/setup.sh --"$VARIANT"' in args for k, args in instructions)
+
+
+def test_dockerfile_copies_only_what_exists_and_is_not_ignored():
+    patterns = [p.strip().rstrip("/") for p in DOCKERIGNORE.read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    for pattern in (".venv", ".git", "**/__pycache__"):
+        assert pattern in patterns
+    for keyword, args in dockerfile_instructions():
+        if keyword != "COPY" or args.startswith("--from"):
+            continue
+        for source in args.split()[:-1]:
+            path = source.rstrip("/")
+            assert (ROOT / path).exists(), source
+            assert not any(fnmatch.fnmatch(path, p) for p in patterns), f"{source} is excluded by .dockerignore"
+    # The editable install needs these; the demo checkpoints ship under models/.
+    for needed in ("pyproject.toml", "README.md", "scripts", "server", "guidance", "models"):
+        assert not any(fnmatch.fnmatch(needed, p) for p in patterns), needed
+
+
+# ---------------------------------------------------------------- API schemas (optional tool)
+
+
+def test_manifests_match_the_kubernetes_api_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from kubernetes_validate.utils import all_versions, latest_version
+
+    versions = [latest_version()] + [v for v in all_versions() if v.startswith("1.27.")][:1]
+    objects = base_objects() + load(OVERLAY / "models-pvc.yaml")
+    validated = set()
+    for obj in objects:
+        for version in versions:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.SchemaNotFoundError:
+                assert obj["apiVersion"] == "monitoring.coreos.com/v1"  # a CRD: checked above
+            else:
+                validated.add(obj["kind"])
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap"} <= validated
