@@ -61,18 +61,26 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await error_response(self._error())(scope, receive, send)
             return
-        received = 0
+        received, too_large = 0, False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise self._error()  # raised inside body parsing: the app's handler answers 413
+                    # End the body here; whatever the app answers to it is replaced by a 413.
+                    too_large = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def checked_send(message: Message) -> None:
+            if not too_large:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await error_response(self._error())(scope, receive, send)
+
+        await self.app(scope, limited_receive, checked_send)
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
