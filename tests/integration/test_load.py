@@ -64,7 +64,7 @@ def test_metrics_expose_vllm_and_alignserve_families(http, model_name):
     for family in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:time_to_first_token_seconds",
                    "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds",
                    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
-                   "alignserve_requests_total", "alignserve_cache_requests_total", "alignserve_guide_step_seconds",
+                   "alignserve_requests_total", "alignserve_cache_requests_total",
                    "alignserve_draining"):
         assert f"\n{family}" in text or text.startswith(family), family
     assert 'alignserve_requests_total{endpoint="completions",outcome="success"}' in text
