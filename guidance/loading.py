@@ -7,11 +7,20 @@ from pathlib import Path
 import torch
 
 from guidance.catalog import GuideCatalog
+from guidance.registry import available_modules
 from models.runtime.guide import GuideModel, load_guide_model
 
 
+def step_model_names(catalog: GuideCatalog) -> list[str]:
+    """Guide models some installed per-step module can use (a sequence reward model is not one)."""
+    heads = {head for module in available_modules().values() for head in module.head_types}
+    return [name for name in catalog.names() if catalog[name].head_type in heads]
+
+
 def load_guide_models(catalog: GuideCatalog, dtype: torch.dtype, device: torch.device | str) -> dict[str, GuideModel]:
-    return {name: load_guide_model(catalog[name].path, dtype=dtype, device=device).eval() for name in catalog.names()}
+    """The per-step guide models of `catalog`, loaded (each keeps a KV-cache slot per engine sequence)."""
+    return {name: load_guide_model(catalog[name].path, dtype=dtype, device=device).eval()
+            for name in step_model_names(catalog)}
 
 
 def check_tokenizers(base_model: Path, catalog: GuideCatalog) -> None:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from guidance.catalog import GuideCatalog
 from guidance.loading import check_tokenizers
+from guidance.search.scorers import ScorerCatalog
 from server.api.chat.router import router as chat_router
 from server.api.completions.router import router as completions_router
 from server.api.guidance import router as guidance_router
@@ -23,6 +24,7 @@ from server.errors import install_error_handlers
 from server.lifecycle import Lifecycle
 from server.middleware import ApiKeyAuth, BodySizeLimit, RequestOutcomes
 from server.prompts import PromptRenderer
+from server.search import Search
 from server.services import Services
 from server.settings import Settings
 
@@ -45,9 +47,11 @@ def create_app(
         renderer = PromptRenderer.load(settings.model)
         catalog = GuideCatalog.from_paths(settings.guide_model_paths())
         check_tokenizers(settings.model, catalog)
+        scorers = ScorerCatalog.load(catalog)
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name())
         engine = start_engine(settings, catalog)
-        app.state.services = Services(settings, engine, renderer, catalog, lifecycle, cache, created=int(time.time()))
+        app.state.services = Services(settings, engine, renderer, catalog, scorers, Search(engine, scorers), lifecycle,
+                                      cache, created=int(time.time()))
         logger.info("serving %s from %s (cache: %s)", settings.model_name, settings.model,
                     cache.backend.name if cache.backend else "off")
         try:

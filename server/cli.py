@@ -1,7 +1,9 @@
 """The `alignserve` command line.
 
     alignserve serve [--model DIR] [--port N] ...   run the OpenAI-compatible server
-    alignserve demo build [--output DIR] [--seed N] rebuild the demo models from a seed
+    alignserve demo build [--output DIR] [--seed N] rebuild the demo base model from a seed
+    alignserve demo guides [--seed N]               retrain the demo guide models from the base
+    alignserve demo eval [--problems N]             guided vs unguided accuracy of the demo models
 
 Every `serve` flag is a field of `server.settings.Settings` and can also be set
 with the environment variable ALIGNSERVE_<FIELD> (flags win).
@@ -95,6 +97,24 @@ def _demo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_guides(args: argparse.Namespace) -> int:
+    from models.demo.guides import build_guides
+
+    card = build_guides(args.base_dir, args.output_root, seed=args.seed)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+def _demo_eval(args: argparse.Namespace) -> int:
+    from models.demo.guided_eval import evaluate_guidance, markdown_table
+    from models.demo.task import held_out_problems
+
+    results = evaluate_guidance(args.base_dir, args.guides, held_out_problems()[: args.problems],
+                                samples=args.samples, seed=args.seed)
+    print(markdown_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from models.demo.build import demo_base_dir
 
@@ -122,6 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="random seed [default: %(default)s]")
     build.add_argument("--steps", type=int, default=None, help="training steps [default: the recipe's]")
     build.set_defaults(run=_demo_build)
+
+    from models.demo.paths import CHECKPOINTS_DIR, demo_guides_file
+
+    guides = demo_commands.add_parser(
+        "guides", help="retrain the demo guide models from the demo base model",
+        description="Sample rollouts of the base model on training problems and train the demo guide models "
+        "(demo-value, demo-value-hist, demo-prefix, demo-arm, demo-genarm, demo-reward) from a seed; write them "
+        "with guides.json and print the build card.",
+    )
+    guides.add_argument("--base-dir", type=Path, default=demo_base_dir(), help="base model [default: %(default)s]")
+    guides.add_argument("--output-root", type=Path, default=CHECKPOINTS_DIR,
+                        help="where the guide directories and guides.json go [default: %(default)s]")
+    guides.add_argument("--seed", type=int, default=0, help="random seed [default: %(default)s]")
+    guides.set_defaults(run=_demo_guides)
+
+    evaluate = demo_commands.add_parser(
+        "eval", help="accuracy and KL of guided decoding on held-out demo problems",
+        description="Pass@1 (temperature 1), greedy accuracy and mean KL to the base of each guidance module "
+        "on the demo guide models, with a plain-torch reference sampler (no server).",
+    )
+    evaluate.add_argument("--base-dir", type=Path, default=demo_base_dir(), help="base model [default: %(default)s]")
+    evaluate.add_argument("--guides", type=Path, default=demo_guides_file(),
+                          help="guide-model table [default: %(default)s]")
+    evaluate.add_argument("--problems", type=int, default=200, help="held-out problems [default: %(default)s]")
+    evaluate.add_argument("--samples", type=int, default=4, help="samples per problem [default: %(default)s]")
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed [default: %(default)s]")
+    evaluate.set_defaults(run=_demo_eval)
     return parser
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,8 @@ from guidance.adapters.vllm import (
 )
 from guidance.batch import GuidanceReport, StepTimings
 from guidance.catalog import GuideCatalog
+from guidance.loading import step_model_names
+from guidance.search.report import SearchReport
 from server.metrics import observe_guidance
 from server.settings import Settings
 from server.streams import merge
@@ -103,6 +105,27 @@ class ChoiceDelta:
     logprobs: tuple[TokenLogprob, ...] | None
     finish_reason: str | None
     guidance: GuidanceReport | None = None  # on a guided choice's last delta
+    search: SearchReport | None = None  # on a searched choice's last delta
+
+
+@dataclass
+class ChoiceOutput:
+    """A choice accumulated from its deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    guidance: GuidanceReport | None = None
+    search: SearchReport | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs or ())
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        self.guidance = delta.guidance or self.guidance
+        self.search = delta.search or self.search
 
 
 class Engine:
@@ -114,13 +137,12 @@ class Engine:
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.start_seconds = start_seconds
         self._guided = guided
-        self.pending_requests = 0  # engine requests submitted and not yet finished
 
     @classmethod
     def start(cls, settings: Settings, catalog: GuideCatalog) -> "Engine":
         """Build the engine (spawns vLLM's engine-core and worker processes)."""
         guided: dict[str, Any] = {}
-        if len(catalog):
+        if step_model_names(catalog):
             # vLLM runs this hook in our process per request; give it the table to check names.
             GuidanceLogitsProcessor.catalog = catalog
             guided = dict(
@@ -173,7 +195,6 @@ class Engine:
     ) -> AsyncIterator[ChoiceDelta]:
         top_k = options.logprobs
         params = options.child_params(index, key=engine_id)
-        self.pending_requests += 1
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, engine_id):
                 for choice in output.outputs:
@@ -188,7 +209,6 @@ class Engine:
                         delta = replace(delta, guidance=await self._guidance_report(engine_id, options))
                     yield delta
         finally:
-            self.pending_requests -= 1
             # No-op for a finished request; stops an abandoned one.
             await self._llm.abort(engine_id)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from server.errors import ServiceUnavailable, TooManyRequests
 from server.metrics import DRAINING
@@ -18,44 +17,44 @@ logger = logging.getLogger(__name__)
 
 
 class Lifecycle:
+    """Counts admitted requests and the engine requests they hold.
+
+    Admission and the reservation of engine requests happen in one synchronous step,
+    so requests that arrive together cannot all pass the bound before any is counted.
+    """
+
     def __init__(self, max_waiting_requests: int, retry_after_s: int) -> None:
         self.max_waiting_requests = max_waiting_requests
         self.retry_after_s = retry_after_s
         self.draining = False
         self.in_flight = 0  # admitted HTTP generation requests not yet answered
+        self.engine_requests = 0  # engine requests those admitted requests hold
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def admit(self, new_engine_requests: int, pending: int, capacity: int) -> None:
-        """Refuse work while draining (503) or when the engine's queue would exceed its bound (429).
+    def admit(self, engine_requests: int, capacity: int) -> None:
+        """Admit a request needing `engine_requests`, or refuse it: 503 while draining, 429
+        when the engine's queue would exceed its bound.
 
-        `pending` engine requests are submitted and unfinished; the engine runs at most
-        `capacity` at once, so the rest wait.
+        The engine runs at most `capacity` requests at once; the rest of those held by
+        admitted requests wait. An admitted request must be `release`d exactly once.
         """
         if self.draining:
             raise ServiceUnavailable("The server is shutting down.", code="draining")
-        waiting = max(0, pending + new_engine_requests - capacity)
+        waiting = max(0, self.engine_requests + engine_requests - capacity)
         if waiting > self.max_waiting_requests:
             raise TooManyRequests(
                 f"The server is overloaded ({waiting} requests would wait, over the bound of "
                 f"{self.max_waiting_requests}); retry later.", retry_after_s=self.retry_after_s)
-
-    def enter(self) -> None:
+        self.engine_requests += engine_requests
         self.in_flight += 1
         self._idle.clear()
 
-    def leave(self) -> None:
+    def release(self, engine_requests: int) -> None:
+        self.engine_requests -= engine_requests
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
-
-    async def track(self, stream: AsyncIterator[str]) -> AsyncIterator[str]:
-        """A streamed response that counts as in flight (see `enter`) until it ends or is dropped."""
-        try:
-            async for item in stream:
-                yield item
-        finally:
-            self.leave()
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting and wait for in-flight requests; False if the timeout ran out first."""

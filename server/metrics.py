@@ -5,7 +5,8 @@ waiting requests, time to first token, inter-token latency, end-to-end latency,
 prompt and generation tokens, request outcomes) in prometheus_client's default
 registry of this process, with vLLM's names and meanings, so existing dashboards
 and autoscalers work unchanged. The metrics below are ours. Labels are bounded:
-endpoint, outcome, guidance module, cache backend — never a request id.
+endpoint, outcome, guidance module, search type, scorer (operator-configured names),
+cache backend — never a request id.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ CACHE_REQUESTS = Counter(
     "alignserve_cache_requests_total",
     "Response-cache lookups and stores by backend and outcome (hit, miss, store, error, bypass).",
     ["backend", "outcome"],
+)
+SEARCH_SCORES = Histogram(
+    "alignserve_search_candidate_score",
+    "Scores of request-level search candidates (best-of-N completions, blockwise blocks) by search type and scorer.",
+    ["search", "scorer"],
+    buckets=(-5.0, -2.0, -1.0, -0.5, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 2.0, 5.0),
+)
+SCORER_SECONDS = Histogram(
+    "alignserve_scorer_seconds", "Time of one scoring call (all candidates of one pick or block).", ["scorer"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 DRAINING = Gauge("alignserve_draining", "1 while the server drains in-flight requests before exiting.")
 
@@ -69,3 +80,9 @@ def observe_guidance(modules: list[str], kl: float, steps: int) -> None:
     GUIDED_TOKENS.inc(steps)
     if steps:
         KL_PER_TOKEN.labels("+".join(sorted(set(modules)))).observe(kl / steps)
+
+
+def observe_search(search: str, scorer: str, scores: list[float], seconds: float) -> None:
+    for score in scores:
+        SEARCH_SCORES.labels(search, scorer).observe(score)
+    SCORER_SECONDS.labels(scorer).observe(seconds)

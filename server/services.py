@@ -8,12 +8,15 @@ from fastapi import Request
 
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
+from guidance.search.scorers import ScorerCatalog
+from guidance.search.spec import SearchLimits, SearchParams, parse_search
 from guidance.spec import ResolvedGuidance, parse_guidance
 from server.cache.service import ResponseCache
 from server.engine import Engine
 from server.errors import InvalidRequest, ModelNotFound
 from server.lifecycle import Lifecycle
 from server.prompts import PromptRenderer
+from server.search import Search
 from server.settings import Settings
 
 
@@ -23,6 +26,8 @@ class Services:
     engine: Engine
     renderer: PromptRenderer
     catalog: GuideCatalog
+    scorers: ScorerCatalog
+    search: Search
     lifecycle: Lifecycle
     cache: ResponseCache
     created: int
@@ -33,7 +38,7 @@ class Services:
 
     def admit(self, engine_requests: int) -> None:
         """Backpressure and draining: raise 429 / 503 before any work is queued."""
-        self.lifecycle.admit(engine_requests, self.engine.pending_requests, self.engine.max_num_seqs)
+        self.lifecycle.admit(engine_requests, self.engine.max_num_seqs)
 
     def check_max_tokens(self, max_tokens: int | None, param: str) -> None:
         limit = self.settings.max_tokens_limit
@@ -46,6 +51,17 @@ class Services:
             return []
         try:
             return parse_guidance(entries, self.catalog, max_entries=self.settings.max_guidance_entries)
+        except GuidanceError as exc:
+            raise InvalidRequest(exc.message, param=exc.param) from exc
+
+    def resolve_search(self, entry: dict | None) -> SearchParams | None:
+        """A request's validated search spec (None when it asks for none)."""
+        if entry is None:
+            return None
+        settings = self.settings
+        limits = SearchLimits(settings.max_search_candidates, settings.max_block_tokens)
+        try:
+            return parse_search(entry, self.scorers, self.scorers.names(), limits)
         except GuidanceError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Largest max_tokens a request may ask for; default: the context length."
     )
     max_guidance_entries: int = Field(default=4, ge=1, description="Most guidance entries one request may list.")
+    max_search_candidates: int = Field(
+        default=16, ge=1, description="Largest best-of-N `n` and blockwise `candidates` a request may ask for."
+    )
+    max_block_tokens: int = Field(default=64, ge=1, description="Largest blockwise `block_tokens`.")
     api_keys: str | None = Field(
         default=None, description="Comma-separated API keys; when set, /v1/* requires 'Authorization: Bearer <key>'."
     )

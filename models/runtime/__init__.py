@@ -9,21 +9,26 @@ from models.runtime.decoder import Decoder
 from models.runtime.guide import GuideModel, load_guide_model
 from models.runtime.heads import (
     HEAD_TYPES,
+    VALUE_HEAD_TYPES,
     ARMHead,
     BernoulliHead,
     ExpectedHead,
     GuideHead,
     HistogramHead,
     LMHead,
+    RewardHead,
     build_head,
+    expected_value,
     load_head,
     save_head,
 )
 from models.runtime.kv_cache import SlotKVCache, SlotsExhaustedError
 from models.runtime.loader import CheckpointError, load_decoder
+from models.runtime.sequence import SequenceScorer
 
 __all__ = [
     "HEAD_TYPES",
+    "VALUE_HEAD_TYPES",
     "ARMHead",
     "BernoulliHead",
     "CheckpointError",
@@ -34,10 +39,13 @@ __all__ = [
     "GuideModel",
     "HistogramHead",
     "LMHead",
+    "RewardHead",
     "RopeConfig",
+    "SequenceScorer",
     "SlotKVCache",
     "SlotsExhaustedError",
     "build_head",
+    "expected_value",
     "load_decoder",
     "load_guide_model",
     "load_head",

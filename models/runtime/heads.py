@@ -6,7 +6,8 @@ Two scoring shapes (DESIGN.md section 3):
   vocabulary token y as the next token: ``[B, V]`` (or ``[B, V, m]``).
 - V-type (``scoring="v"``): the hidden state of each candidate token appended to s
   (``Decoder.score_candidates``), ``[B, k, H]``, gives one score per candidate:
-  ``[B, k]`` (or ``[B, k, m]``).
+  ``[B, k]`` (or ``[B, k, m]``). On the last token of a whole sequence, ``[B, H]``, it
+  scores the sequence: ``[B]`` (or ``[B, m]``; ``models.runtime.sequence``).
 
 ======== =============================================== =========== ============
 type     score                                           Q-type      V-type
@@ -14,6 +15,7 @@ type     score                                           Q-type      V-type
 bernoulli logit of P(R = 1 | s, y)                        [B, V]      [B, k]
 histogram logits over m return atoms z_j (in the config)  [B, V, m]   [B, k, m]
 expected  predicted expected reward V(s, y)               [B, V]      [B, k]
+reward    sequence reward r(x) at x's last token          --          [B, k]
 arm       r(s, y) = e_y . (U V^T h_s) + b . h_s           [B, V]      --
 lm        backbone LM logits (GenARM; caller log-softmaxes) [B, V]    --
 ======== =============================================== =========== ============
@@ -21,6 +23,10 @@ lm        backbone LM logits (GenARM; caller log-softmaxes) [B, V]    --
 A head is stored in the guide-model directory, next to the backbone checkpoint:
 ``guide_head.json`` (``{"type": ..., "scoring": ..., params}``) and ``head.safetensors``.
 All leading dimensions are carried through, so heads also apply to ``[B, T, H]`` in training.
+
+``expected_value`` maps the scores of a value head (``VALUE_HEAD_TYPES``) to an expected
+reward: sigmoid of a bernoulli logit, sum_j softmax(logits)_j z_j of a histogram, the
+score itself for expected and reward heads.
 """
 
 from __future__ import annotations
@@ -93,6 +99,13 @@ class ExpectedHead(_ValueHead):
     type = "expected"
 
 
+class RewardHead(_ValueHead):
+    """Scalar sequence reward r(x) (outcome reward model), read at the last token of x; V-type only."""
+
+    type = "reward"
+    scorings = ("v",)
+
+
 class HistogramHead(_ValueHead):
     """Logits of a categorical return distribution over atoms z_j; offset logsumexp_j(log p_j + eta z_j)."""
 
@@ -149,8 +162,9 @@ class LMHead(GuideHead):
 
 
 HEAD_TYPES: dict[str, type[GuideHead]] = {
-    cls.type: cls for cls in (BernoulliHead, HistogramHead, ExpectedHead, ARMHead, LMHead)
+    cls.type: cls for cls in (BernoulliHead, HistogramHead, ExpectedHead, RewardHead, ARMHead, LMHead)
 }
+VALUE_HEAD_TYPES = ("reward", "expected", "bernoulli", "histogram")  # heads whose scores expected_value reads
 _PARAMS: dict[str, tuple[str, ...]] = {"histogram": ("atoms",), "arm": ("rank",)}
 
 
@@ -165,7 +179,25 @@ def build_head(config: dict[str, Any], hidden_size: int, vocab_size: int) -> Gui
         raise ValueError(f"unknown parameters {unknown} for guide head type {head_type!r}; it takes {list(wanted)}")
     if missing := sorted(set(wanted) - params.keys()):
         raise ValueError(f"guide head type {head_type!r} needs parameters {missing}")
-    return HEAD_TYPES[head_type](hidden_size, vocab_size, config.get("scoring", "q"), **params)
+    cls = HEAD_TYPES[head_type]
+    # Without a "scoring", value heads default to "q"; single-shape heads take their only one.
+    return cls(hidden_size, vocab_size, config.get("scoring", cls.scorings[0]), **params)
+
+
+def expected_value(head: GuideHead, scores: Tensor) -> Tensor:
+    """Expected reward from a value head's scores: ``[...]`` (``[..., m]`` for histograms) -> ``[...]``.
+
+    bernoulli: sigmoid(logit) = P(R = 1); histogram: sum_j softmax(logits)_j z_j;
+    expected, reward: the score itself. ValueError for heads that predict no reward value.
+    """
+    if head.type == "bernoulli":
+        return torch.sigmoid(scores)
+    if head.type == "histogram":
+        return torch.softmax(scores, dim=-1) @ head.atoms.to(scores.dtype)
+    if head.type in VALUE_HEAD_TYPES:
+        return scores
+    raise ValueError(f"a {head.type!r} head does not predict a reward value; expected_value needs one of "
+                     f"{VALUE_HEAD_TYPES}")
 
 
 def save_head(head: GuideHead, directory: str | Path) -> None:

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from guidance.batch import GuidanceReport
-from server.engine import ChoiceDelta, TokenLogprob
+from guidance.search.report import SearchReport
+from server.engine import ChoiceDelta, ChoiceOutput
 
-
-@dataclass
-class Choice:
-    text: str = ""
-    num_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    guidance: GuidanceReport | None = None
+Choice = ChoiceOutput
 
 
 class ChoiceCollector:
@@ -24,26 +16,23 @@ class ChoiceCollector:
         self.choices: dict[int, Choice] = {}
 
     def add(self, index: int, delta: ChoiceDelta) -> None:
-        choice = self.choices.setdefault(index, Choice())
-        choice.text += delta.text
-        choice.num_tokens += len(delta.token_ids)
-        choice.logprobs.extend(delta.logprobs or ())
-        choice.finish_reason = delta.finish_reason or choice.finish_reason
-        choice.guidance = delta.guidance or choice.guidance
+        self.choices.setdefault(index, Choice()).add(delta)
 
     def sorted(self) -> list[tuple[int, Choice]]:
         return sorted(self.choices.items())
 
     @property
     def completion_tokens(self) -> int:
-        return sum(choice.num_tokens for choice in self.choices.values())
+        return sum(len(choice.token_ids) for choice in self.choices.values())
 
 
-def guidance_report(report: GuidanceReport | None) -> dict[str, float | int]:
-    """A guided choice's `guidance` object: exact KL(guided || base) summed over its tokens."""
-    if report is None:
-        return {"kl": 0.0, "steps": 0}
-    return {"kl": report.kl, "steps": report.steps}
+def guidance_report(report: GuidanceReport | None, search: SearchReport | None = None) -> dict:
+    """A guided or searched choice's `guidance` object: exact KL(guided || base) summed over its
+    tokens (0 without per-step guidance), and the search's scores when it was searched."""
+    result = {"kl": 0.0, "steps": 0} if report is None else {"kl": report.kl, "steps": report.steps}
+    if search is not None:
+        result.update(search.as_dict())
+    return result
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -46,6 +46,11 @@ class SamplingRequest(StrictModel):
     guidance: list[dict[str, Any]] | None = Field(
         default=None, description="Per-step guidance entries, e.g. {type: qsharp, model: demo-value, strength: 4}."
     )
+    search: dict[str, Any] | None = Field(
+        default=None,
+        description="Request-level search, e.g. {type: best_of_n, n: 8, scorer: demo-reward} or "
+        "{type: blockwise, candidates: 4, block_tokens: 8, scorer: demo-prefix}.",
+    )
 
     @field_validator("top_k")
     @classmethod

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
+from guidance.search.spec import SearchParams
 from guidance.spec import ResolvedGuidance
 from server.api.choices import Choice, ChoiceCollector, usage
 from server.api.common import SamplingRequest
-from server.api.streaming import SSE_DONE, SSE_HEADERS, cancel_on_disconnect, sse
+from server.api.streaming import SSE_DONE, EventStream, cancel_on_disconnect, sse
 from server.engine import ChoiceDelta, SamplingOptions
 from server.errors import APIError, api_error_body
 from server.services import Services
@@ -36,14 +37,22 @@ class PreparedPrompt:
 
 @dataclass
 class Prepared:
-    """A validated request: its prompts, ready for the engine, and its guidance."""
+    """A validated request: its prompts, ready for the engine, its guidance and its search."""
 
     prompts: list[PreparedPrompt]
     guidance: list[ResolvedGuidance] = field(default_factory=list)
+    search: SearchParams | None = None
 
     @property
     def engine_requests(self) -> int:
-        return sum(p.options.n for p in self.prompts)
+        """Engine requests the request runs at once (a search runs its candidates together)."""
+        per_choice = 1 if self.search is None else self.search.candidates_per_pick
+        return sum(p.options.n for p in self.prompts) * per_choice
+
+    @property
+    def reports(self) -> bool:
+        """Whether each choice carries a `guidance` object."""
+        return bool(self.guidance) or self.search is not None
 
     @property
     def prompt_tokens(self) -> int:
@@ -81,13 +90,20 @@ class GenerationServing(ABC):
 
     async def deltas(self, request_id: str, prepared: Prepared) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         """Deltas of every prompt's choices, keyed by the response's choice index."""
-        engine = self.services.engine
         streams = [
-            tagged(i * prompt.options.n, engine.generate(f"{request_id}-{i}", prompt.token_ids, prompt.options))
+            tagged(i * prompt.options.n, self._generate(f"{request_id}-{i}", prompt, prepared.search))
             for i, prompt in enumerate(prepared.prompts)
         ]
         async for offset, delta in merge(streams):
             yield offset + delta.index, delta
+
+    def _generate(self, request_id: str, prompt: PreparedPrompt, search: SearchParams | None
+                  ) -> AsyncIterator[ChoiceDelta]:
+        services = self.services
+        if search is None:
+            return services.engine.generate(request_id, prompt.token_ids, prompt.options)
+        prompt_text = services.renderer.decode(prompt.token_ids)
+        return services.search.generate(request_id, prompt.token_ids, prompt_text, prompt.options, search)
 
     def response(self, body: SamplingRequest, prepared: Prepared, collector: ChoiceCollector,
                  request_id: str, created: int) -> dict:
@@ -99,8 +115,10 @@ class GenerationServing(ABC):
             "choices": [self.choice(body, prepared, index, choice) for index, choice in collector.sorted()],
             "usage": usage(prepared.prompt_tokens, collector.completion_tokens),
         }
-        if prepared.guidance:
+        if prepared.reports:
             response["guidance"] = {"entries": [g.describe() for g in prepared.guidance]}
+            if prepared.search is not None:
+                response["guidance"]["search"] = prepared.search.model_dump()
         return response
 
     def _chunk(self, body: SamplingRequest, request_id: str, created: int, choices: list[dict]) -> dict:
@@ -153,24 +171,22 @@ class GenerationServing(ABC):
     async def serve(self, request: Request, body: SamplingRequest) -> Response:
         services = self.services
         prepared = self.prepare(body)
-        cache_key = services.cache.key_for(self.object, body, prepared.guidance)
+        cache_key = services.cache.key_for(self.object, body, prepared.guidance, prepared.search)
         cached = await services.cache.lookup(cache_key) if cache_key is not None else None
         if cached is not None:
             if body.stream:
-                return StreamingResponse(self.replay(body, prepared, cached), media_type="text/event-stream",
-                                         headers=SSE_HEADERS)
+                return EventStream(self.replay(body, prepared, cached))
             request_id, created = self._new_id()
             return JSONResponse({**cached, "id": request_id, "created": created})
-        services.admit(prepared.engine_requests)
+        engine_requests = prepared.engine_requests
+        services.admit(engine_requests)
         lifecycle = services.lifecycle
-        lifecycle.enter()
         if body.stream:
-            return StreamingResponse(lifecycle.track(self.stream(body, prepared, cache_key)),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return EventStream(self.stream(body, prepared, cache_key), lambda: lifecycle.release(engine_requests))
         try:
             result = await cancel_on_disconnect(request, self.complete(body, prepared))
         finally:
-            lifecycle.leave()
+            lifecycle.release(engine_requests)
         if result is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         if cache_key is not None:

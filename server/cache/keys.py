@@ -1,7 +1,7 @@
 """Cache keys: a hash of everything that determines a deterministic response.
 
 The key covers the base model's identity and revision, the revision of every guide
-model the request uses, every output-affecting request field (all of them but
+model and scorer model the request uses, every output-affecting request field (all of them but
 `stream`, `stream_options`, `user` and `cache`), the guidance spec as resolved, and
 the prompt or messages. Two requests that can differ in output never share a key.
 """

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from guidance.search.spec import SearchParams
 from guidance.spec import ResolvedGuidance
 from server.cache.backends import CacheBackend, MemoryBackend, RedisBackend
 from server.cache.keys import cache_key, model_revision
@@ -32,14 +33,17 @@ class ResponseCache:
         return cls(backend, settings.cache_namespace, settings.cache_ttl_s, settings.model_name,
                    model_revision(settings.model), {name: model_revision(p) for name, p in guide_paths.items()})
 
-    def key_for(self, endpoint: str, body, guidance: list[ResolvedGuidance]) -> str | None:
+    def key_for(self, endpoint: str, body, guidance: list[ResolvedGuidance],
+                search: SearchParams | None = None) -> str | None:
         """The key of a cacheable request, None for one that must not be cached.
 
-        Only deterministic requests are cached: temperature 0 or an explicit seed.
+        Only deterministic requests are cached: temperature 0 or an explicit seed, and a
+        search that keeps the best candidate (selection temperature 0) or has that seed.
         """
         if self.backend is None:
             return None
-        deterministic = body.temperature == 0 or body.seed is not None
+        deterministic = (body.temperature == 0 or body.seed is not None) and (
+            search is None or search.temperature == 0 or body.seed is not None)
         if not deterministic or body.cache is False:
             CACHE_REQUESTS.labels(self.backend.name, "bypass").inc()
             return None
@@ -48,6 +52,9 @@ class ResponseCache:
             "guide_models": {g.params.model: self._guide_revisions[g.params.model] for g in guidance},
             "guidance": [g.describe() for g in guidance],
         }
+        if search is not None:
+            # A model scorer is identified by its weights; a verifier (code) by its name.
+            identity["scorer"] = {"name": search.scorer, "revision": self._guide_revisions.get(search.scorer)}
         return cache_key(self.namespace, identity, endpoint, body.model_dump(mode="json"))
 
     async def lookup(self, key: str) -> dict | None:

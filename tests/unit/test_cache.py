@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from guidance.catalog import GuideCatalog, GuideModelInfo
+from guidance.search.spec import SearchLimits, SearchParams, parse_search
 from guidance.spec import parse_guidance
 from server.api.chat.protocol import ChatCompletionRequest
 from server.api.completions.protocol import CompletionRequest
@@ -31,14 +32,25 @@ def cache(**overrides) -> ResponseCache:
     return ResponseCache(**{**args, **overrides})
 
 
+SCORERS = ["demo-verifier", "rm", "rm2"]
+
+
+def _search(request) -> SearchParams | None:
+    if request.search is None:
+        return None
+    return parse_search(request.search, SCORERS, SCORERS, SearchLimits(max_candidates=16, max_block_tokens=64))
+
+
 def completion_key(response_cache: ResponseCache, body: dict) -> str | None:
     request = CompletionRequest.model_validate(body)
-    return response_cache.key_for("text_completion", request, parse_guidance(request.guidance or [], CATALOG))
+    return response_cache.key_for("text_completion", request, parse_guidance(request.guidance or [], CATALOG),
+                                  _search(request))
 
 
 def chat_key(response_cache: ResponseCache, body: dict) -> str | None:
     request = ChatCompletionRequest.model_validate(body)
-    return response_cache.key_for("chat.completion", request, parse_guidance(request.guidance or [], CATALOG))
+    return response_cache.key_for("chat.completion", request, parse_guidance(request.guidance or [], CATALOG),
+                                  _search(request))
 
 
 COMPLETION_CHANGES = [
@@ -50,6 +62,13 @@ COMPLETION_CHANGES = [
     {"guidance": [{"type": "qsharp", "model": "v", "strength": 1.0, "top_k": 5}]},
     {"guidance": [{"type": "qsharp", "model": "w", "strength": 1.0}]},
     {"guidance": [{"type": "cd", "model": "v", "strength": 1.0}]},
+    {"search": {"type": "best_of_n", "n": 4, "scorer": "rm"}},
+    {"search": {"type": "best_of_n", "n": 8, "scorer": "rm"}},
+    {"search": {"type": "best_of_n", "n": 4, "scorer": "demo-verifier"}},
+    {"search": {"type": "best_of_n", "n": 4, "scorer": "rm", "temperature": 0.5}, "seed": 1},
+    {"search": {"type": "blockwise", "candidates": 4, "block_tokens": 8, "scorer": "rm"}},
+    {"search": {"type": "blockwise", "candidates": 4, "block_tokens": 4, "scorer": "rm"}},
+    {"search": {"type": "blockwise", "candidates": 2, "block_tokens": 8, "scorer": "rm"}},
 ]
 
 
@@ -85,6 +104,20 @@ def test_stream_user_and_identity():
     assert completion_key(cache(guide_revisions={"v": "gv", "w": "changed"}), guided) == completion_key(
         response_cache, guided)
     assert completion_key(cache(namespace="x"), BASE).startswith("x:v1:")
+
+
+def test_a_scorer_model_is_identified_by_its_weights():
+    searched = {**BASE, "search": {"type": "best_of_n", "n": 4, "scorer": "rm"}}
+    key = completion_key(cache(guide_revisions={"rm": "r1", "rm2": "x"}), searched)
+    assert completion_key(cache(guide_revisions={"rm": "r2", "rm2": "x"}), searched) != key
+    assert completion_key(cache(guide_revisions={"rm": "r1", "rm2": "y"}), searched) == key
+
+
+def test_soft_selection_without_a_seed_is_not_cached():
+    soft = {"type": "best_of_n", "n": 4, "scorer": "rm", "temperature": 0.5}
+    assert completion_key(cache(), {**BASE, "search": soft}) is None
+    assert completion_key(cache(), {**BASE, "search": soft, "seed": 3}) is not None
+    assert completion_key(cache(), {**BASE, "search": {**soft, "temperature": 0}}) is not None
 
 
 @pytest.mark.parametrize("body", [{"temperature": 1.0}, {"temperature": None}, {"temperature": 0.5},

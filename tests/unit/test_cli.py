@@ -23,7 +23,7 @@ def test_every_setting_has_a_serve_flag():
 
 
 def test_console_script_help():
-    for args in ([], ["serve"], ["demo", "build"]):
+    for args in ([], ["serve"], ["demo", "build"], ["demo", "guides"], ["demo", "eval"]):
         result = subprocess.run([str(ALIGNSERVE), *args, "--help"], capture_output=True, text=True, check=True)
         assert "usage: alignserve" in result.stdout
 

@@ -314,8 +314,6 @@ def test_demo_guide_table_points_into_the_image():
 
 def test_demo_guide_table_matches_the_committed_demo():
     committed = ROOT / "models" / "demo" / "checkpoints" / "guides.json"
-    if not committed.is_file():
-        pytest.skip("no demo guide checkpoints yet: the ConfigMap's guide directories cannot be checked")
     demo = json.loads(committed.read_text())
     assert {name: Path(path).name for name, path in demo_table_in_configmap().items()} == demo
     for directory in demo.values():

@@ -6,8 +6,9 @@ import asyncio
 import json
 
 import pytest
+from starlette.requests import ClientDisconnect
 
-from server.api.streaming import SSE_DONE, sse
+from server.api.streaming import SSE_DONE, EventStream, sse
 from server.streams import merge, tagged
 
 
@@ -60,3 +61,32 @@ def test_merge_propagates_errors():
 
     with pytest.raises(ValueError, match="boom"):
         asyncio.run(run())
+
+
+@pytest.mark.parametrize("client", ["reads all", "leaves", "never reads"])
+def test_event_stream_calls_on_close_once_however_it_ends(client):
+    """An admitted stream's release runs once, whether it is sent whole, cut short, or never started."""
+    closed: list = []
+    response = EventStream(_items(["data: 1\n\n", "data: 2\n\n"], 0.01), on_close=lambda: closed.append(1))
+    sent: list = []
+
+    async def receive():
+        if client == "reads all":
+            await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if client == "never reads":
+            raise OSError("connection reset")
+        sent.append(message)
+
+    async def run():
+        try:
+            await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+        except (OSError, ClientDisconnect):  # starlette reports a failed send as a disconnect
+            pass
+
+    asyncio.run(run())
+    assert closed == [1]
+    if client == "reads all":
+        assert b"data: 2" in b"".join(m.get("body", b"") for m in sent)

@@ -19,6 +19,7 @@ class ChatServing(GenerationServing):
         services.check_model(body.model)
         check_n(body.n, services.settings.max_n)
         guidance = services.resolve_guidance(body.guidance)
+        search = services.resolve_search(body.search)
         limit, limit_param = body.completion_limit
         services.check_max_tokens(limit, limit_param)
         prompt_ids = services.renderer.render_chat([m.template_message() for m in body.messages])
@@ -27,7 +28,7 @@ class ChatServing(GenerationServing):
             prompt_param="messages", max_tokens_param=limit_param, limit=services.settings.max_tokens_limit,
         )
         options = body.sampling_options(max_tokens, body.num_logprobs, guidance)
-        return Prepared([PreparedPrompt(prompt_ids, "", options)], guidance)
+        return Prepared([PreparedPrompt(prompt_ids, "", options)], guidance, search)
 
     def opening_choices(self, body: ChatCompletionRequest, prepared: Prepared) -> list[dict]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
@@ -40,8 +41,8 @@ class ChatServing(GenerationServing):
             "logprobs": _logprobs(choice.logprobs) if body.logprobs else None,
             "finish_reason": choice.finish_reason,
         }
-        if prepared.guidance:
-            result["guidance"] = guidance_report(choice.guidance)
+        if prepared.reports:
+            result["guidance"] = guidance_report(choice.guidance, choice.search)
         return result
 
     def chunk_choice(self, body: ChatCompletionRequest, prepared: Prepared, index: int, delta: ChoiceDelta,
@@ -52,8 +53,8 @@ class ChatServing(GenerationServing):
             "logprobs": _logprobs(list(delta.logprobs or ())) if body.logprobs else None,
             "finish_reason": delta.finish_reason,
         }
-        if prepared.guidance and delta.finish_reason is not None:
-            result["guidance"] = guidance_report(delta.guidance)
+        if prepared.reports and delta.finish_reason is not None:
+            result["guidance"] = guidance_report(delta.guidance, delta.search)
         return result
 
     def replay_choices(self, body: ChatCompletionRequest, choice: dict) -> list[dict]:

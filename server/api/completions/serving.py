@@ -19,6 +19,7 @@ class CompletionServing(GenerationServing):
         services.check_model(body.model)
         check_n(body.n, services.settings.max_n)
         guidance = services.resolve_guidance(body.guidance)
+        search = services.resolve_search(body.search)
         services.check_max_tokens(body.max_tokens, "max_tokens")
         prompts = body.prompts()
         prepared = []
@@ -34,7 +35,7 @@ class CompletionServing(GenerationServing):
                 prompt_param=param, max_tokens_param="max_tokens", limit=services.settings.max_tokens_limit,
             )
             prepared.append(PreparedPrompt(token_ids, text, body.sampling_options(max_tokens, body.logprobs, guidance)))
-        return Prepared(prepared, guidance)
+        return Prepared(prepared, guidance, search)
 
     def _echo(self, body: CompletionRequest, prepared: Prepared, index: int) -> str:
         return prepared.prompts[index // body.n].text if body.echo else ""
@@ -47,8 +48,8 @@ class CompletionServing(GenerationServing):
             "logprobs": _logprobs(choice.logprobs, choice.text, len(prefix)) if body.logprobs is not None else None,
             "finish_reason": choice.finish_reason,
         }
-        if prepared.guidance:
-            result["guidance"] = guidance_report(choice.guidance)
+        if prepared.reports:
+            result["guidance"] = guidance_report(choice.guidance, choice.search)
         return result
 
     def chunk_choice(self, body: CompletionRequest, prepared: Prepared, index: int, delta: ChoiceDelta,
@@ -61,8 +62,8 @@ class CompletionServing(GenerationServing):
             "logprobs": _logprobs(list(delta.logprobs or ()), delta.text, start) if body.logprobs is not None else None,
             "finish_reason": delta.finish_reason,
         }
-        if prepared.guidance and delta.finish_reason is not None:
-            result["guidance"] = guidance_report(delta.guidance)
+        if prepared.reports and delta.finish_reason is not None:
+            result["guidance"] = guidance_report(delta.guidance, delta.search)
         return result
 
     def replay_choices(self, body: CompletionRequest, choice: dict) -> list[dict]:

@@ -1,0 +1,111 @@
+"""Sequence scorers for request-level search, by the names requests use.
+
+A scorer maps (prompt, completions) to one score per completion, all in one call:
+
+- a rule-based verifier (``guidance.verifiers``, e.g. ``demo-verifier``) scores the text;
+- a guide model with a V-type scalar head (``reward``, ``expected``, ``bernoulli``,
+  ``histogram``) scores the token ids of prompt + completion in one batched forward
+  (``models.runtime.sequence.SequenceScorer``): a sequence reward model, or a prefix
+  scorer used on prompt + block in blockwise search.
+
+Requests name scorers; the operator configures them (verifiers are built in, models
+come from the guide-model table). Scoring runs in the caller's thread: the server
+calls it off its event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from guidance.catalog import GuideCatalog, GuideModelInfo
+from guidance.verifiers import Verifier, get_verifier, verifier_names
+from models.runtime.heads import VALUE_HEAD_TYPES
+from models.runtime.sequence import SequenceScorer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A candidate to score: its text and the token ids that follow the prompt."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+class Scorer(ABC):
+    name: str
+    kind: str
+
+    @abstractmethod
+    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
+        """One score per completion (higher is better)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind}
+
+
+class VerifierScorer(Scorer):
+    kind = "verifier"
+
+    def __init__(self, name: str, verifier: Verifier) -> None:
+        self.name, self._verifier = name, verifier
+
+    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
+        return [float(self._verifier(prompt_text, c.text)) for c in completions]
+
+
+class ModelScorer(Scorer):
+    kind = "model"
+
+    def __init__(self, info: GuideModelInfo, scorer: SequenceScorer) -> None:
+        self.name, self.info, self._scorer = info.name, info, scorer
+        self._lock = threading.Lock()  # one forward at a time per model
+
+    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
+        sequences = [[*prompt_ids, *c.token_ids] for c in completions]
+        with self._lock:
+            return self._scorer.score(sequences).tolist()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "head": self.info.head_type}
+
+
+def is_sequence_scorer(info: GuideModelInfo) -> bool:
+    """Whether a configured guide model can score whole sequences."""
+    return info.scoring == "v" and info.head_type in VALUE_HEAD_TYPES
+
+
+class ScorerCatalog:
+    """Every scorer a request may name: the built-in verifiers and the guide models that score sequences."""
+
+    def __init__(self, scorers: Sequence[Scorer]) -> None:
+        self._scorers = {s.name: s for s in scorers}
+
+    @classmethod
+    def load(cls, catalog: GuideCatalog, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu") -> "ScorerCatalog":
+        """Verifiers plus every sequence-scoring guide model of `catalog`, loaded; a guide model may
+        not take a verifier's name."""
+        scorers: list[Scorer] = [VerifierScorer(name, get_verifier(name)) for name in verifier_names()]
+        for name in catalog.names():
+            info = catalog[name]
+            if not is_sequence_scorer(info):
+                continue
+            if name in verifier_names():
+                raise ValueError(f"guide model {name!r} has the name of a built-in verifier; rename it")
+            scorers.append(ModelScorer(info, SequenceScorer.load(info.path, dtype=dtype, device=device)))
+        return cls(scorers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._scorers
+
+    def __getitem__(self, name: str) -> Scorer:
+        return self._scorers[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._scorers)

@@ -1,0 +1,94 @@
+"""A request's `search` object: parsed, bounded by the operator's caps, checked against the scorers.
+
+    {"type": "best_of_n", "n": 8, "scorer": "demo-reward", "temperature": 0.0}
+    {"type": "blockwise", "candidates": 4, "block_tokens": 8, "scorer": "demo-prefix", "temperature": 0.0}
+
+`temperature` is the selection temperature: 0 keeps the best-scored candidate, a positive
+value samples one with probability proportional to exp(score / temperature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from guidance.errors import GuidanceError
+from guidance.params import validate_entry
+
+MAX_SELECTION_TEMPERATURE = 1000.0
+
+
+class _SearchParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    scorer: str = Field(min_length=1, description="A verifier or sequence scorer configured by the operator.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=MAX_SELECTION_TEMPERATURE,
+        description="Selection temperature: 0 keeps the best candidate; > 0 samples by softmax(score / temperature).",
+    )
+
+    candidates_field: ClassVar[str]
+
+    @property
+    def candidates_per_pick(self) -> int:
+        """Engine requests each choice runs at once."""
+        return getattr(self, self.candidates_field)
+
+
+class BestOfN(_SearchParams):
+    """Sample `n` completions, score each whole completion, keep one."""
+
+    type: Literal["best_of_n"]
+    n: int = Field(ge=1, description="Candidates sampled per choice.")
+
+    candidates_field = "n"
+
+
+class Blockwise(_SearchParams):
+    """Sample `candidates` continuations of `block_tokens` tokens, keep one, append, repeat."""
+
+    type: Literal["blockwise"]
+    candidates: int = Field(ge=1, description="Continuations sampled per block.")
+    block_tokens: int = Field(ge=1, description="Tokens per block.")
+
+    candidates_field = "candidates"
+
+
+SearchParams = BestOfN | Blockwise
+SEARCH_TYPES: dict[str, type[_SearchParams]] = {"best_of_n": BestOfN, "blockwise": Blockwise}
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    max_candidates: int  # caps best_of_n.n and blockwise.candidates
+    max_block_tokens: int
+
+
+def parse_search(entry: Any, scorers: Container[str], scorer_names: list[str], limits: SearchLimits,
+                 param: str = "search") -> SearchParams:
+    """Validate a request's `search` object; GuidanceError naming the first bad field."""
+    if not isinstance(entry, dict):
+        raise GuidanceError("search must be an object", param)
+    kind = entry.get("type")
+    if kind is None:
+        raise GuidanceError(f"Missing search parameter: {param}.type", f"{param}.type")
+    if kind not in SEARCH_TYPES:
+        raise GuidanceError(f"Unknown search type {kind!r}; available: {', '.join(SEARCH_TYPES)}", f"{param}.type")
+    spec = validate_entry(SEARCH_TYPES[kind], entry, param)
+    field = spec.candidates_field
+    if spec.candidates_per_pick > limits.max_candidates:
+        raise GuidanceError(
+            f"{param}.{field} must be at most {limits.max_candidates}, got {spec.candidates_per_pick}",
+            f"{param}.{field}")
+    if isinstance(spec, Blockwise) and spec.block_tokens > limits.max_block_tokens:
+        raise GuidanceError(
+            f"{param}.block_tokens must be at most {limits.max_block_tokens}, got {spec.block_tokens}",
+            f"{param}.block_tokens")
+    if spec.scorer not in scorers:
+        raise GuidanceError(
+            f"Unknown scorer {spec.scorer!r}; configured: {', '.join(scorer_names) or 'none'}", f"{param}.scorer")
+    return spec

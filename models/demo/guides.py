@@ -1,0 +1,224 @@
+"""Build the demo guide models from the demo base model and a seed.
+
+One pass of temperature-1 rollouts of the base model on training problems (never the
+held-out ones; 4 samples per problem, plain and chat prompts) feeds six guide models,
+each a backbone initialised from the base whose top layer is fine-tuned together with
+its head (``models.demo.guide_training`` states the losses):
+
+=============== ========== ======= ==========================================================
+name            head       scoring training
+=============== ========== ======= ==========================================================
+demo-value      bernoulli  q       Q-sharp: BCE of every generated prefix's logit onto R
+demo-value-hist histogram  v       Q-sharp, distributional: CE onto the atom of R
+demo-prefix     expected   v       CD-FUDGE: MSE of every prefix (its last token included) onto R
+demo-arm        arm        q       Bradley-Terry on summed token rewards, correct vs incorrect pairs
+demo-genarm     lm         q       GenARM: -log sigmoid(beta (log pi_r(y_w|x) - log pi_r(y_l|x)))
+demo-reward     reward     v       outcome reward model: MSE of the last token's score onto R
+=============== ========== ======= ==========================================================
+
+Value models use every generated position of every rollout (the Q-sharp / CD-FUDGE
+regression with all cut points at once); the outcome reward model (best-of-N, via
+``models.runtime.sequence.SequenceScorer``) one position per rollout, its last token;
+reward models use every (correct, incorrect) pair of rollouts of one problem. ``python -m models.demo.guided_eval`` measures what
+each guide buys. Each guide directory holds the HF checkpoint, the head and the base's
+tokenizer files; ``guides.json`` maps names to directories and ``guides_card.json``
+describes the build.
+
+    python -m models.demo.guides            # writes models/demo/checkpoints/{demo-*,guides.json,guides_card.json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from models.demo.build import demo_base_dir
+from models.demo.guide_training import (
+    FitConfig,
+    GuideTrainee,
+    example_mask,
+    fit_preference,
+    fit_value,
+    frozen_features,
+    preference_metrics,
+    value_metrics,
+)
+from models.demo.paths import CHECKPOINTS_DIR, GUIDES_FILE
+from models.demo.rollouts import Rollouts, preference_pairs, sample_rollouts, training_problems
+from models.runtime.heads import build_head, save_head
+from models.runtime.loader import load_decoder
+
+CARD_NAME = "guides_card.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+HISTOGRAM_ATOMS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@dataclass(frozen=True)
+class GuideSpec:
+    name: str
+    head: dict[str, Any]  # head config for models.runtime.heads.build_head
+    # regress prefixes onto R, regress whole rollouts (their last token) onto R, or learn from pairs
+    objective: Literal["value", "outcome", "preference"]
+    beta: float = 1.0  # preference objectives: scale of the margin inside the sigmoid
+
+
+GUIDES: tuple[GuideSpec, ...] = (
+    GuideSpec("demo-value", {"type": "bernoulli", "scoring": "q"}, "value"),
+    GuideSpec("demo-value-hist", {"type": "histogram", "scoring": "v", "atoms": HISTOGRAM_ATOMS}, "value"),
+    GuideSpec("demo-prefix", {"type": "expected", "scoring": "v"}, "value"),
+    GuideSpec("demo-arm", {"type": "arm", "scoring": "q", "rank": 8}, "preference"),
+    GuideSpec("demo-genarm", {"type": "lm", "scoring": "q"}, "preference", beta=0.5),
+    # Last: train_guide reseeds per guide, so appending leaves the guides above unchanged.
+    GuideSpec("demo-reward", {"type": "reward", "scoring": "v"}, "outcome"),
+)
+
+
+@dataclass(frozen=True)
+class GuideBuildConfig:
+    """Sizes of the build (the defaults make the committed checkpoints)."""
+
+    problems: int = 4000
+    samples_per_problem: int = 4
+    validation_fraction: float = 0.1  # of the problems, held back for the card's metrics
+    # Top decoder layers fine-tuned with the head; the rest stay the base's. One layer generalised
+    # better than two or four (less overfitting of the rollouts' problems).
+    trainable_layers: int = 1
+    value_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300))  # value and outcome objectives
+    # Pairs overfit quickly (a few thousand): fewer steps.
+    preference_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=100))
+
+
+@contextmanager
+def deterministic_torch() -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def split_by_problem(rollouts: Rollouts, validation_fraction: float) -> tuple[Rollouts, Rollouts]:
+    """(training, validation) rollouts; the first problems go to validation with all their samples."""
+    num_problems = int(rollouts.problem.max()) + 1
+    is_valid = rollouts.problem < round(num_problems * validation_fraction)
+    return rollouts.subset(~is_valid), rollouts.subset(is_valid)
+
+
+def train_guide(spec: GuideSpec, base_dir: Path, data: dict[str, tuple[Rollouts, Tensor]],
+                config: GuideBuildConfig, seed: int, progress: bool) -> tuple[GuideTrainee, dict[str, Any]]:
+    """Fine-tune a copy of the base with ``spec``'s head on ``data`` ({"train"/"valid": (rollouts,
+    frozen features)}); returns the model and its card entry."""
+    decoder = load_decoder(base_dir)
+    torch.manual_seed(seed)
+    head = build_head(spec.head, decoder.config.hidden_size, decoder.config.vocab_size)
+    model = GuideTrainee(decoder, head, config.trainable_layers)
+    fit = config.preference_fit if spec.objective == "preference" else config.value_fit
+    (train, train_features), (valid, valid_features) = data["train"], data["valid"]
+    started = time.perf_counter()
+    if spec.objective in ("value", "outcome"):
+        outcome = spec.objective == "outcome"
+        train_loss = fit_value(model, train, train_features, fit, seed, spec.name, progress, outcome)
+        metrics = value_metrics(model, valid, valid_features, outcome)
+        examples = int(example_mask(train, outcome).sum())
+    else:
+        train_pairs, valid_pairs = preference_pairs(train), preference_pairs(valid)
+        if len(train_pairs) == 0 or len(valid_pairs) == 0:
+            raise ValueError(f"{spec.name}: no (correct, incorrect) rollout pairs to train or validate on")
+        train_loss = fit_preference(model, train, train_features, train_pairs, spec.beta, fit, seed, spec.name,
+                                    progress)
+        metrics = preference_metrics(model, valid, valid_features, valid_pairs, spec.beta)
+        examples = len(train_pairs)
+    card = {
+        **head.config(),
+        "objective": spec.objective,
+        **({"beta": spec.beta} if spec.objective == "preference" else {}),
+        "training_examples": examples,
+        "steps": fit.steps,
+        "train_loss": round(train_loss, 4),
+        "validation": {name: round(value, 4) for name, value in asdict(metrics).items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return model, card
+
+
+def save_guide(model: GuideTrainee, base_dir: Path, output_dir: Path) -> None:
+    """HF checkpoint of the backbone (config.json + model.safetensors), the head, and the base's
+    tokenizer files."""
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    lm = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # Decoder names are HF's without the "model." prefix; the LM head is tied to the embeddings.
+    state = {f"model.{name}": tensor for name, tensor in model.decoder.state_dict().items() if name != "lm_head.weight"}
+    lm.load_state_dict({**state, "lm_head.weight": model.decoder.output_embedding}, strict=True)
+    lm.save_pretrained(str(output_dir))
+    save_head(model.head, output_dir)
+    for name in TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, output_dir / name)
+
+
+def build_guides(base_dir: Path, output_root: Path, seed: int = 0, progress: bool = True,
+                 config: GuideBuildConfig = GuideBuildConfig()) -> dict[str, Any]:
+    """Train every guide model in GUIDES on rollouts of the base in ``base_dir``, write each to
+    ``output_root/<name>`` with ``guides.json`` and the build card (returned)."""
+    base_dir, output_root = Path(base_dir), Path(output_root)
+    output_root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(base_dir))
+    with deterministic_torch():
+        base = load_decoder(base_dir)
+        problems = training_problems(config.problems, seed)
+        rollouts = sample_rollouts(base, tokenizer, problems, config.samples_per_problem, seed, progress=progress)
+        rollout_seconds = time.perf_counter() - started
+        # Every guide starts from the base with the same layers frozen: their output is shared.
+        frozen = base.config.num_hidden_layers - config.trainable_layers
+        data = {part: (r, frozen_features(base, r.input_ids, frozen))
+                for part, r in zip(("train", "valid"), split_by_problem(rollouts, config.validation_fraction))}
+        guides = {}
+        for spec in GUIDES:
+            model, guides[spec.name] = train_guide(spec, base_dir, data, config, seed, progress)
+            save_guide(model, base_dir, output_root / spec.name)
+    (output_root / GUIDES_FILE).write_text(json.dumps({s.name: s.name for s in GUIDES}, indent=2) + "\n")
+    card = {
+        "seed": seed,
+        "config": asdict(config),
+        "rollouts": {
+            "count": len(rollouts),
+            "problems": config.problems,
+            "samples_per_problem": config.samples_per_problem,
+            "base_pass_at_1": round(rollouts.pass_at_1, 4),
+            "preference_pairs": len(preference_pairs(data["train"][0])),
+            "seconds": round(rollout_seconds, 1),
+        },
+        "guides": guides,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "torch_version": torch.__version__,
+    }
+    (output_root / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Train the demo guide models from the demo base model.")
+    parser.add_argument("--base-dir", type=Path, default=demo_base_dir())
+    parser.add_argument("--output-root", type=Path, default=CHECKPOINTS_DIR)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    card = build_guides(args.base_dir, args.output_root, seed=args.seed)
+    print(json.dumps(card, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The demo guide-model build: a tiny build from the committed base, loaded the way the server loads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from guidance.catalog import GuideCatalog
+from guidance.loading import check_tokenizers
+from models.demo.build import demo_base_dir
+from models.demo.evaluate import sample_completions
+from models.demo.guide_training import FitConfig, GuideTrainee
+from models.demo.guided_eval import GuidedConfig, evaluate_guidance
+from models.demo.guides import GUIDES, GuideBuildConfig, build_guides
+from models.demo.paths import GUIDES_FILE
+from models.demo.rollouts import Rollouts, preference_pairs
+from models.demo.sampling import completion_ids, generate
+from models.demo.task import held_out_problems
+from models.demo.tokenizer import format_prompt
+from models.runtime import load_guide_model, load_head
+from models.runtime.loader import load_decoder
+
+TINY = GuideBuildConfig(problems=48, samples_per_problem=4, validation_fraction=0.25,
+                        value_fit=FitConfig(steps=3, batch_size=16), preference_fit=FitConfig(steps=3, batch_size=16))
+EXPECTED_HEADS = {
+    "demo-value": ("bernoulli", "q"),
+    "demo-value-hist": ("histogram", "v"),
+    "demo-prefix": ("expected", "v"),
+    "demo-arm": ("arm", "q"),
+    "demo-genarm": ("lm", "q"),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("guides")
+    return root, build_guides(demo_base_dir(), root, seed=0, progress=False, config=TINY)
+
+
+def guide_paths(root: Path) -> dict[str, Path]:
+    table = json.loads((root / GUIDES_FILE).read_text())
+    return {name: root / path for name, path in table.items()}
+
+
+def test_every_guide_kind_is_built_and_loads(built):
+    root, _ = built
+    paths = guide_paths(root)
+    assert set(paths) == set(EXPECTED_HEADS) == {spec.name for spec in GUIDES}
+    for name, (head_type, scoring) in EXPECTED_HEADS.items():
+        model = load_guide_model(paths[name])
+        assert (model.head.type, model.scoring) == (head_type, scoring), name
+
+
+def test_guides_table_is_accepted_by_the_catalog_and_tokenizer_check(built):
+    root, _ = built
+    catalog = GuideCatalog.from_paths(guide_paths(root))
+    assert catalog.names() == sorted(EXPECTED_HEADS)
+    assert catalog["demo-value-hist"].atoms == (0.0, 0.25, 0.5, 0.75, 1.0)
+    check_tokenizers(demo_base_dir(), catalog)  # raises if a guide lacks the base's tokenizer
+
+
+def test_card_reports_rollouts_and_every_model(built):
+    _, card = built
+    assert card["rollouts"]["count"] == TINY.problems * TINY.samples_per_problem
+    assert 0.0 < card["rollouts"]["base_pass_at_1"] < 1.0
+    assert set(card["guides"]) == set(EXPECTED_HEADS)
+    for entry in card["guides"].values():
+        assert entry["steps"] == 3 and entry["train_loss"] == entry["train_loss"]  # not NaN
+        assert 0.0 <= entry["validation"]["accuracy"] <= 1.0
+
+
+def test_same_seed_gives_identical_weights(built, tmp_path):
+    root, _ = built
+    build_guides(demo_base_dir(), tmp_path, seed=0, progress=False, config=TINY)
+    for name in EXPECTED_HEADS:
+        for file in ("head.safetensors", "model.safetensors"):
+            first, second = load_file(root / name / file), load_file(tmp_path / name / file)
+            assert first.keys() == second.keys()
+            assert all(torch.equal(first[k], second[k]) for k in first), f"{name}/{file} differs"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_HEADS))
+def test_training_scores_match_the_runtime_scores(built, name):
+    """The score a guide is trained on for (x_<t, x_t) is the one the runtime serves for that pair."""
+    root, _ = built
+    path = guide_paths(root)[name]
+    decoder = load_decoder(path)
+    head = load_head(path, decoder.config.hidden_size, decoder.config.vocab_size)
+    trainee = GuideTrainee(decoder, head, trainable_layers=1)
+    guide = load_guide_model(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    ids = torch.tensor([tokenizer("<s>12+345=357</s>", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        trained = trainee.token_scores(ids, trainee.features(ids))[0]
+    guide.setup_cache(1, ids.shape[1])
+    slot = guide.cache.allocate()
+    for t in range(1, ids.shape[1]):
+        hidden = guide.prefill([slot], [ids[0, t - 1 : t]])  # the cache now holds x_<t
+        if guide.scoring == "q":
+            scores = guide.score_next(hidden)[0]
+            served = (torch.log_softmax(scores, dim=-1) if head.type == "lm" else scores)[ids[0, t]]
+        else:
+            served = guide.score_candidates(torch.tensor([slot]), ids[:, t : t + 1])[0, 0]
+        torch.testing.assert_close(trained[t], served, atol=1e-4, rtol=1e-4)
+
+
+def test_preference_pairs_match_correct_with_incorrect_rollouts_of_one_problem():
+    rollouts = Rollouts(
+        input_ids=torch.zeros(5, 3, dtype=torch.long),
+        completion_mask=torch.ones(5, 3, dtype=torch.bool),
+        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]),
+        problem=torch.tensor([0, 0, 0, 1, 1]),
+    )
+    assert sorted(map(tuple, preference_pairs(rollouts).tolist())) == [(0, 1), (0, 2)]
+
+
+def test_sampler_matches_the_base_evaluation_when_greedy():
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(demo_base_dir()))
+    prompts = [format_prompt(p.prompt, chat=i % 2 == 1) for i, p in enumerate(held_out_problems()[:24])]
+    reference = sample_completions(LlamaForCausalLM.from_pretrained(demo_base_dir()), tokenizer, prompts,
+                                   temperature=0.0)
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    tokens = generate(load_decoder(demo_base_dir()), encoded, tokenizer.eos_token_id, 8, temperature=0.0).tokens
+    ours = [tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids(tokens, tokenizer.eos_token_id)]
+    assert ours == reference
+
+
+def test_guided_eval_at_strength_zero_is_the_base(built):
+    root, _ = built
+    configs = [GuidedConfig(), GuidedConfig("qsharp", "demo-value", 0.0), GuidedConfig("cd", "demo-prefix", 0.0)]
+    base, *unguided = evaluate_guidance(demo_base_dir(), root / GUIDES_FILE, held_out_problems()[:16], configs,
+                                        samples=2, progress=False)
+    for result in unguided:
+        assert (result.pass_at_1, result.greedy_accuracy, result.mean_kl) == (base.pass_at_1, base.greedy_accuracy, 0.0)
