@@ -29,8 +29,8 @@ class SequenceScorer:
         head = model.head
         if model.scoring != "v" or head.type not in VALUE_HEAD_TYPES:
             raise ValueError(
-                f"a sequence scorer needs a V-type value head (one of {VALUE_HEAD_TYPES} with scoring 'v'), "
-                f"got a {head.type!r} head with scoring {model.scoring!r}")
+                f"a sequence scorer needs a V-type value head (type one of {VALUE_HEAD_TYPES}, scoring 'v'); "
+                f"this guide model's head is {head.type!r} with scoring {model.scoring!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model.eval(), max_batch

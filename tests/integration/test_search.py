@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import httpx
@@ -218,3 +219,19 @@ def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, 
             with pytest.raises(httpx.ReadTimeout):
                 client.post("/v1/chat/completions", json=body)
     assert unfinished(lambda c: c == 0, 2.0) == 0
+
+
+def test_best_of_n_prefills_the_prompt_once(http, model_name):
+    """The N candidates share the prompt's KV blocks: the first computes them, the others hit vLLM's prefix cache."""
+    def metric(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
+                   if line.startswith(name))
+
+    prompt = "".join(random.Random(time.time_ns()).choice("0123456789+-=") for _ in range(400))  # never seen
+    queries, hits = metric("vllm:prefix_cache_queries_total"), metric("vllm:prefix_cache_hits_total")
+    response = http.post("/v1/completions", json={"model": model_name, "prompt": prompt, "max_tokens": 2,
+                                                  "search": best_of(8), "cache": False})
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert metric("vllm:prefix_cache_queries_total") - queries == 8 * prompt_tokens
+    shared = (metric("vllm:prefix_cache_hits_total") - hits) / 7  # per candidate after the first
+    assert prompt_tokens - 256 < shared <= prompt_tokens  # every full KV block of the prompt

@@ -14,7 +14,7 @@ from guidance.catalog import GuideCatalog
 from guidance.loading import check_tokenizers
 from models.demo.build import demo_base_dir
 from models.demo.evaluate import sample_completions
-from models.demo.guide_training import FitConfig, GuideTrainee
+from models.demo.guide_training import FitConfig, GuideTrainee, last_token_mask, value_examples
 from models.demo.guided_eval import GuidedConfig, evaluate_guidance
 from models.demo.guides import GUIDES, GuideBuildConfig, build_guides
 from models.demo.paths import GUIDES_FILE
@@ -22,7 +22,7 @@ from models.demo.rollouts import Rollouts, preference_pairs
 from models.demo.sampling import completion_ids, generate
 from models.demo.task import held_out_problems
 from models.demo.tokenizer import format_prompt
-from models.runtime import load_guide_model, load_head
+from models.runtime import SequenceScorer, load_guide_model, load_head
 from models.runtime.loader import load_decoder
 
 TINY = GuideBuildConfig(problems=48, samples_per_problem=4, validation_fraction=0.25,
@@ -33,6 +33,7 @@ EXPECTED_HEADS = {
     "demo-prefix": ("expected", "v"),
     "demo-arm": ("arm", "q"),
     "demo-genarm": ("lm", "q"),
+    "demo-reward": ("reward", "v"),
 }
 
 
@@ -107,6 +108,30 @@ def test_training_scores_match_the_runtime_scores(built, name):
         else:
             served = guide.score_candidates(torch.tensor([slot]), ids[:, t : t + 1])[0, 0]
         torch.testing.assert_close(trained[t], served, atol=1e-4, rtol=1e-4)
+
+
+def test_outcome_training_reads_the_token_the_sequence_scorer_reads(built):
+    """demo-reward is trained on the score at each rollout's last real token (its eos when it has one),
+    which is the score SequenceScorer serves for the unpadded sequence."""
+    root, _ = built
+    path = guide_paths(root)["demo-reward"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    prompts = ["<s>12+345=", "<s><|user|>7-9=<|assistant|>", "<s>1+1="]
+    completions = ["357</s>", "-2", "3</s>"]  # the second ran out of tokens before an eos
+    rows = [tokenizer(p + c, add_special_tokens=False)["input_ids"] for p, c in zip(prompts, completions)]
+    starts = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+    t = torch.arange(width)
+    mask = (t >= torch.tensor(starts)[:, None]) & (t < torch.tensor([len(r) for r in rows])[:, None])
+    rollouts = Rollouts(input_ids, mask, torch.tensor([1.0, 0.0, 1.0]), torch.arange(3))
+    assert last_token_mask(mask).nonzero()[:, 1].tolist() == [len(r) - 1 for r in rows]
+    decoder = load_decoder(path)
+    trainee = GuideTrainee(decoder, load_head(path, decoder.config.hidden_size, decoder.config.vocab_size), 1)
+    with torch.no_grad():
+        trained, rewards = value_examples(trainee, rollouts, trainee.features(input_ids), outcome=True)
+    assert torch.equal(rewards, rollouts.rewards)
+    torch.testing.assert_close(trained, SequenceScorer.load(path).score(rows), atol=1e-5, rtol=0)
 
 
 def test_preference_pairs_match_correct_with_incorrect_rollouts_of_one_problem():
