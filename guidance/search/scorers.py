@@ -3,10 +3,11 @@
 A scorer maps (prompt, completions) to one score per completion, all in one call:
 
 - a rule-based verifier (``guidance.verifiers``, e.g. ``demo-verifier``) scores the text;
-- a guide model with a V-type scalar head (``reward``, ``expected``, ``bernoulli``,
-  ``histogram``) scores the token ids of prompt + completion in one batched forward
-  (``models.runtime.sequence.SequenceScorer``): a sequence reward model, or a prefix
-  scorer used on prompt + block in blockwise search.
+- a guide model scores the token ids of prompt + completion in one batched forward
+  (``models.runtime.sequence.SequenceScorer``): a V-type scalar head (``reward``,
+  ``expected``, ``bernoulli``, ``histogram``) reads the last token — a sequence reward
+  model, or a prefix scorer on prompt + block in blockwise search; an ARM or GenARM
+  head (``arm``, ``lm``) sums the completion's token rewards.
 
 Requests name scorers; the operator configures them (verifiers are built in, models
 come from the guide-model table). Scoring runs in the caller's thread: the server
@@ -25,8 +26,7 @@ import torch
 
 from guidance.catalog import GuideCatalog, GuideModelInfo
 from guidance.verifiers import Verifier, get_verifier, verifier_names
-from models.runtime.heads import VALUE_HEAD_TYPES
-from models.runtime.sequence import SequenceScorer
+from models.runtime.sequence import SequenceScorer, scores_sequences
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,10 @@ class ModelScorer(Scorer):
 
     def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
         sequences = [[*prompt_ids, *c.token_ids] for c in completions]
+        # An empty completion (a candidate that stopped at once) is scored on the prompt's last token.
+        starts = [min(len(prompt_ids), len(s)) for s in sequences]
         with self._lock:
-            return self._scorer.score(sequences).tolist()
+            return self._scorer.score(sequences, starts).tolist()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "head": self.info.head_type}
@@ -77,7 +79,7 @@ class ModelScorer(Scorer):
 
 def is_sequence_scorer(info: GuideModelInfo) -> bool:
     """Whether a configured guide model can score whole sequences."""
-    return info.scoring == "v" and info.head_type in VALUE_HEAD_TYPES
+    return scores_sequences(info.head_type, info.scoring)
 
 
 class ScorerCatalog:

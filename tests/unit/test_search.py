@@ -132,23 +132,25 @@ def test_verifier_scorer_scores_text():
 
 def test_catalog_holds_verifiers_and_the_sequence_scoring_guide_models():
     scorers = ScorerCatalog.load(demo_catalog())
-    # Q-type and token-reward heads cannot score a whole sequence.
-    assert scorers.names() == ["demo-prefix", "demo-reward", "demo-value-hist", "demo-verifier"]
+    # A Q-type value head (demo-value) scores next tokens, not sequences.
+    assert scorers.names() == ["demo-arm", "demo-genarm", "demo-prefix", "demo-reward", "demo-value-hist",
+                               "demo-verifier"]
     assert scorers["demo-verifier"].describe() == {"name": "demo-verifier", "kind": "verifier"}
     assert scorers["demo-reward"].describe() == {"name": "demo-reward", "kind": "model", "head": "reward"}
 
 
-def test_model_scorer_scores_prompt_plus_completion_in_one_call():
+@pytest.mark.parametrize("name", ["demo-reward", "demo-arm"])
+def test_model_scorer_scores_prompt_plus_completion_in_one_call(name):
     from transformers import AutoTokenizer
 
     catalog = demo_catalog()
-    scorer = ScorerCatalog.load(catalog)["demo-reward"]
+    scorer = ScorerCatalog.load(catalog)[name]
     assert isinstance(scorer, ModelScorer)
-    tokenizer = AutoTokenizer.from_pretrained(catalog["demo-reward"].path)
+    tokenizer = AutoTokenizer.from_pretrained(catalog[name].path)
     prompt_ids = tokenizer.encode(format_prompt("123+456=", chat=False), add_special_tokens=False)
     completions = [Completion(text, tuple(tokenizer.encode(text + "</s>", add_special_tokens=False)))
                    for text in ("579", "578", "1000")]
     scores = scorer.score("123+456=", prompt_ids, completions)
-    reference = SequenceScorer.load(catalog["demo-reward"].path).score(
-        [prompt_ids + list(c.token_ids) for c in completions])
+    reference = SequenceScorer.load(catalog[name].path).score(
+        [prompt_ids + list(c.token_ids) for c in completions], [len(prompt_ids)] * 3)
     assert scores == reference.tolist()

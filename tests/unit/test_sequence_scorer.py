@@ -125,14 +125,47 @@ def test_reward_head_is_v_type_only() -> None:
         {"type": "bernoulli", "scoring": "q"},
         {"type": "expected", "scoring": "q"},
         {"type": "histogram", "scoring": "q", "atoms": [0.0, 1.0]},
-        {"type": "arm", "scoring": "q", "rank": 2},
-        {"type": "lm", "scoring": "q"},
     ],
 )
 def test_refuses_heads_that_do_not_score_sequences(config: dict, backbone_dir: Path) -> None:
     model = GuideModel(load_decoder(backbone_dir), build_head(config, H, V))
-    with pytest.raises(ValueError, match=f"needs a V-type value head.*head is '{config['type']}' with scoring 'q'"):
+    with pytest.raises(ValueError, match=f"needs V-type value heads.*head is '{config['type']}' with scoring 'q'"):
         SequenceScorer(model)
+
+
+TOKEN_HEADS = {"arm": {"type": "arm", "scoring": "q", "rank": 4}, "lm": {"type": "lm", "scoring": "q"}}
+STARTS = [2, 1, 25, 7, 1]  # completions: [7, 8, 9], [] (a sequence of one token), ..., [] (start = len), [17]
+
+
+@pytest.mark.parametrize("head_type", list(TOKEN_HEADS))
+def test_token_reward_heads_sum_the_completion_token_rewards(head_type: str, backbone_dir: Path,
+                                                             tmp_path: Path, monkeypatch) -> None:
+    """arm: sum_t e_{x_t} . (W h_{t-1}) + b . h_{t-1}; lm: sum_t log pi(x_t | x_<t), over t >= start."""
+    path = guide_dir(backbone_dir, tmp_path, TOKEN_HEADS[head_type])
+    scorer = SequenceScorer.load(path)
+    batched = scorer.score(SEQUENCES, STARTS)
+    lm = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    head = load_head(path, H, V)
+    want = []
+    with torch.no_grad():
+        for sequence, start in zip(SEQUENCES, STARTS):
+            hidden = lm.model(torch.tensor([sequence])).last_hidden_state[0]  # [T, H]
+            if head_type == "lm":
+                token_scores = torch.log_softmax(lm.lm_head(hidden), dim=-1)
+            else:
+                wh = hidden @ head.v @ head.u.T
+                token_scores = wh @ lm.lm_head.weight.T + (hidden @ head.b)[:, None]
+            want.append(sum(token_scores[t - 1, sequence[t]] for t in range(start, len(sequence))))
+    torch.testing.assert_close(batched, torch.tensor(want, dtype=torch.float32), atol=1e-4, rtol=1e-5)
+    assert batched[1] == 0.0 and batched[3] == 0.0  # empty completions
+    one_by_one = torch.cat([scorer.score([s], [b]) for s, b in zip(SEQUENCES, STARTS)])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
+    # Fewer token scores per forward: more, smaller chunks, the same scores.
+    monkeypatch.setattr("models.runtime.sequence.MAX_TOKEN_SCORES", 2 * MAX_POSITIONS * V)
+    assert [size for _, size in scorer._chunks([torch.ones(MAX_POSITIONS, dtype=torch.long)] * 5)] == [2, 2, 1]
+    torch.testing.assert_close(scorer.score(SEQUENCES, STARTS), batched, atol=1e-4, rtol=0)
+    # Without starts, everything after the first token is the completion.
+    torch.testing.assert_close(scorer.score(SEQUENCES), scorer.score(SEQUENCES, [1] * len(SEQUENCES)))
 
 
 def test_refuses_bad_sequences(backbone_dir: Path, tmp_path: Path) -> None:
@@ -144,6 +177,10 @@ def test_refuses_bad_sequences(backbone_dir: Path, tmp_path: Path) -> None:
         scorer.score([[1] * (MAX_POSITIONS + 1)])
     with pytest.raises(ValueError, match=rf"sequence 0 holds token ids outside \[0, {V}\)"):
         scorer.score([[1, V]])
+    with pytest.raises(ValueError, match=r"completion start 3 is outside \[1, 2\]"):
+        scorer.score([[1, 2]], [3])
+    with pytest.raises(ValueError, match="got 1 starts for 2 sequences"):
+        scorer.score([[1, 2], [3]], [1])
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         SequenceScorer(scorer.model, max_batch=0)
     assert scorer.score([[1] * MAX_POSITIONS]).shape == (1,)
@@ -167,3 +204,20 @@ def test_committed_demo_reward_prefers_correct_answers() -> None:
         assert ((0.0 < right) & (right < 1.0)).float().mean() > 0.9  # an expected reward in [0, 1] mostly
         for offset in (100, -100):
             assert right.mean() > scores(offset).mean(), (chat, offset)
+
+
+def test_committed_demo_arm_scores_sequences_as_a_verifier_would() -> None:
+    """Summed ARM token rewards rank the right answer above near misses (off by one) and far ones."""
+    scorer = SequenceScorer.load(CHECKPOINTS_DIR / "demo-arm")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(CHECKPOINTS_DIR / "base"))
+    problems = held_out_problems()[:50]
+    prompts = tokenizer([format_prompt(p.prompt, chat=False) for p in problems], add_special_tokens=False)["input_ids"]
+
+    def scores(offset: int) -> torch.Tensor:
+        completions = tokenizer([f"{p.answer + offset}{tokenizer.eos_token}" for p in problems],
+                                add_special_tokens=False)["input_ids"]
+        return scorer.score([a + b for a, b in zip(prompts, completions)], [len(a) for a in prompts])
+
+    right = scores(0)
+    for offset in (1, -1, 100):
+        assert (right > scores(offset)).float().mean() >= 0.8, offset  # measured: 56/60 for +1
