@@ -54,6 +54,18 @@ class Services:
         except GuidanceError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 
+    def check_search_fits(self, search: SearchParams | None, prompt_tokens: int, max_tokens: int,
+                          param: str) -> None:
+        """A model scorer must fit the prompt and the longest completion; 400 naming `param` otherwise."""
+        if search is None:
+            return
+        limit = self.scorers[search.scorer].max_length
+        if limit is not None and prompt_tokens + max_tokens > limit:
+            raise InvalidRequest(
+                f"The scorer {search.scorer!r} scores at most {limit} tokens; this request may need "
+                f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} for the completion).",
+                param=param)
+
     def resolve_search(self, entry: dict | None) -> SearchParams | None:
         """A request's validated search spec (None when it asks for none)."""
         if entry is None:

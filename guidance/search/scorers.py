@@ -40,6 +40,7 @@ class Completion:
 class Scorer(ABC):
     name: str
     kind: str
+    max_length: int | None = None  # longest prompt + completion it can score (None: any)
 
     @abstractmethod
     def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
@@ -64,6 +65,7 @@ class ModelScorer(Scorer):
 
     def __init__(self, info: GuideModelInfo, scorer: SequenceScorer) -> None:
         self.name, self.info, self._scorer = info.name, info, scorer
+        self.max_length = scorer.model.backbone.config.max_position_embeddings
         self._lock = threading.Lock()  # one forward at a time per model
 
     def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:

@@ -8,6 +8,7 @@ not, aborting on disconnect, and storing the response for deterministic requests
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -23,9 +24,11 @@ from server.api.choices import Choice, ChoiceCollector, usage
 from server.api.common import SamplingRequest
 from server.api.streaming import SSE_DONE, EventStream, cancel_on_disconnect, sse
 from server.engine import ChoiceDelta, SamplingOptions
-from server.errors import APIError, api_error_body
+from server.errors import APIError, api_error_body, error_body
 from server.services import Services
 from server.streams import merge, tagged
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,9 @@ class GenerationServing(ABC):
                 await self.services.cache.store(cache_key, self.response(body, prepared, collector, request_id, created))
         except APIError as exc:
             yield sse(api_error_body(exc))
+        except Exception:  # the engine or a scorer failed mid-stream: end the stream with an error event
+            logger.exception("streamed request %s failed", request_id)
+            yield sse(error_body("Internal server error.", "server_error"))
         yield SSE_DONE
 
     async def replay(self, body: SamplingRequest, prepared: Prepared, cached: dict) -> AsyncIterator[str]:

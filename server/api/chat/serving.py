@@ -27,6 +27,7 @@ class ChatServing(GenerationServing):
             len(prompt_ids), limit, services.engine.max_model_len,
             prompt_param="messages", max_tokens_param=limit_param, limit=services.settings.max_tokens_limit,
         )
+        services.check_search_fits(search, len(prompt_ids), max_tokens, limit_param)
         options = body.sampling_options(max_tokens, body.num_logprobs, guidance)
         return Prepared([PreparedPrompt(prompt_ids, "", options)], guidance, search)
 

@@ -34,6 +34,7 @@ class CompletionServing(GenerationServing):
                 len(token_ids), body.max_tokens, services.engine.max_model_len,
                 prompt_param=param, max_tokens_param="max_tokens", limit=services.settings.max_tokens_limit,
             )
+            services.check_search_fits(search, len(token_ids), max_tokens, "max_tokens")
             prepared.append(PreparedPrompt(token_ids, text, body.sampling_options(max_tokens, body.logprobs, guidance)))
         return Prepared(prepared, guidance, search)
 
