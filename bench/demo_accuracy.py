@@ -36,8 +36,13 @@ SEARCH = {
     "bo8-verifier": {"type": "best_of_n", "n": 8, "scorer": "demo-verifier"},
     "bo4-reward": {"type": "best_of_n", "n": 4, "scorer": "demo-reward"},
     "bo8-reward": {"type": "best_of_n", "n": 8, "scorer": "demo-reward"},
-    "soft-bo8-reward": {"type": "best_of_n", "n": 8, "scorer": "demo-reward", "temperature": 0.1},
+    "soft-bo8-reward": {"type": "best_of_n", "n": 8, "scorer": "demo-reward", "temperature": 1.0},
+    "bo4-arm": {"type": "best_of_n", "n": 4, "scorer": "demo-arm"},
+    "bo8-arm": {"type": "best_of_n", "n": 8, "scorer": "demo-arm"},
+    "bo8-genarm": {"type": "best_of_n", "n": 8, "scorer": "demo-genarm"},
+    "soft-bo8-arm": {"type": "best_of_n", "n": 8, "scorer": "demo-arm", "temperature": 1.0},
     "blockwise-prefix": {"type": "blockwise", "candidates": 4, "block_tokens": 2, "scorer": "demo-prefix"},
+    "blockwise-arm": {"type": "blockwise", "candidates": 4, "block_tokens": 2, "scorer": "demo-arm"},
     "blockwise-reward": {"type": "blockwise", "candidates": 4, "block_tokens": 2, "scorer": "demo-reward"},
 }
 # name -> request extension fields

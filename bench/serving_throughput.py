@@ -4,12 +4,14 @@
         [--guidance qsharp cd arm genarm] [--record bench/results/FILE.json]
 
 Starts each server in turn on a free port (they would fight for the same cores
-side by side), waits until it is healthy, warms it up, then sends `rounds` waves
+side by side; `alignserve-bare` is alignserve with no guide models configured, to
+isolate what configuring them costs unguided requests), waits until it is healthy, warms it up, then sends `rounds` waves
 of `concurrency` concurrent streaming completions of exactly `tokens` tokens
-(`ignore_eos`). On alignserve the same load runs unguided, then with each named
-guidance (demo guide models). Prints start time, output tokens/s and time to first
-token per row, and ratios to alignserve unguided and to vLLM. Machines are shared
-and noisy: compare the ratios, not the absolute figures, across runs.
+(`ignore_eos`). On alignserve the same load runs unguided and with each named
+guidance (demo guide models), the loads taking turns wave by wave. Prints start
+time, output tokens/s and time to first token per row, and ratios to alignserve
+unguided and to vLLM. Machines are shared and noisy: compare the ratios, not the
+absolute figures, across runs.
 """
 
 from __future__ import annotations
@@ -74,41 +76,54 @@ async def one_stream(client: httpx.AsyncClient, prompt: str, tokens: int, guidan
     return ttft or 0.0, generated
 
 
-async def load(url: str, prompts: list[str], concurrency: int, tokens: int, rounds: int,
-               guidance: list | None = None) -> tuple[float, list[float], int]:
-    limits = httpx.Limits(max_connections=concurrency)
+async def wave(url: str, prompts: list[str], tokens: int, guidance: list | None) -> tuple[int, float, list[float], int]:
+    """One wave of concurrent streams: (output tokens, seconds, TTFTs, failed streams)."""
+    limits = httpx.Limits(max_connections=len(prompts))
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        await asyncio.gather(*(one_stream(client, p, 4, guidance) for p in prompts[:concurrency]))  # warm-up
-        ttfts, total, failed = [], 0, 0
         began = time.perf_counter()
-        for r in range(rounds):
-            wave = prompts[r * concurrency:(r + 1) * concurrency]
-            for outcome in await asyncio.gather(*(one_stream(client, p, tokens, guidance) for p in wave),
-                                                return_exceptions=True):
-                if isinstance(outcome, BaseException) or outcome[1] != tokens:
-                    failed += 1
-                else:
-                    ttfts.append(outcome[0])
-                    total += outcome[1]
-        return total / (time.perf_counter() - began), ttfts, failed
+        outcomes = await asyncio.gather(*(one_stream(client, p, tokens, guidance) for p in prompts),
+                                        return_exceptions=True)
+        seconds = time.perf_counter() - began
+    done = [o for o in outcomes if not isinstance(o, BaseException) and o[1] == tokens]
+    return sum(o[1] for o in done), seconds, [o[0] for o in done], len(outcomes) - len(done)
 
 
 def measure(kind: str, args: argparse.Namespace, prompts: list[str], log_dir: Path) -> list[Result]:
-    """Rows for one server: unguided, then (alignserve only) each requested guidance."""
-    process, url, start_s = start(kind, args.model, args.max_model_len, log_dir)
+    """Rows for one server: unguided and (alignserve only) each requested guidance.
+
+    The loads take turns wave by wave, so a drift in the machine's speed touches every row alike.
+    """
+    flags: list[str] = []
+    if kind == "alignserve-bare":
+        # The same server with no guide models: no logits processor, vLLM's async scheduling on.
+        (log_dir / "no-guides.json").write_text("{}")
+        flags = ["--guide-models", str(log_dir / "no-guides.json")]
+    process, url, start_s = start("vllm" if kind == "vllm" else "alignserve", args.model, args.max_model_len,
+                                  log_dir, flags)
     loads = [(kind, None)]
     if kind == "alignserve":
         loads += [(f"alignserve[{name}]", GUIDANCE[name]) for name in args.guidance]
-    rows = []
+    totals = {name: [0, 0.0, [], 0] for name, _ in loads}  # tokens, seconds, TTFTs, failed
     try:
-        for name, guidance in loads:
-            tokens_per_s, ttfts, failed = asyncio.run(
-                load(url, prompts, args.concurrency, args.tokens, args.rounds, guidance))
-            quantiles = statistics.quantiles(ttfts, n=10) if len(ttfts) > 1 else [0.0] * 9
-            rows.append(Result(name, round(start_s, 1), round(tokens_per_s, 1),
-                               round(statistics.median(ttfts) * 1e3, 1), round(quantiles[8] * 1e3, 1), failed))
+        for _, guidance in loads:  # warm-up
+            asyncio.run(wave(url, prompts[: args.concurrency], 4, guidance))
+        for r in range(args.rounds):
+            for name, guidance in loads:
+                tokens, seconds, ttfts, failed = asyncio.run(
+                    wave(url, prompts[r * args.concurrency:(r + 1) * args.concurrency], args.tokens, guidance))
+                total = totals[name]
+                total[0] += tokens
+                total[1] += seconds
+                total[2] += ttfts
+                total[3] += failed
     finally:
         stop(process)
+    rows = []
+    for name, (tokens, seconds, ttfts, failed) in totals.items():
+        quantiles = statistics.quantiles(ttfts, n=10) if len(ttfts) > 1 else [0.0] * 9
+        median = statistics.median(ttfts) if ttfts else 0.0
+        rows.append(Result(name, round(start_s, 1), round(tokens / seconds, 1), round(median * 1e3, 1),
+                           round(quantiles[8] * 1e3, 1), failed))
     return rows
 
 
@@ -119,7 +134,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--rounds", type=int, default=3, help="waves of `concurrency` requests")
     parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--servers", nargs="+", default=["alignserve", "vllm"], choices=["alignserve", "vllm"])
+    parser.add_argument("--servers", nargs="+", default=["alignserve", "vllm"],
+                        choices=["alignserve", "alignserve-bare", "vllm"],
+                        help="alignserve-bare: alignserve without guide models")
     parser.add_argument("--guidance", nargs="*", default=[], choices=sorted(GUIDANCE),
                         help="guided loads to run on alignserve after the unguided one")
     parser.add_argument("--record", type=Path, help="also write the results as JSON to this file")
@@ -132,7 +149,7 @@ def main() -> int:
     by_name = {r.server: r for r in results}
     ratios = {}
     for r in results:
-        if r.server.startswith("alignserve[") and "alignserve" in by_name:
+        if (r.server.startswith("alignserve[") or r.server == "alignserve-bare") and "alignserve" in by_name:
             ratios[f"{r.server} / alignserve tokens_per_s"] = round(r.tokens_per_s / by_name["alignserve"].tokens_per_s, 3)
         if r.server != "vllm" and "vllm" in by_name:
             ratios[f"{r.server} / vllm tokens_per_s"] = round(r.tokens_per_s / by_name["vllm"].tokens_per_s, 3)

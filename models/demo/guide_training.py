@@ -14,10 +14,10 @@ Token scores, one per (prefix s = x_<t, next token y = x_t):
 
 Value objectives, every generated position t of every rollout one example:
     bernoulli  BCE(logit, R)        histogram  CE(atom logits, atom of R)        expected  (V - R)^2
-Outcome objective (sequence reward model), one example per rollout: the same losses (reward: (r - R)^2)
-of the score at x's last real token (its eos when it generated one), the token a SequenceScorer reads.
-Preference objective, pairs (x_w correct, x_l incorrect) of one prompt, S(x) = sum_t score_t:
-    -log sigmoid(beta * (S(x_w) - S(x_l)))      (Bradley-Terry on summed token rewards; GenARM for lm)
+Preference objective, pairs (x_w correct, x_l incorrect) of one prompt:
+    -log sigmoid(beta * (S(x_w) - S(x_l)))      (Bradley-Terry)
+with S(x) the sequence score a SequenceScorer serves: sum_t score_t over the completion for token-reward
+heads (ARM; GenARM for lm), the score at x's last real token (its eos when it has one) for a reward head.
 """
 
 from __future__ import annotations
@@ -127,25 +127,28 @@ def last_token_mask(mask: Tensor) -> Tensor:
     return positions == last[:, None]
 
 
-def example_mask(rollouts: Rollouts, outcome: bool = False) -> Tensor:
-    """``[N, T]`` bool, the positions regressed onto R: every generated token, or (``outcome``) each
-    rollout's last generated token, the last real token of prompt + completion."""
-    return last_token_mask(rollouts.completion_mask) if outcome else rollouts.completion_mask
-
-
-def value_examples(model: GuideTrainee, rollouts: Rollouts, features: Tensor,
-                   outcome: bool = False) -> tuple[Tensor, Tensor]:
-    """Scores and rewards of the positions of ``example_mask``: ``[N(, m)]``, ``[N]``."""
-    mask = example_mask(rollouts, outcome)
+def value_examples(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores and rewards of every generated position: ``[N(, m)]``, ``[N]``."""
+    mask = rollouts.completion_mask
     scores = model.token_scores(rollouts.input_ids, features)[mask]
     return scores, rollouts.rewards[:, None].expand_as(mask)[mask]
+
+
+def sequence_scores(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> Tensor:
+    """S(x) of each rollout ``[N]``, as ``models.runtime.sequence.SequenceScorer`` serves it: a reward
+    head's score at x's last real token (its eos when it has one); otherwise the sum of the
+    completion's token scores."""
+    scores = model.token_scores(rollouts.input_ids, features)
+    mask = rollouts.completion_mask
+    if model.head.type == "reward":
+        mask = last_token_mask(mask)
+    return (scores * mask).sum(dim=1)
 
 
 def pair_margins(model: GuideTrainee, rollouts: Rollouts, features: Tensor, pairs: Tensor) -> Tensor:
     """S(x_w) - S(x_l) for ``pairs`` ``[P, 2]`` of (correct, incorrect) row indices: ``[P]``."""
     rows = pairs.T.reshape(-1)  # winners, then losers
-    both = rollouts.subset(rows)
-    sums = (model.token_scores(both.input_ids, features[rows]) * both.completion_mask).sum(dim=1)
+    sums = sequence_scores(model, rollouts.subset(rows), features[rows])
     return sums[: len(pairs)] - sums[len(pairs):]
 
 
@@ -185,10 +188,10 @@ def fit(model: GuideTrainee, loss_fn: Callable[[Tensor], Tensor], count: int, co
 
 
 def fit_value(model: GuideTrainee, rollouts: Rollouts, features: Tensor, config: FitConfig, seed: int, desc: str,
-              progress: bool, outcome: bool = False) -> float:
-    """Regress every generated prefix (``outcome``: every whole rollout) of ``rollouts`` onto its final reward."""
+              progress: bool) -> float:
+    """Regress every generated prefix of ``rollouts`` onto its final reward."""
     def loss_fn(batch: Tensor) -> Tensor:
-        return value_loss(model.head, *value_examples(model, rollouts.subset(batch), features[batch], outcome))
+        return value_loss(model.head, *value_examples(model, rollouts.subset(batch), features[batch]))
 
     return fit(model, loss_fn, len(rollouts), config, seed, desc, progress)
 
@@ -203,11 +206,10 @@ def fit_preference(model: GuideTrainee, rollouts: Rollouts, features: Tensor, pa
 
 
 @torch.no_grad()
-def value_metrics(model: GuideTrainee, rollouts: Rollouts, features: Tensor, outcome: bool = False) -> Metrics:
-    """Loss, and accuracy of (predicted value > 1/2) against the reward, over every generated position
-    (``outcome``: at each rollout's last token)."""
+def value_metrics(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> Metrics:
+    """Loss, and accuracy of (predicted value > 1/2) against the reward, over every generated position."""
     batches = torch.arange(len(rollouts)).split(FEATURE_BATCH)
-    scores, rewards = map(torch.cat, zip(*(value_examples(model, rollouts.subset(b), features[b], outcome)
+    scores, rewards = map(torch.cat, zip(*(value_examples(model, rollouts.subset(b), features[b])
                                            for b in batches)))
     correct = (expected_value(model.head, scores) > 0.5) == (rewards > 0.5)
     return Metrics(value_loss(model.head, scores, rewards).item(), correct.float().mean().item())

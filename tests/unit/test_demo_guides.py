@@ -14,7 +14,7 @@ from guidance.catalog import GuideCatalog
 from guidance.loading import check_tokenizers
 from models.demo.build import demo_base_dir
 from models.demo.evaluate import sample_completions
-from models.demo.guide_training import FitConfig, GuideTrainee, last_token_mask, value_examples
+from models.demo.guide_training import FitConfig, GuideTrainee, last_token_mask, sequence_scores
 from models.demo.guided_eval import GuidedConfig, evaluate_guidance
 from models.demo.guides import GUIDES, GuideBuildConfig, build_guides
 from models.demo.paths import GUIDES_FILE
@@ -26,7 +26,8 @@ from models.runtime import SequenceScorer, load_guide_model, load_head
 from models.runtime.loader import load_decoder
 
 TINY = GuideBuildConfig(problems=48, samples_per_problem=4, validation_fraction=0.25,
-                        value_fit=FitConfig(steps=3, batch_size=16), preference_fit=FitConfig(steps=3, batch_size=16))
+                        value_fit=FitConfig(steps=3, batch_size=16), preference_fit=FitConfig(steps=3, batch_size=16),
+                        sequence_reward_fit=FitConfig(steps=3, batch_size=16))
 EXPECTED_HEADS = {
     "demo-value": ("bernoulli", "q"),
     "demo-value-hist": ("histogram", "v"),
@@ -110,11 +111,12 @@ def test_training_scores_match_the_runtime_scores(built, name):
         torch.testing.assert_close(trained[t], served, atol=1e-4, rtol=1e-4)
 
 
-def test_outcome_training_reads_the_token_the_sequence_scorer_reads(built):
-    """demo-reward is trained on the score at each rollout's last real token (its eos when it has one),
-    which is the score SequenceScorer serves for the unpadded sequence."""
+@pytest.mark.parametrize("name", ["demo-reward", "demo-arm", "demo-genarm"])
+def test_preference_training_scores_sequences_as_the_sequence_scorer_serves_them(built, name):
+    """Bradley-Terry trains S(x): demo-reward's score at each rollout's last real token (its eos when it
+    has one), the summed token rewards of arm / lm heads: the scores SequenceScorer serves for x."""
     root, _ = built
-    path = guide_paths(root)["demo-reward"]
+    path = guide_paths(root)[name]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     prompts = ["<s>12+345=", "<s><|user|>7-9=<|assistant|>", "<s>1+1="]
     completions = ["357</s>", "-2", "3</s>"]  # the second ran out of tokens before an eos
@@ -129,9 +131,8 @@ def test_outcome_training_reads_the_token_the_sequence_scorer_reads(built):
     decoder = load_decoder(path)
     trainee = GuideTrainee(decoder, load_head(path, decoder.config.hidden_size, decoder.config.vocab_size), 1)
     with torch.no_grad():
-        trained, rewards = value_examples(trainee, rollouts, trainee.features(input_ids), outcome=True)
-    assert torch.equal(rewards, rollouts.rewards)
-    torch.testing.assert_close(trained, SequenceScorer.load(path).score(rows), atol=1e-5, rtol=0)
+        trained = sequence_scores(trainee, rollouts, trainee.features(input_ids))
+    torch.testing.assert_close(trained, SequenceScorer.load(path).score(rows, starts), atol=1e-4, rtol=1e-5)
 
 
 def test_preference_pairs_match_correct_with_incorrect_rollouts_of_one_problem():

@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.demo.paths import CHECKPOINTS_DIR
+from models.demo.rollouts import preference_pairs, sample_rollouts
 from models.demo.task import held_out_problems
 from models.demo.tokenizer import format_prompt
 from models.runtime import (
@@ -187,23 +188,19 @@ def test_refuses_bad_sequences(backbone_dir: Path, tmp_path: Path) -> None:
     assert scorer.score([]).shape == (0,)
 
 
-def test_committed_demo_reward_prefers_correct_answers() -> None:
-    """The demo outcome reward model scores the right answer above clearly wrong ones (off by 100), on
-    average over held-out problems in both prompt formats. This tiny model does not separate near misses
-    (answers off by one): it has learnt the problems' difficulty and the answers' plausible size, not to add."""
-    path = CHECKPOINTS_DIR / "demo-reward"
-    scorer = SequenceScorer.load(path)
+def test_committed_demo_reward_ranks_the_base_models_own_samples() -> None:
+    """The demo sequence reward model ranks a right sample of the base above a wrong one of the same
+    held-out problem more often than chance (measured: 0.61 on its validation pairs), which is what
+    best-of-N asks of it. It is a weak verifier: hand-written wrong answers (off by one) fool it."""
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(CHECKPOINTS_DIR / "base"))
-    problems = held_out_problems()[:50]
-    for chat in (False, True):
-        def scores(offset: int) -> torch.Tensor:
-            texts = [format_prompt(p.prompt, chat) + f"{p.answer + offset}{tokenizer.eos_token}" for p in problems]
-            return scorer.score(tokenizer(texts, add_special_tokens=False)["input_ids"])
-
-        right = scores(0)
-        assert ((0.0 < right) & (right < 1.0)).float().mean() > 0.9  # an expected reward in [0, 1] mostly
-        for offset in (100, -100):
-            assert right.mean() > scores(offset).mean(), (chat, offset)
+    rollouts = sample_rollouts(load_decoder(CHECKPOINTS_DIR / "base"), tokenizer, held_out_problems()[:150], 4,
+                               seed=0, progress=False)
+    lengths = (rollouts.input_ids != tokenizer.pad_token_id).sum(dim=1)
+    scores = SequenceScorer.load(CHECKPOINTS_DIR / "demo-reward").score(
+        [row[:n].tolist() for row, n in zip(rollouts.input_ids, lengths)])
+    pairs = preference_pairs(rollouts)
+    assert len(pairs) > 50
+    assert (scores[pairs[:, 0]] > scores[pairs[:, 1]]).float().mean() > 0.55
 
 
 def test_committed_demo_arm_scores_sequences_as_a_verifier_would() -> None:
