@@ -210,13 +210,13 @@ def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, 
 
     assert unfinished(lambda c: c == 0, 30) == 0
     body = {"model": model_name, "messages": [{"role": "user", "content": "1+1="}], "max_tokens": 500,
-            "temperature": 1.0, "ignore_eos": True, "n": 2, "search": best_of(8), "stream": stream}
+            "temperature": 1.0, "ignore_eos": True, "n": 4, "search": best_of(8), "stream": stream}
     with httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(30, read=1.0)) as client:
         if stream:
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()  # kept: a dropped line iterator closes the response
                 assert next(lines).startswith("data: ")  # the role chunk, long before any pick
-                assert unfinished(lambda c: c == 16, 10) == 16  # 2 picks x 8 candidates running
+                assert unfinished(lambda c: c == 32, 10) == 32  # 4 picks x 8 candidates running
         else:
             with pytest.raises(httpx.ReadTimeout):
                 client.post("/v1/chat/completions", json=body)
