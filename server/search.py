@@ -62,15 +62,12 @@ class Search:
             unfinished[pick] -= 1
             if unfinished[pick] == 0:
                 group = candidates[pick]
-                scores = await self._score(search, prompt_text, prompt_ids, [_completion(c) for c in group])
-                kept = select(torch.tensor(scores), search.temperature, selection_generator(options.seed, pick))
+                scores, kept = await self._keep(search, prompt_text, prompt_ids,
+                                                [Completion(c.text, tuple(c.token_ids)) for c in group],
+                                                selection_generator(options.seed, pick))
                 chosen = group[kept]
-                yield ChoiceDelta(
-                    index=pick, text=chosen.text, token_ids=tuple(chosen.token_ids),
-                    logprobs=tuple(chosen.logprobs) if options.logprobs is not None else None,
-                    finish_reason=chosen.finish_reason, guidance=chosen.guidance,
-                    search=SearchReport(score=scores[kept], candidate_scores=tuple(scores), selected=kept),
-                )
+                yield _kept_delta(pick, chosen, options, chosen.finish_reason, chosen.guidance,
+                                  SearchReport(score=scores[kept], candidate_scores=tuple(scores), selected=kept))
 
     async def _blockwise_choice(self, request_id: str, pick: int, prompt_ids: list[int], prompt_text: str,
                                 options: SamplingOptions, search: Blockwise) -> AsyncIterator[ChoiceDelta]:
@@ -88,10 +85,10 @@ class Search:
             block = [ChoiceOutput() for _ in range(size)]
             async for delta in self.engine.generate(f"{request_id}-b{round_}", prompt_ids + kept_ids, block_options):
                 block[delta.index].add(delta)
-            scores = await self._score(search, prompt_text, prompt_ids, [
-                Completion(kept_text + c.text, (*kept_ids, *c.token_ids)) for c in block])
-            kept = select(torch.tensor(scores), search.temperature,
-                          selection_generator(options.seed, pick, round_))
+            scores, kept = await self._keep(
+                search, prompt_text, prompt_ids,
+                [Completion(kept_text + c.text, (*kept_ids, *c.token_ids)) for c in block],
+                selection_generator(options.seed, pick, round_))
             chosen = block[kept]
             kept_ids += chosen.token_ids
             kept_text += chosen.text
@@ -101,26 +98,29 @@ class Search:
                 kl, steps = kl + chosen.guidance.kl, steps + chosen.guidance.steps
             stopped = chosen.finish_reason == "stop"
             done = stopped or len(kept_ids) >= options.max_tokens or round_ == rounds - 1
-            yield ChoiceDelta(
-                index=pick, text=chosen.text, token_ids=tuple(chosen.token_ids),
-                logprobs=tuple(chosen.logprobs) if options.logprobs is not None else None,
-                finish_reason=("stop" if stopped else "length") if done else None,
-                guidance=GuidanceReport(kl=kl, steps=steps) if done and options.guidance else None,
-                search=SearchReport(score=scores[kept], candidate_scores=tuple(round_scores),
-                                    selected=tuple(kept_indexes)) if done else None,
+            yield _kept_delta(
+                pick, chosen, options, ("stop" if stopped else "length") if done else None,
+                GuidanceReport(kl=kl, steps=steps) if done and options.guidance else None,
+                SearchReport(score=scores[kept], candidate_scores=tuple(round_scores),
+                             selected=tuple(kept_indexes)) if done else None,
             )
             if done:
                 return
 
-    async def _score(self, search: SearchParams, prompt_text: str, prompt_ids: list[int],
-                     completions: list[Completion]) -> list[float]:
-        """Score candidates off the event loop (a model scorer runs a forward)."""
+    async def _keep(self, search: SearchParams, prompt_text: str, prompt_ids: list[int],
+                    completions: list[Completion], generator: torch.Generator) -> tuple[list[float], int]:
+        """Score candidates off the event loop (a model scorer runs a forward) and pick one:
+        (scores, index kept)."""
         scorer: Scorer = self.scorers[search.scorer]
         began = time.perf_counter()
         scores = await asyncio.to_thread(scorer.score, prompt_text, prompt_ids, completions)
         observe_search(search.type, scorer.name, scores, time.perf_counter() - began)
-        return scores
+        return scores, select(torch.tensor(scores), search.temperature, generator)
 
 
-def _completion(output: ChoiceOutput) -> Completion:
-    return Completion(output.text, tuple(output.token_ids))
+def _kept_delta(pick: int, chosen: ChoiceOutput, options: SamplingOptions, finish_reason: str | None,
+                guidance: GuidanceReport | None, search: SearchReport | None) -> ChoiceDelta:
+    """The kept candidate (or block) as choice `pick`'s delta."""
+    return ChoiceDelta(index=pick, text=chosen.text, token_ids=tuple(chosen.token_ids),
+                       logprobs=tuple(chosen.logprobs) if options.logprobs is not None else None,
+                       finish_reason=finish_reason, guidance=guidance, search=search)

@@ -73,7 +73,7 @@ class Services:
         settings = self.settings
         limits = SearchLimits(settings.max_search_candidates, settings.max_block_tokens)
         try:
-            return parse_search(entry, self.scorers, self.scorers.names(), limits)
+            return parse_search(entry, self.scorers.names(), limits)
         except GuidanceError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 

@@ -7,19 +7,10 @@ sum_j p_j z_j of a `histogram` head.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from guidance.module import GuidanceModule
-
-
-def expected_value(scores: Tensor, head_type: str, atoms: Tensor | None) -> Tensor:
-    """Expected reward ``[B, C]`` from a value head's scores."""
-    if head_type == "bernoulli":
-        return torch.sigmoid(scores)
-    if head_type == "histogram":
-        return torch.softmax(scores, dim=-1) @ atoms
-    return scores
+from models.runtime.heads import expected_reward
 
 
 class ControlledDecoding(GuidanceModule):
@@ -29,4 +20,4 @@ class ControlledDecoding(GuidanceModule):
     description = "Controlled decoding (CD-FUDGE): offset strength * V(s, y) from a prefix scorer."
 
     def offsets(self, scores: Tensor, strength: Tensor, head_type: str, atoms: Tensor | None) -> Tensor:
-        return strength * expected_value(scores, head_type, atoms)
+        return strength * expected_reward(scores, head_type, atoms)  # V(s, y) [B, C]

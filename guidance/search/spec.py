@@ -9,7 +9,7 @@ value samples one with probability proportional to exp(score / temperature).
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -68,9 +68,9 @@ class SearchLimits:
     max_block_tokens: int
 
 
-def parse_search(entry: Any, scorers: Container[str], scorer_names: list[str], limits: SearchLimits,
-                 param: str = "search") -> SearchParams:
-    """Validate a request's `search` object; GuidanceError naming the first bad field."""
+def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param: str = "search") -> SearchParams:
+    """Validate a request's `search` object against the configured scorer names; GuidanceError naming
+    the first bad field."""
     if not isinstance(entry, dict):
         raise GuidanceError("search must be an object", param)
     kind = entry.get("type")
@@ -90,5 +90,5 @@ def parse_search(entry: Any, scorers: Container[str], scorer_names: list[str], l
             f"{param}.block_tokens")
     if spec.scorer not in scorers:
         raise GuidanceError(
-            f"Unknown scorer {spec.scorer!r}; configured: {', '.join(scorer_names) or 'none'}", f"{param}.scorer")
+            f"Unknown scorer {spec.scorer!r}; configured: {', '.join(scorers) or 'none'}", f"{param}.scorer")
     return spec

@@ -184,20 +184,26 @@ def build_head(config: dict[str, Any], hidden_size: int, vocab_size: int) -> Gui
     return cls(hidden_size, vocab_size, config.get("scoring", cls.scorings[0]), **params)
 
 
-def expected_value(head: GuideHead, scores: Tensor) -> Tensor:
-    """Expected reward from a value head's scores: ``[...]`` (``[..., m]`` for histograms) -> ``[...]``.
+def expected_reward(scores: Tensor, head_type: str, atoms: Tensor | None) -> Tensor:
+    """Expected reward from the scores of a value head of ``head_type``: ``[...]`` (``[..., m]`` for
+    histograms over ``atoms`` ``[m]``) -> ``[...]``.
 
     bernoulli: sigmoid(logit) = P(R = 1); histogram: sum_j softmax(logits)_j z_j;
     expected, reward: the score itself. ValueError for heads that predict no reward value.
     """
-    if head.type == "bernoulli":
+    if head_type == "bernoulli":
         return torch.sigmoid(scores)
-    if head.type == "histogram":
-        return torch.softmax(scores, dim=-1) @ head.atoms.to(scores.dtype)
-    if head.type in VALUE_HEAD_TYPES:
+    if head_type == "histogram":
+        return torch.softmax(scores, dim=-1) @ atoms.to(scores.dtype)
+    if head_type in VALUE_HEAD_TYPES:
         return scores
-    raise ValueError(f"a {head.type!r} head does not predict a reward value; expected_value needs one of "
+    raise ValueError(f"a {head_type!r} head does not predict a reward value; expected_value needs one of "
                      f"{VALUE_HEAD_TYPES}")
+
+
+def expected_value(head: GuideHead, scores: Tensor) -> Tensor:
+    """``expected_reward`` of ``head``'s scores."""
+    return expected_reward(scores, head.type, getattr(head, "atoms", None))
 
 
 def save_head(head: GuideHead, directory: str | Path) -> None:

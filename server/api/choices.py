@@ -6,19 +6,17 @@ from guidance.batch import GuidanceReport
 from guidance.search.report import SearchReport
 from server.engine import ChoiceDelta, ChoiceOutput
 
-Choice = ChoiceOutput
-
 
 class ChoiceCollector:
     """Whole choices built from deltas, keyed by the response's choice index."""
 
     def __init__(self) -> None:
-        self.choices: dict[int, Choice] = {}
+        self.choices: dict[int, ChoiceOutput] = {}
 
     def add(self, index: int, delta: ChoiceDelta) -> None:
-        self.choices.setdefault(index, Choice()).add(delta)
+        self.choices.setdefault(index, ChoiceOutput()).add(delta)
 
-    def sorted(self) -> list[tuple[int, Choice]]:
+    def sorted(self) -> list[tuple[int, ChoiceOutput]]:
         return sorted(self.choices.items())
 
     @property

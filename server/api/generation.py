@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, Response
 
 from guidance.search.spec import SearchParams
 from guidance.spec import ResolvedGuidance
-from server.api.choices import Choice, ChoiceCollector, usage
+from server.api.choices import ChoiceCollector, usage
 from server.api.common import SamplingRequest
 from server.api.streaming import SSE_DONE, EventStream, cancel_on_disconnect, sse
-from server.engine import ChoiceDelta, SamplingOptions
+from server.engine import ChoiceDelta, ChoiceOutput, SamplingOptions
 from server.errors import APIError, api_error_body, error_body
 from server.services import Services
 from server.streams import merge, tagged
@@ -75,7 +75,7 @@ class GenerationServing(ABC):
         """Validate the request against the model and settings; every error is a 4xx APIError."""
 
     @abstractmethod
-    def choice(self, body: SamplingRequest, prepared: Prepared, index: int, choice: Choice) -> dict:
+    def choice(self, body: SamplingRequest, prepared: Prepared, index: int, choice: ChoiceOutput) -> dict:
         """One whole choice of a response."""
 
     @abstractmethod

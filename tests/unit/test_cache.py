@@ -38,7 +38,7 @@ SCORERS = ["demo-verifier", "rm", "rm2"]
 def _search(request) -> SearchParams | None:
     if request.search is None:
         return None
-    return parse_search(request.search, SCORERS, SCORERS, SearchLimits(max_candidates=16, max_block_tokens=64))
+    return parse_search(request.search, SCORERS, SearchLimits(max_candidates=16, max_block_tokens=64))
 
 
 def completion_key(response_cache: ResponseCache, body: dict) -> str | None:

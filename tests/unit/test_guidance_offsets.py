@@ -9,9 +9,10 @@ import torch
 
 from guidance.divergence import candidate_mask, kl_guided_to_base
 from guidance.modules.arm import ARM
-from guidance.modules.cd import ControlledDecoding, expected_value
+from guidance.modules.cd import ControlledDecoding
 from guidance.modules.genarm import GenARM
 from guidance.modules.qsharp import QSharp, bernoulli_offsets, histogram_offsets
+from models.runtime.heads import expected_reward
 
 ATOMS = torch.tensor([0.0, 0.5, 1.0])
 
@@ -64,7 +65,7 @@ def test_cd_offset_is_strength_times_expected_value():
     assert torch.allclose(cd.offsets(scores, torch.tensor([[2.0]]), "expected", None), 2.0 * scores)
     assert torch.allclose(cd.offsets(scores, torch.tensor([[2.0]]), "bernoulli", None), 2.0 * torch.sigmoid(scores))
     atom_logits = torch.tensor([[[0.0, 0.0, 0.0]]])  # uniform over {0, .5, 1}: mean 0.5
-    assert expected_value(atom_logits, "histogram", ATOMS).item() == pytest.approx(0.5)
+    assert expected_reward(atom_logits, "histogram", ATOMS).item() == pytest.approx(0.5)
     assert torch.equal(cd.offsets(scores, torch.tensor([[0.0]]), "expected", None), torch.zeros(1, 2))
 
 

@@ -23,7 +23,7 @@ SCORERS = ["demo-verifier", "rm"]
 
 
 def parse(entry):
-    return parse_search(entry, SCORERS, SCORERS, LIMITS)
+    return parse_search(entry, SCORERS, LIMITS)
 
 
 # Spec

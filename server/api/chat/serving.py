@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from server.api.chat.protocol import ChatCompletionRequest
-from server.api.choices import Choice, guidance_report
+from server.api.choices import guidance_report
 from server.api.common import check_n, completion_budget
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
-from server.engine import ChoiceDelta, TokenLogprob
+from server.engine import ChoiceDelta, ChoiceOutput, TokenLogprob
 
 
 class ChatServing(GenerationServing):
@@ -35,7 +35,7 @@ class ChatServing(GenerationServing):
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(body.n)]
 
-    def choice(self, body: ChatCompletionRequest, prepared: Prepared, index: int, choice: Choice) -> dict:
+    def choice(self, body: ChatCompletionRequest, prepared: Prepared, index: int, choice: ChoiceOutput) -> dict:
         result = {
             "index": index,
             "message": {"role": "assistant", "content": choice.text},

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from server.api.choices import Choice, guidance_report
+from server.api.choices import guidance_report
 from server.api.common import check_n, completion_budget
 from server.api.completions.protocol import CompletionRequest
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
-from server.engine import ChoiceDelta, TokenLogprob
+from server.engine import ChoiceDelta, ChoiceOutput, TokenLogprob
 
 
 class CompletionServing(GenerationServing):
@@ -41,7 +41,7 @@ class CompletionServing(GenerationServing):
     def _echo(self, body: CompletionRequest, prepared: Prepared, index: int) -> str:
         return prepared.prompts[index // body.n].text if body.echo else ""
 
-    def choice(self, body: CompletionRequest, prepared: Prepared, index: int, choice: Choice) -> dict:
+    def choice(self, body: CompletionRequest, prepared: Prepared, index: int, choice: ChoiceOutput) -> dict:
         prefix = self._echo(body, prepared, index)
         result = {
             "index": index,
