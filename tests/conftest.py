@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -58,6 +60,30 @@ def start_server(log_path: Path, *flags: str) -> RunningServer:
         time.sleep(1)
     stop_server(server)
     raise RuntimeError(f"server did not become healthy in {SERVER_START_TIMEOUT_S} s:\n{server.log()[-4000:]}")
+
+
+def post_and_leave_once_running(server: RunningServer, path: str, body: dict, running: int) -> bool:
+    """POST `body` and drop the connection as soon as the server runs `running` engine requests.
+
+    True when the client left before the answer came (the request was in flight): leaving on
+    what the server reports, not after a fixed time, holds on slow and fast machines alike.
+    """
+    async def run() -> bool:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            request = asyncio.create_task(client.post(path, json=body))
+            deadline = time.monotonic() + 30
+            while not request.done() and time.monotonic() < deadline:
+                if (await client.get("/health")).json()["unfinished_requests"] >= running:
+                    break
+                await asyncio.sleep(0.01)
+            if request.done():
+                return False
+            request.cancel()  # httpx closes the connection of a cancelled request
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            return True
+
+    return asyncio.run(run())
 
 
 def stop_server(server: RunningServer) -> None:
