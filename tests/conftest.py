@@ -62,13 +62,13 @@ def start_server(log_path: Path, *flags: str) -> RunningServer:
     raise RuntimeError(f"server did not become healthy in {SERVER_START_TIMEOUT_S} s:\n{server.log()[-4000:]}")
 
 
-def post_and_leave_once_running(server: RunningServer, path: str, body: dict, running: int) -> bool:
+def post_and_leave_once_running(server: RunningServer, path: str, body: dict, running: int) -> str | None:
     """POST `body` and drop the connection as soon as the server runs `running` engine requests.
 
-    True when the client left before the answer came (the request was in flight): leaving on
-    what the server reports, not after a fixed time, holds on slow and fast machines alike.
+    None when the client left while the request was in flight (leaving on what the server
+    reports, not after a fixed time, holds on slow and fast machines alike); else what came back.
     """
-    async def run() -> bool:
+    async def run() -> str | None:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
             request = asyncio.create_task(client.post(path, json=body))
             deadline = time.monotonic() + 30
@@ -77,11 +77,12 @@ def post_and_leave_once_running(server: RunningServer, path: str, body: dict, ru
                     break
                 await asyncio.sleep(0.01)
             if request.done():
-                return False
+                outcome = request.exception() or request.result()
+                return f"answered before the client left: {outcome!r} {getattr(outcome, 'text', '')[:200]}"
             request.cancel()  # httpx closes the connection of a cancelled request
             with contextlib.suppress(asyncio.CancelledError):
                 await request
-            return True
+            return None
 
     return asyncio.run(run())
 

@@ -211,7 +211,9 @@ def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, 
 
     assert unfinished(lambda c: c == 0, 30) == 0
     body = {"model": model_name, "messages": [{"role": "user", "content": "1+1="}], "max_tokens": 500,
-            "temperature": 1.0, "ignore_eos": True, "n": 4, "search": best_of(8), "stream": stream}
+            "temperature": 1.0, "ignore_eos": True, "n": 4, "search": best_of(8), "stream": stream,
+            # Guided steps are slower: the candidates run for seconds even on a fast machine.
+            "guidance": [{"type": "qsharp", "model": "demo-value", "strength": 1.0}]}
     with httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(30, read=1.0)) as client:
         if stream:
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -219,7 +221,8 @@ def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, 
                 assert next(lines).startswith("data: ")  # the role chunk, long before any pick
                 assert unfinished(lambda c: c == 32, 10) == 32  # 4 picks x 8 candidates running
         else:
-            assert post_and_leave_once_running(server, "/v1/chat/completions", body, running=32)
+            assert (outcome := post_and_leave_once_running(server, "/v1/chat/completions", body, running=32)) is None, \
+                outcome
     assert unfinished(lambda c: c == 0, 2.0) == 0
 
 
