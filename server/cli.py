@@ -4,6 +4,13 @@
     alignserve demo build [--output DIR] [--seed N] rebuild the demo base model from a seed
     alignserve demo guides [--seed N]               retrain the demo guide models from the base
     alignserve demo eval [--problems N]             guided vs unguided accuracy of the demo models
+    alignserve models import-gguf FILE OUT          convert a GGUF checkpoint to an HF directory
+    alignserve models smollm2 OUT                   the packaged SmolLM2-135M-Instruct, converted
+    alignserve train prompts|rollouts|value|...     train guide models for a base model
+    alignserve eval --prompts FILE ...              pass@1 and KL of guidance and search, through a server
+
+The CLI is the composition root: `models`, `train` and `eval` come from `workflows`
+(which sits above `server`), imported when the parser is built.
 
 Every `serve` flag is a field of `server.settings.Settings` and can also be set
 with the environment variable ALIGNSERVE_<FIELD> (flags win).
@@ -169,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=int, default=4, help="samples per problem [default: %(default)s]")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed [default: %(default)s]")
     evaluate.set_defaults(run=_demo_eval)
+
+    from workflows.eval_cli import add_eval_command
+    from workflows.models_cli import add_models_command
+    from workflows.train_cli import add_train_command
+
+    add_models_command(commands)
+    add_train_command(commands)
+    add_eval_command(commands)
     return parser
 
 

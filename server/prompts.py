@@ -24,8 +24,8 @@ class PromptRenderer:
         """Token ids of a completion prompt, with the tokenizer's special tokens (e.g. BOS)."""
         return self._tokenizer.encode(text, add_special_tokens=True)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> list[int]:
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)

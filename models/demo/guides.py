@@ -3,7 +3,8 @@
 One pass of temperature-1 rollouts of the base model on training problems (never the
 held-out ones; 4 samples per problem, plain and chat prompts) feeds six guide models,
 each a backbone initialised from the base whose top layer is fine-tuned together with
-its head (``models.demo.guide_training`` states the losses):
+its head, by the same trainers as ``alignserve train`` (``models.training``; its
+``objectives`` module states the losses):
 
 =============== ========== ======= ==========================================================
 name            head       scoring training
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,26 +40,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from models.demo.build import demo_base_dir
-from models.demo.guide_training import (
-    FitConfig,
-    GuideTrainee,
-    fit_preference,
-    fit_value,
-    frozen_features,
-    preference_metrics,
-    value_metrics,
-)
 from models.demo.paths import CHECKPOINTS_DIR, GUIDES_FILE
-from models.demo.rollouts import Rollouts, preference_pairs, sample_rollouts, training_problems
-from models.runtime.heads import build_head, save_head
-from models.runtime.loader import load_decoder
+from models.demo.rollouts import sample_rollouts, training_problems
+from models.training.guides import Backbone, GuideRecipe, save_guide, shared_features, train_guide
+from models.training.loop import FitConfig
+from models.training.rollouts import Rollouts, preference_pairs
 
 CARD_NAME = "guides_card.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 HISTOGRAM_ATOMS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -67,7 +57,7 @@ HISTOGRAM_ATOMS = [0.0, 0.25, 0.5, 0.75, 1.0]
 class GuideSpec:
     name: str
     head: dict[str, Any]  # head config for models.runtime.heads.build_head
-    # regress prefixes onto R, regress whole rollouts (their last token) onto R, or learn from pairs
+    # regress prefixes onto R, or learn from (correct, incorrect) pairs
     objective: Literal["value", "preference"]
     beta: float = 1.0  # preference objectives: scale of the margin inside the sigmoid
 
@@ -101,6 +91,12 @@ class GuideBuildConfig:
     # One score per rollout learns slower than summed token scores: 300 steps (pair accuracy 0.58 at 100).
     sequence_reward_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300))
 
+    def recipe(self, spec: GuideSpec) -> GuideRecipe:
+        fit = self.value_fit if spec.objective == "value" else self.preference_fit
+        if spec.head["type"] == "reward":
+            fit = self.sequence_reward_fit
+        return GuideRecipe(spec.name, spec.head, spec.objective, spec.beta, fit, self.trainable_layers)
+
 
 @contextmanager
 def deterministic_torch() -> Iterator[None]:
@@ -119,60 +115,6 @@ def split_by_problem(rollouts: Rollouts, validation_fraction: float) -> tuple[Ro
     return rollouts.subset(~is_valid), rollouts.subset(is_valid)
 
 
-def train_guide(spec: GuideSpec, base_dir: Path, data: dict[str, tuple[Rollouts, Tensor]],
-                config: GuideBuildConfig, seed: int, progress: bool) -> tuple[GuideTrainee, dict[str, Any]]:
-    """Fine-tune a copy of the base with ``spec``'s head on ``data`` ({"train"/"valid": (rollouts,
-    frozen features)}); returns the model and its card entry."""
-    decoder = load_decoder(base_dir)
-    torch.manual_seed(seed)
-    head = build_head(spec.head, decoder.config.hidden_size, decoder.config.vocab_size)
-    model = GuideTrainee(decoder, head, config.trainable_layers)
-    fit = config.preference_fit if spec.objective == "preference" else config.value_fit
-    if head.type == "reward":
-        fit = config.sequence_reward_fit
-    (train, train_features), (valid, valid_features) = data["train"], data["valid"]
-    started = time.perf_counter()
-    if spec.objective == "value":
-        train_loss = fit_value(model, train, train_features, fit, seed, spec.name, progress)
-        metrics = value_metrics(model, valid, valid_features)
-        examples = int(train.completion_mask.sum())
-    else:
-        train_pairs, valid_pairs = preference_pairs(train), preference_pairs(valid)
-        if len(train_pairs) == 0 or len(valid_pairs) == 0:
-            raise ValueError(f"{spec.name}: no (correct, incorrect) rollout pairs to train or validate on")
-        train_loss = fit_preference(model, train, train_features, train_pairs, spec.beta, fit, seed, spec.name,
-                                    progress)
-        metrics = preference_metrics(model, valid, valid_features, valid_pairs, spec.beta)
-        examples = len(train_pairs)
-    card = {
-        **head.config(),
-        "objective": spec.objective,
-        **({"beta": spec.beta} if spec.objective == "preference" else {}),
-        "training_examples": examples,
-        "steps": fit.steps,
-        "train_loss": round(train_loss, 4),
-        "validation": {name: round(value, 4) for name, value in asdict(metrics).items()},
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    return model, card
-
-
-def save_guide(model: GuideTrainee, base_dir: Path, output_dir: Path) -> None:
-    """HF checkpoint of the backbone (config.json + model.safetensors), the head, and the base's
-    tokenizer files."""
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    lm = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    # Decoder names are HF's without the "model." prefix; the LM head is tied to the embeddings.
-    state = {f"model.{name}": tensor for name, tensor in model.decoder.state_dict().items() if name != "lm_head.weight"}
-    lm.load_state_dict({**state, "lm_head.weight": model.decoder.output_embedding}, strict=True)
-    lm.save_pretrained(str(output_dir))
-    save_head(model.head, output_dir)
-    for name in TOKENIZER_FILES:
-        if (base_dir / name).is_file():
-            shutil.copyfile(base_dir / name, output_dir / name)
-
-
 def build_guides(base_dir: Path, output_root: Path, seed: int = 0, progress: bool = True,
                  config: GuideBuildConfig = GuideBuildConfig()) -> dict[str, Any]:
     """Train every guide model in GUIDES on rollouts of the base in ``base_dir``, write each to
@@ -181,19 +123,21 @@ def build_guides(base_dir: Path, output_root: Path, seed: int = 0, progress: boo
     output_root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(base_dir))
+    backbone = Backbone(base_dir)
+    recipes = [config.recipe(spec) for spec in GUIDES]
     with deterministic_torch():
-        base = load_decoder(base_dir)
         problems = training_problems(config.problems, seed)
-        rollouts = sample_rollouts(base, tokenizer, problems, config.samples_per_problem, seed, progress=progress)
+        rollouts = sample_rollouts(backbone.load(), tokenizer, problems, config.samples_per_problem, seed,
+                                   progress=progress)
         rollout_seconds = time.perf_counter() - started
-        # Every guide starts from the base with the same layers frozen: their output is shared.
-        frozen = base.config.num_hidden_layers - config.trainable_layers
-        data = {part: (r, frozen_features(base, r.input_ids, frozen))
-                for part, r in zip(("train", "valid"), split_by_problem(rollouts, config.validation_fraction))}
+        train, valid = split_by_problem(rollouts, config.validation_fraction)
+        data = {"train": train, "valid": valid}
+        decoder, features = shared_features(backbone, recipes, data)
         guides = {}
-        for spec in GUIDES:
-            model, guides[spec.name] = train_guide(spec, base_dir, data, config, seed, progress)
-            save_guide(model, base_dir, output_root / spec.name)
+        for recipe in recipes:
+            depth = decoder.config.num_hidden_layers - recipe.trainable_layers
+            model, guides[recipe.name] = train_guide(recipe, backbone, data, features[depth], seed, progress)
+            save_guide(model, backbone, base_dir, output_root / recipe.name)
     (output_root / GUIDES_FILE).write_text(json.dumps({s.name: s.name for s in GUIDES}, indent=2) + "\n")
     card = {
         "seed": seed,
@@ -203,7 +147,7 @@ def build_guides(base_dir: Path, output_root: Path, seed: int = 0, progress: boo
             "problems": config.problems,
             "samples_per_problem": config.samples_per_problem,
             "base_pass_at_1": round(rollouts.pass_at_1, 4),
-            "preference_pairs": len(preference_pairs(data["train"][0])),
+            "preference_pairs": len(preference_pairs(train)),
             "seconds": round(rollout_seconds, 1),
         },
         "guides": guides,

@@ -1,17 +1,16 @@
 """Rollouts of the base model on training problems, scored by the task's reward.
 
-One pass of sampling feeds every guide model: the value models regress each
-prefix onto the final reward, the reward models learn from pairs of a correct
-and an incorrect rollout of the same prompt.
+One pass of sampling with the demo's plain-torch sampler feeds every guide model:
+the value models regress each prefix onto the final reward, the reward models learn
+from pairs of a correct and an incorrect rollout of the same prompt. Real base models
+get their rollouts from the vLLM engine (``alignserve train rollouts``).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
@@ -20,30 +19,11 @@ from models.demo.sampling import completion_ids, generate
 from models.demo.task import Problem, held_out_problems, reward, sample_problems
 from models.demo.tokenizer import format_prompt
 from models.runtime.decoder import Decoder
+from models.training.rollouts import Rollouts, pad_rows, span_mask
 
 # Training problems are drawn from seed + this offset (the held-out set is excluded by prompt too).
 PROBLEM_SEED_OFFSET = 7_000
 SAMPLING_CHUNK = 1024  # rows per generate() call, to bound the KV cache
-
-
-@dataclass(frozen=True)
-class Rollouts:
-    """Right-padded token rows (prompt + completion) and their rewards."""
-
-    input_ids: Tensor  # [N, T] long, padded with the pad id
-    completion_mask: Tensor  # [N, T] bool, True on generated tokens (eos included)
-    rewards: Tensor  # [N] float, 0 or 1
-    problem: Tensor  # [N] long, index of the training problem (shared by its samples)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def subset(self, index: Tensor) -> Rollouts:
-        return Rollouts(self.input_ids[index], self.completion_mask[index], self.rewards[index], self.problem[index])
-
-    @property
-    def pass_at_1(self) -> float:
-        return float(self.rewards.mean())
 
 
 def training_problems(count: int, seed: int) -> list[Problem]:
@@ -52,20 +32,6 @@ def training_problems(count: int, seed: int) -> list[Problem]:
     candidates = sample_problems(count + len(held_out), seed + PROBLEM_SEED_OFFSET)
     problems = [p for p in candidates if p.prompt not in held_out]
     return problems[:count]
-
-
-def pad_rows(rows: list[list[int]], pad_id: int) -> Tensor:
-    """Right-padded ids ``[N, T]``."""
-    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-    return ids
-
-
-def span_mask(starts: Tensor, ends: Tensor, length: int) -> Tensor:
-    """``[N, length]`` bool, True at positions ``starts[i] <= t < ends[i]``."""
-    t = torch.arange(length)
-    return (t >= starts[:, None]) & (t < ends[:, None])
 
 
 def sample_rollouts(
@@ -96,18 +62,11 @@ def sample_rollouts(
     input_ids = pad_rows(sequences, tokenizer.pad_token_id)
     prompt_lengths = torch.tensor([len(encoded[i]) for i in rows])
     ends = torch.tensor([len(s) for s in sequences])
+    completion_mask = span_mask(prompt_lengths, ends, input_ids.shape[1])
     return Rollouts(
         input_ids=input_ids,
-        completion_mask=span_mask(prompt_lengths, ends, input_ids.shape[1]),
+        completion_mask=completion_mask,
+        target_mask=completion_mask,  # every generated token: the demo regresses all cut points at once
         rewards=torch.tensor(rewards),
         problem=torch.tensor(rows),
     )
-
-
-def preference_pairs(rollouts: Rollouts) -> Tensor:
-    """``[P, 2]`` (correct, incorrect) row indices: every such pair of rollouts of one problem."""
-    by_problem: dict[int, tuple[list[int], list[int]]] = {}
-    for row, (problem, r) in enumerate(zip(rollouts.problem.tolist(), rollouts.rewards.tolist())):
-        by_problem.setdefault(problem, ([], []))[0 if r > 0.5 else 1].append(row)
-    pairs = [(w, l) for correct, wrong in by_problem.values() for w in correct for l in wrong]
-    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)

@@ -8,7 +8,6 @@ The loss is the mean cross-entropy over the answer tokens and the final
 
 from __future__ import annotations
 
-import math
 import random
 from collections import deque
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.demo.task import Problem, sample_problem
 from models.demo.tokenizer import EOS_TOKEN, format_prompt
+from models.training.loop import warmup_cosine
 
 # Label value that cross-entropy ignores (the transformers convention).
 IGNORE_INDEX = -100
@@ -78,11 +78,7 @@ def encode_batch(
 
 def learning_rate_factor(step: int, steps: int, config: TrainConfig) -> float:
     """Linear warm-up to 1, then cosine decay to ``final_lr_fraction``."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.final_lr_fraction + (1.0 - config.final_lr_fraction) * cosine
+    return warmup_cosine(step, steps, config.warmup_steps, config.final_lr_fraction)
 
 
 def train(

@@ -69,6 +69,14 @@ class GuideHead(nn.Module):
     def config(self) -> dict[str, Any]:
         return {"type": self.type, "scoring": self.scoring, **self.params()}
 
+    def score_tokens(self, hidden: Tensor, tokens: Tensor, output_embedding: Tensor | None = None) -> Tensor:
+        """Q-type: the token reward of one given next token per prefix, ``forward(hidden)[i, tokens[i]]``
+        (log-softmaxed over the vocabulary for ``lm`` heads): hidden ``[M, H]``, tokens ``[M]`` ->
+        ``[M]`` (``[M, m]``). Heads override it to skip the other V - 1 scores (training reads one
+        token per position)."""
+        scores = self(hidden, output_embedding)
+        return scores[torch.arange(len(tokens), device=tokens.device), tokens]
+
 
 class _ValueHead(GuideHead):
     """Linear value head with ``num_atoms`` outputs per scored token (1 = a scalar score)."""
@@ -84,6 +92,13 @@ class _ValueHead(GuideHead):
         out = self.proj(hidden)
         if self.scoring == "q":
             out = out.unflatten(-1, (self.vocab_size, self.num_atoms))
+        return out.squeeze(-1) if self.num_atoms == 1 else out
+
+    def score_tokens(self, hidden: Tensor, tokens: Tensor, output_embedding: Tensor | None = None) -> Tensor:
+        if self.scoring != "q":
+            raise RuntimeError(f"a V-type {self.type!r} head scores appended candidates, not next tokens")
+        weight = self.proj.weight.view(self.vocab_size, self.num_atoms, self.hidden_size)[tokens]  # [M, m, H]
+        out = (weight @ hidden.unsqueeze(-1)).squeeze(-1) + self.proj.bias.view(self.vocab_size, -1)[tokens]
         return out.squeeze(-1) if self.num_atoms == 1 else out
 
 
@@ -149,6 +164,10 @@ class ARMHead(GuideHead):
         wh = (hidden @ self.v) @ self.u.T  # W h = U (V^T h), [..., H]
         return wh @ output_embedding.T + (hidden @ self.b).unsqueeze(-1)  # e_y . W h + b . h, [..., V]
 
+    def score_tokens(self, hidden: Tensor, tokens: Tensor, output_embedding: Tensor | None = None) -> Tensor:
+        wh = (hidden @ self.v) @ self.u.T
+        return (wh * output_embedding[tokens]).sum(-1) + hidden @ self.b
+
 
 class LMHead(GuideHead):
     """The backbone's own LM head (GenARM reward LM): next-token logits ``[..., V]``."""
@@ -159,6 +178,11 @@ class LMHead(GuideHead):
 
     def forward(self, hidden: Tensor, output_embedding: Tensor) -> Tensor:
         return F.linear(hidden, output_embedding)
+
+    def score_tokens(self, hidden: Tensor, tokens: Tensor, output_embedding: Tensor | None = None) -> Tensor:
+        """log pi_r(token | prefix): the GenARM token reward (normalised over the whole vocabulary)."""
+        log_probs = torch.log_softmax(self(hidden, output_embedding), dim=-1)
+        return log_probs[torch.arange(len(tokens), device=tokens.device), tokens]
 
 
 HEAD_TYPES: dict[str, type[GuideHead]] = {

@@ -14,16 +14,17 @@ from guidance.catalog import GuideCatalog
 from guidance.loading import check_tokenizers
 from models.demo.build import demo_base_dir
 from models.demo.evaluate import sample_completions
-from models.demo.guide_training import FitConfig, GuideTrainee, last_token_mask, sequence_scores
 from models.demo.guided_eval import GuidedConfig, evaluate_guidance
 from models.demo.guides import GUIDES, GuideBuildConfig, build_guides
 from models.demo.paths import GUIDES_FILE
-from models.demo.rollouts import Rollouts, preference_pairs
 from models.demo.sampling import completion_ids, generate
 from models.demo.task import held_out_problems
 from models.demo.tokenizer import format_prompt
 from models.runtime import SequenceScorer, load_guide_model, load_head
 from models.runtime.loader import load_decoder
+from models.training.loop import FitConfig
+from models.training.objectives import GuideTrainee, last_token_mask, sequence_scores
+from models.training.rollouts import Rollouts, preference_pairs
 
 TINY = GuideBuildConfig(problems=48, samples_per_problem=4, validation_fraction=0.25,
                         value_fit=FitConfig(steps=3, batch_size=16), preference_fit=FitConfig(steps=3, batch_size=16),
@@ -72,7 +73,7 @@ def test_card_reports_rollouts_and_every_model(built):
     assert 0.0 < card["rollouts"]["base_pass_at_1"] < 1.0
     assert set(card["guides"]) == set(EXPECTED_HEADS)
     for entry in card["guides"].values():
-        assert entry["steps"] == 3 and entry["train_loss"] == entry["train_loss"]  # not NaN
+        assert entry["fit"]["steps"] == 3 and entry["train_loss"] == entry["train_loss"]  # not NaN
         assert 0.0 <= entry["validation"]["accuracy"] <= 1.0
 
 
@@ -97,8 +98,9 @@ def test_training_scores_match_the_runtime_scores(built, name):
     guide = load_guide_model(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
     ids = torch.tensor([tokenizer("<s>12+345=357</s>", add_special_tokens=False)["input_ids"]])
+    every_next = torch.arange(ids.shape[1]) > 0  # (x_<t, x_t) for t = 1..T-1
     with torch.no_grad():
-        trained = trainee.token_scores(ids, trainee.features(ids))[0]
+        trained = trainee.token_scores(ids, trainee.features(ids), every_next[None])
     guide.setup_cache(1, ids.shape[1])
     slot = guide.cache.allocate()
     for t in range(1, ids.shape[1]):
@@ -108,7 +110,7 @@ def test_training_scores_match_the_runtime_scores(built, name):
             served = (torch.log_softmax(scores, dim=-1) if head.type == "lm" else scores)[ids[0, t]]
         else:
             served = guide.score_candidates(torch.tensor([slot]), ids[:, t : t + 1])[0, 0]
-        torch.testing.assert_close(trained[t], served, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(trained[t - 1], served, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["demo-reward", "demo-arm", "demo-genarm"])
@@ -126,12 +128,12 @@ def test_preference_training_scores_sequences_as_the_sequence_scorer_serves_them
     input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
     t = torch.arange(width)
     mask = (t >= torch.tensor(starts)[:, None]) & (t < torch.tensor([len(r) for r in rows])[:, None])
-    rollouts = Rollouts(input_ids, mask, torch.tensor([1.0, 0.0, 1.0]), torch.arange(3))
+    rollouts = Rollouts(input_ids, mask, mask, torch.tensor([1.0, 0.0, 1.0]), torch.arange(3))
     assert last_token_mask(mask).nonzero()[:, 1].tolist() == [len(r) - 1 for r in rows]
     decoder = load_decoder(path)
     trainee = GuideTrainee(decoder, load_head(path, decoder.config.hidden_size, decoder.config.vocab_size), 1)
     with torch.no_grad():
-        trained = sequence_scores(trainee, rollouts, trainee.features(input_ids))
+        trained = sequence_scores(trainee, rollouts, trainee.features(input_ids), torch.arange(3))
     torch.testing.assert_close(trained, SequenceScorer.load(path).score(rows, starts), atol=1e-4, rtol=1e-5)
 
 
@@ -139,6 +141,7 @@ def test_preference_pairs_match_correct_with_incorrect_rollouts_of_one_problem()
     rollouts = Rollouts(
         input_ids=torch.zeros(5, 3, dtype=torch.long),
         completion_mask=torch.ones(5, 3, dtype=torch.bool),
+        target_mask=torch.ones(5, 3, dtype=torch.bool),
         rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]),
         problem=torch.tensor([0, 0, 0, 1, 1]),
     )

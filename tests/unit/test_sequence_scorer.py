@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from models.demo.paths import CHECKPOINTS_DIR
-from models.demo.rollouts import preference_pairs, sample_rollouts
+from models.demo.rollouts import sample_rollouts
+from models.training.rollouts import preference_pairs
 from models.demo.task import held_out_problems
 from models.demo.tokenizer import format_prompt
 from models.runtime import (

@@ -1,6 +1,7 @@
-"""Training objectives of the demo guide models, and the loop that fits them.
+"""Training objectives of guide models.
 
-A guide model under training is a copy of the base ``Decoder`` plus a head from
+A guide model under training is a ``Decoder`` backbone (the base, a cut of its first
+layers, or another checkpoint with the same tokenizer) plus a head from
 ``models.runtime.heads``. Its embeddings and lower layers stay frozen at the base's
 weights, so their output on the rollouts ("features") is computed once and shared
 by every guide; the top layers, the final norm and the head are trained. h_t is the
@@ -12,7 +13,8 @@ Token scores, one per (prefix s = x_<t, next token y = x_t):
     V-type heads (scoring "v"):  head(h_t)            (the candidate's own hidden state)
     lm head:                     log softmax(head(h_{t-1}))[x_t] = log pi_r(x_t | x_<t)
 
-Value objectives, every generated position t of every rollout one example:
+Value objectives, every target position t of every rollout one example (the tokens the base
+wrote after the roll-in's cut; every generated token when there is no cut):
     bernoulli  BCE(logit, R)        histogram  CE(atom logits, atom of R)        expected  (V - R)^2
 Preference objective, pairs (x_w correct, x_l incorrect) of one prompt:
     -log sigmoid(beta * (S(x_w) - S(x_l)))      (Bradley-Terry)
@@ -22,32 +24,19 @@ heads (ARM; GenARM for lm), the score at x's last real token (its eos when it ha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from models.demo.rollouts import Rollouts
-from models.demo.train import TrainConfig, learning_rate_factor
 from models.runtime.decoder import Decoder
 from models.runtime.heads import GuideHead, expected_value
+from models.training.loop import FitConfig, fit
+from models.training.rollouts import Rollouts
 
-FEATURE_BATCH = 1024  # rows per no-grad forward
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Optimisation of one guide model (AdamW, warm-up then cosine decay)."""
-
-    steps: int
-    batch_size: int = 128
-    head_lr: float = 3e-3
-    backbone_lr: float = 1e-3
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
+FEATURE_BATCH = 256  # rows per no-grad forward
 
 
 @dataclass(frozen=True)
@@ -77,14 +66,15 @@ def frozen_features(decoder: Decoder, input_ids: Tensor, num_layers: int) -> Ten
 
 
 class GuideTrainee(nn.Module):
-    """Decoder + head, with the embeddings and all but the top ``trainable_layers`` layers frozen."""
+    """Decoder + head, with the embeddings and all but the top ``trainable_layers`` layers frozen
+(0: only the final norm and the head train)."""
 
     def __init__(self, decoder: Decoder, head: GuideHead, trainable_layers: int) -> None:
         super().__init__()
         self.decoder, self.head = decoder, head
         self.split = decoder.config.num_hidden_layers - trainable_layers
-        if not 0 <= self.split < decoder.config.num_hidden_layers:
-            raise ValueError(f"trainable_layers must be in [1, {decoder.config.num_hidden_layers}], "
+        if not 0 <= self.split <= decoder.config.num_hidden_layers:
+            raise ValueError(f"trainable_layers must be in [0, {decoder.config.num_hidden_layers}], "
                              f"got {trainable_layers}")
         decoder.embed_tokens.requires_grad_(False)  # also the tied output embedding of arm / lm heads
         for layer in decoder.layers[: self.split]:
@@ -94,22 +84,17 @@ class GuideTrainee(nn.Module):
         """Output of the frozen part, ``[N, T, H]``."""
         return frozen_features(self.decoder, input_ids, self.split)
 
-    def token_scores(self, input_ids: Tensor, features: Tensor) -> Tensor:
-        """Score of each (x_<t, x_t), ``[B, T]`` (``[B, T, m]`` for histograms); position 0 holds 0."""
+    def token_scores(self, input_ids: Tensor, features: Tensor, mask: Tensor) -> Tensor:
+        """Score of (x_<t, x_t) at every position t where ``mask`` ``[B, T]`` is True (never position
+        0), in row-major order: ``[M]`` (``[M, m]`` for histograms)."""
         top = run_blocks(self.decoder, features, self.split, self.decoder.config.num_hidden_layers)
-        hidden = self.decoder.norm(top)
+        hidden = self.decoder.norm(top)  # [B, T, H]
         embedding = self.decoder.output_embedding if self.head.uses_output_embedding else None
         if self.head.scoring == "v":
-            return self.head(hidden, embedding)
-        scores = self.head(hidden[:, :-1], embedding)  # [B, T-1, V(, m)]
-        if self.head.type == "lm":
-            scores = torch.log_softmax(scores, dim=-1)
-        index = input_ids[:, 1:, None]
-        if scores.dim() == 4:
-            index = index[..., None].expand(-1, -1, -1, scores.shape[-1])
-        picked = scores.gather(2, index).squeeze(2)  # [B, T-1(, m)]
-        return torch.cat((torch.zeros_like(picked[:, :1]), picked), dim=1)
-
+            return self.head(hidden[mask], embedding)  # the candidate's own hidden state h_t
+        prefix = torch.zeros_like(mask)
+        prefix[:, :-1] = mask[:, 1:]  # t-1 for every marked t: same row-major order
+        return self.head.score_tokens(hidden[prefix], input_ids[mask], embedding)
 
 def value_loss(head: GuideHead, scores: Tensor, rewards: Tensor) -> Tensor:
     """Mean loss over examples: scores ``[N]`` / ``[N, m]``, rewards ``[N]``."""
@@ -127,90 +112,61 @@ def last_token_mask(mask: Tensor) -> Tensor:
     return positions == last[:, None]
 
 
-def value_examples(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> tuple[Tensor, Tensor]:
-    """Scores and rewards of every generated position: ``[N(, m)]``, ``[N]``."""
-    mask = rollouts.completion_mask
-    scores = model.token_scores(rollouts.input_ids, features)[mask]
-    return scores, rollouts.rewards[:, None].expand_as(mask)[mask]
+def select(rollouts: Rollouts, features: Tensor, rows: Tensor) -> tuple[Rollouts, Tensor]:
+    """The rollouts ``rows`` and their features, without padding columns none of them uses."""
+    subset = rollouts.subset(rows).trimmed()
+    return subset, features[rows, : subset.input_ids.shape[1]]
 
 
-def sequence_scores(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> Tensor:
-    """S(x) of each rollout ``[N]``, as ``models.runtime.sequence.SequenceScorer`` serves it: a reward
-    head's score at x's last real token (its eos when it has one); otherwise the sum of the
+def value_examples(model: GuideTrainee, rollouts: Rollouts, features: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores and rewards of every target position of rollouts ``rows``: ``[M(, m)]``, ``[M]``."""
+    subset, subset_features = select(rollouts, features, rows)
+    mask = subset.target_mask
+    scores = model.token_scores(subset.input_ids, subset_features, mask)
+    return scores, subset.rewards[:, None].expand_as(mask)[mask]
+
+
+def sequence_scores(model: GuideTrainee, rollouts: Rollouts, features: Tensor, rows: Tensor) -> Tensor:
+    """S(x) of rollouts ``rows`` ``[N]``, as ``models.runtime.sequence.SequenceScorer`` serves it: a
+    reward head's score at x's last real token (its eos when it has one); otherwise the sum of the
     completion's token scores."""
-    scores = model.token_scores(rollouts.input_ids, features)
-    mask = rollouts.completion_mask
+    subset, subset_features = select(rollouts, features, rows)
+    mask = subset.completion_mask
     if model.head.type == "reward":
         mask = last_token_mask(mask)
-    return (scores * mask).sum(dim=1)
+    scores = model.token_scores(subset.input_ids, subset_features, mask)
+    return torch.zeros(len(rows), dtype=scores.dtype).index_add(0, mask.nonzero()[:, 0], scores)
 
 
 def pair_margins(model: GuideTrainee, rollouts: Rollouts, features: Tensor, pairs: Tensor) -> Tensor:
     """S(x_w) - S(x_l) for ``pairs`` ``[P, 2]`` of (correct, incorrect) row indices: ``[P]``."""
-    rows = pairs.T.reshape(-1)  # winners, then losers
-    sums = sequence_scores(model, rollouts.subset(rows), features[rows])
+    sums = sequence_scores(model, rollouts, features, pairs.T.reshape(-1))  # winners, then losers
     return sums[: len(pairs)] - sums[len(pairs):]
 
 
-def index_batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless shuffled mini-batches of ``range(count)``, a fresh permutation per epoch."""
-    while True:
-        yield from torch.randperm(count, generator=generator).split(batch_size)
-
-
-def fit(model: GuideTrainee, loss_fn: Callable[[Tensor], Tensor], count: int, config: FitConfig, seed: int,
-        desc: str, progress: bool) -> float:
-    """Minimise ``loss_fn(batch of example indices)`` over ``count`` examples; mean loss of the last 20 steps."""
-    backbone = [p for p in model.decoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": backbone, "lr": config.backbone_lr},
-         {"params": list(model.head.parameters()), "lr": config.head_lr}],
-        weight_decay=0.0,
-    )
-    schedule = TrainConfig(warmup_steps=config.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, config.steps, schedule))
-    batches = index_batches(count, config.batch_size, torch.Generator().manual_seed(seed))
-    model.train()
-    recent: list[float] = []
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress)
-    for _ in bar:
-        loss = loss_fn(next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        recent = (recent + [loss.item()])[-20:]
-        bar.set_postfix(loss=f"{recent[-1]:.3f}")
-    model.eval()
-    return sum(recent) / len(recent)
-
-
 def fit_value(model: GuideTrainee, rollouts: Rollouts, features: Tensor, config: FitConfig, seed: int, desc: str,
-              progress: bool) -> float:
-    """Regress every generated prefix of ``rollouts`` onto its final reward."""
+              progress: bool, checkpoint: Path | None = None) -> float:
+    """Regress every target position of ``rollouts`` onto its final reward."""
     def loss_fn(batch: Tensor) -> Tensor:
-        return value_loss(model.head, *value_examples(model, rollouts.subset(batch), features[batch]))
+        return value_loss(model.head, *value_examples(model, rollouts, features, batch))
 
-    return fit(model, loss_fn, len(rollouts), config, seed, desc, progress)
+    return fit(model, loss_fn, len(rollouts), config, seed, desc, progress, checkpoint)
 
 
 def fit_preference(model: GuideTrainee, rollouts: Rollouts, features: Tensor, pairs: Tensor, beta: float,
-                   config: FitConfig, seed: int, desc: str, progress: bool) -> float:
+                   config: FitConfig, seed: int, desc: str, progress: bool, checkpoint: Path | None = None) -> float:
     """Bradley-Terry on (correct, incorrect) pairs of rollouts of one prompt."""
     def loss_fn(batch: Tensor) -> Tensor:
         return -F.logsigmoid(beta * pair_margins(model, rollouts, features, pairs[batch])).mean()
 
-    return fit(model, loss_fn, len(pairs), config, seed, desc, progress)
+    return fit(model, loss_fn, len(pairs), config, seed, desc, progress, checkpoint)
 
 
 @torch.no_grad()
 def value_metrics(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> Metrics:
-    """Loss, and accuracy of (predicted value > 1/2) against the reward, over every generated position."""
+    """Loss, and accuracy of (predicted value > 1/2) against the reward, over every target position."""
     batches = torch.arange(len(rollouts)).split(FEATURE_BATCH)
-    scores, rewards = map(torch.cat, zip(*(value_examples(model, rollouts.subset(b), features[b])
-                                           for b in batches)))
+    scores, rewards = map(torch.cat, zip(*(value_examples(model, rollouts, features, b) for b in batches)))
     correct = (expected_value(model.head, scores) > 0.5) == (rewards > 0.5)
     return Metrics(value_loss(model.head, scores, rewards).item(), correct.float().mean().item())
 
@@ -221,3 +177,18 @@ def preference_metrics(model: GuideTrainee, rollouts: Rollouts, features: Tensor
     """Loss, and the fraction of pairs whose correct rollout scores higher."""
     margins = torch.cat([pair_margins(model, rollouts, features, batch) for batch in pairs.split(FEATURE_BATCH)])
     return Metrics(-F.logsigmoid(beta * margins).mean().item(), (margins > 0).float().mean().item())
+
+
+@torch.no_grad()
+def calibration_error(model: GuideTrainee, rollouts: Rollouts, features: Tensor, bins: int = 10) -> float:
+    """Expected calibration error of a value head over every target position: with the predicted
+    values v in [0, 1] split into ``bins`` equal-width bins B_b,
+    ECE = sum_b |B_b| / N * |mean_{B_b}(v) - mean_{B_b}(R)|."""
+    batches = torch.arange(len(rollouts)).split(FEATURE_BATCH)
+    scores, rewards = map(torch.cat, zip(*(value_examples(model, rollouts, features, b) for b in batches)))
+    values = expected_value(model.head, scores).clamp(0.0, 1.0)
+    bin_index = (values * bins).long().clamp_max(bins - 1)
+    count = torch.zeros(bins).index_add(0, bin_index, torch.ones_like(values))
+    value_sum = torch.zeros(bins).index_add(0, bin_index, values)
+    reward_sum = torch.zeros(bins).index_add(0, bin_index, rewards)
+    return float((value_sum - reward_sum).abs().sum() / len(values))

@@ -1,0 +1,100 @@
+"""Prompt files: JSON Lines, one prompt per line, shared by ``alignserve train`` and ``alignserve eval``.
+
+Each line is an object with either ``"messages"`` (a chat conversation, rendered with the
+base model's chat template and sent to ``/v1/chat/completions``) or ``"prompt"`` (plain
+text, sent to ``/v1/completions``), and optionally ``"answer"`` (the reference answer, for
+reading; verifiers decide rewards) and ``"id"``.
+
+    {"id": "3+4", "messages": [{"role": "user", "content": "What is 3+4? ..."}], "answer": "7"}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.tasks import chat_arith
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+    answer: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError(f"prompt {self.id!r}: give exactly one of 'messages' and 'prompt'")
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": self.id}
+        if self.messages is not None:
+            body["messages"] = list(self.messages)
+        else:
+            body["prompt"] = self.prompt
+        if self.answer is not None:
+            body["answer"] = self.answer
+        return body
+
+
+def parse_record(line_number: int, body: Any) -> PromptRecord:
+    if not isinstance(body, dict):
+        raise ValueError(f"line {line_number}: expected a JSON object, got {type(body).__name__}")
+    if unknown := sorted(body.keys() - {"id", "messages", "prompt", "answer"}):
+        raise ValueError(f"line {line_number}: unknown fields {unknown}")
+    messages = body.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError(f"line {line_number}: 'messages' must be a non-empty list of {{role, content}} strings")
+        messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"line {line_number}: 'prompt' must be a string")
+    answer = body.get("answer")
+    try:
+        return PromptRecord(id=str(body.get("id", line_number)), messages=messages, prompt=prompt,
+                            answer=None if answer is None else str(answer))
+    except ValueError as exc:
+        raise ValueError(f"line {line_number}: {exc}") from exc
+
+
+def read_prompts(path: Path) -> list[PromptRecord]:
+    """The records of a prompt file; ValueError naming the line of any bad record."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                body = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {number}: not JSON ({exc.msg})") from exc
+            try:
+                records.append(parse_record(number, body))
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from exc
+    if not records:
+        raise ValueError(f"{path}: no prompts")
+    return records
+
+
+def write_prompts(records: list[PromptRecord], path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
+
+
+def chat_arith_prompts(split: str) -> list[PromptRecord]:
+    """The ``chat-arith`` problems of ``split`` ("train", "heldout", "all") as chat prompts."""
+    return [PromptRecord(id=f"{p.a}+{p.b}", messages=({"role": "user", "content": p.question},),
+                         answer=str(p.answer))
+            for p in chat_arith.problems(split)]
+
+
+TASKS = {"chat-arith": chat_arith_prompts}

@@ -1,0 +1,248 @@
+"""``alignserve train``: the command line of ``workflows.training``.
+
+    alignserve train prompts TASK OUT                    write a task's prompt file (e.g. chat-arith)
+    alignserve train rollouts --base B --prompts P ...   sample and label rollouts on the engine
+    alignserve train value --base B --prompts P --verifier V --rounds 2 --out OUT
+    alignserve train prefix|arm|genarm|reward --base B (--rollouts F... | --prompts P --verifier V) --out OUT
+
+Trainers run data parallel under ``torchrun --nproc_per_node N`` (all-reduce of gradients,
+``models.training.loop``); rollouts use vLLM's engine and are sampled before such a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from models.training.guides import Backbone, GuideRecipe
+from models.training.loop import FitConfig
+from workflows.prompt_file import TASKS, write_prompts
+from workflows.rollouts import RolloutSettings
+from workflows.training import (
+    EngineOptions,
+    TokenizerMismatch,
+    sample_rollouts,
+    train_from_rollouts,
+    value_rounds,
+)
+
+# Trainer kind -> (default head config, objective, default preference beta).
+TRAINERS: dict[str, tuple[dict[str, Any], str, str]] = {
+    "value": ({"type": "bernoulli", "scoring": "v"}, "value",
+              "Q-sharp value model: distributional regression of the final reward on rollouts cut at a random point"),
+    "prefix": ({"type": "expected", "scoring": "v"}, "value",
+               "CD-FUDGE prefix scorer: regression (MSE) of every prefix onto the final reward"),
+    "arm": ({"type": "arm", "scoring": "q", "rank": 64}, "preference",
+            "ARM reward head: Bradley-Terry on summed token rewards of (correct, incorrect) pairs of one prompt"),
+    "genarm": ({"type": "lm", "scoring": "q"}, "preference",
+               "GenARM reward LM: -log sigmoid(beta (log pi_r(y_w|x) - log pi_r(y_l|x))) on (correct, incorrect) pairs"),
+    "reward": ({"type": "reward", "scoring": "v"}, "preference",
+               "sequence reward model: Bradley-Terry on the last token's score, (correct, incorrect) pairs"),
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_rollout_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    group = parser.add_argument_group("rollouts (sampled through the vLLM engine)")
+    group.add_argument("--prompts", type=Path, required=required, help="prompt file (JSON Lines)")
+    group.add_argument("--verifier", required=required, help="named verifier that labels each completion")
+    group.add_argument("--samples", type=_positive_int, default=16, help="samples per prompt [default: %(default)s]")
+    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature [default: %(default)s]")
+    group.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling [default: %(default)s]")
+    group.add_argument("--max-tokens", type=_positive_int, default=32,
+                       help="tokens per completion [default: %(default)s]")
+    group.add_argument("--max-model-len", type=_positive_int, default=512,
+                       help="engine context length [default: %(default)s]")
+    group.add_argument("--max-num-seqs", type=_positive_int, default=128,
+                       help="sequences the engine runs at once [default: %(default)s]")
+    group.add_argument("--kv-cache-space-gib", type=float, default=1.0,
+                       help="vLLM KV cache, GiB [default: %(default)s]")
+
+
+def _rollout_settings(args: argparse.Namespace) -> tuple[RolloutSettings, EngineOptions]:
+    return (RolloutSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed),
+            EngineOptions(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                          kv_cache_space_gib=args.kv_cache_space_gib, seed=args.seed))
+
+
+def _add_trainer_flags(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--base", type=Path, required=True, help="base model directory (HF format)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="work directory: guide directories, rollouts and guides.json go here")
+    parser.add_argument("--name", default=kind, help="guide-model name in OUT/guides.json [default: %(default)s]")
+    parser.add_argument("--rollouts", type=Path, nargs="+",
+                        help="train on these rollout files (aggregated) instead of sampling new ones")
+    backbone = parser.add_argument_group("backbone")
+    backbone.add_argument("--init-from", type=Path,
+                          help="checkpoint the guide starts from (same tokenizer as the base) [default: the base]")
+    backbone.add_argument("--layers", type=_positive_int,
+                          help="keep only the first N decoder layers [default: all]")
+    backbone.add_argument("--trainable-layers", type=int, default=1,
+                          help="top layers trained with the head; the rest stay frozen [default: %(default)s]")
+    head = parser.add_argument_group("head")
+    default_head = TRAINERS[kind][0]
+    if kind == "value":
+        head.add_argument("--head", choices=["bernoulli", "histogram"], default="bernoulli",
+                          help="bernoulli (BCE onto R in {0,1}) or histogram (CE onto R's atom) [default: %(default)s]")
+        head.add_argument("--atoms", type=int, default=11,
+                          help="histogram atoms, evenly spaced on [0, 1] [default: %(default)s]")
+    if kind in ("value", "prefix"):
+        head.add_argument("--scoring", choices=["v", "q"], default="v",
+                          help="v: k candidates appended at one position (the paper's default); "
+                               "q: every next token from one forward [default: %(default)s]")
+    if kind == "arm":
+        head.add_argument("--rank", type=_positive_int, default=default_head["rank"],
+                          help="rank of the low-rank head [default: %(default)s]")
+    if TRAINERS[kind][1] == "preference":
+        head.add_argument("--beta", type=float, default=1.0,
+                          help="scale of the margin inside the sigmoid [default: %(default)s]")
+    fit = parser.add_argument_group("optimisation")
+    fit.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps [default: %(default)s]")
+    fit.add_argument("--batch-size", type=_positive_int, default=64, help="rollouts per step [default: %(default)s]")
+    fit.add_argument("--head-lr", type=float, default=3e-3, help="head learning rate [default: %(default)s]")
+    fit.add_argument("--backbone-lr", type=float, default=1e-4,
+                     help="trained layers' learning rate [default: %(default)s]")
+    fit.add_argument("--validation-fraction", type=float, default=0.1,
+                     help="prompts held back for the card's metrics [default: %(default)s]")
+    fit.add_argument("--seed", type=int, default=0, help="seed of sampling and training [default: %(default)s]")
+    _add_rollout_flags(parser, required=False)
+    if kind == "value":
+        loop = parser.add_argument_group("Q-sharp rounds")
+        loop.add_argument("--rounds", type=_positive_int, default=1,
+                          help="round k rolls in with the round k-1 guided policy; data aggregated, retrained "
+                               "from scratch [default: %(default)s]")
+        loop.add_argument("--rollin-strength", type=float, default=2.0,
+                          help="qsharp strength (eta) of the roll-in policy of rounds >= 2 [default: %(default)s]")
+
+
+def _recipe(args: argparse.Namespace, kind: str) -> GuideRecipe:
+    head, objective, _ = TRAINERS[kind]
+    head = dict(head)
+    if kind == "value":
+        head["type"] = args.head
+        if args.head == "histogram":
+            if args.atoms < 2:
+                raise ValueError(f"--atoms must be at least 2, got {args.atoms}")
+            head["atoms"] = [i / (args.atoms - 1) for i in range(args.atoms)]
+    if kind in ("value", "prefix"):
+        head["scoring"] = args.scoring
+    if kind == "arm":
+        head["rank"] = args.rank
+    fit = FitConfig(steps=args.steps, batch_size=args.batch_size, head_lr=args.head_lr, backbone_lr=args.backbone_lr,
+                    warmup_steps=min(20, args.steps // 10 + 1))
+    return GuideRecipe(args.name, head, objective, getattr(args, "beta", 1.0), fit, args.trainable_layers)
+
+
+def _init_distributed() -> None:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _train(args: argparse.Namespace) -> int:
+    kind = args.trainer
+    try:
+        recipe = _recipe(args, kind)
+    except ValueError as exc:
+        print(f"alignserve train {kind}: {exc}", file=sys.stderr)
+        return 2
+    backbone = Backbone(args.init_from or args.base, args.layers)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.rollouts is None and (args.prompts is None or args.verifier is None):
+        print(f"alignserve train {kind}: give --rollouts FILE..., or --prompts and --verifier to sample them",
+              file=sys.stderr)
+        return 2
+    if args.rollouts is None and distributed:
+        print(f"alignserve train {kind}: sample rollouts first (alignserve train rollouts, on vLLM's own parallel "
+              "engine), then train under torchrun with --rollouts", file=sys.stderr)
+        return 2
+    _init_distributed()
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings, engine_options = _rollout_settings(args)
+    try:
+        if args.rollouts is not None:
+            cards = [train_from_rollouts(args.base, args.rollouts, recipe, backbone, args.out, args.seed,
+                                         args.validation_fraction)]
+        elif kind == "value":
+            cards = value_rounds(args.base, args.prompts, args.verifier, recipe, backbone, args.out, args.rounds,
+                                 args.rollin_strength, settings, engine_options, args.seed, args.validation_fraction)
+        else:
+            rollout_file = args.out / "rollouts-r1.jsonl"
+            if not rollout_file.is_file():
+                sample_rollouts(args.base, args.prompts, args.verifier, rollout_file, settings, engine_options)
+            cards = [train_from_rollouts(args.base, [rollout_file], recipe, backbone, args.out, args.seed,
+                                         args.validation_fraction)]
+    except (TokenizerMismatch, ValueError, FileNotFoundError) as exc:
+        print(f"alignserve train {kind}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(cards, indent=2))
+    return 0
+
+
+def _rollouts(args: argparse.Namespace) -> int:
+    guidance = json.loads(args.rollin_guidance) if args.rollin_guidance else []
+    if not isinstance(guidance, list):
+        print("alignserve train rollouts: --rollin-guidance must be a JSON list of guidance entries", file=sys.stderr)
+        return 2
+    settings, engine_options = _rollout_settings(args)
+    summary = sample_rollouts(args.base, args.prompts, args.verifier, args.out, settings, engine_options,
+                              args.guide_models, guidance, args.round_name)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _prompts(args: argparse.Namespace) -> int:
+    records = TASKS[args.task](args.split)
+    write_prompts(records, args.out)
+    print(f"wrote {len(records)} {args.task} prompts ({args.split}) to {args.out}")
+    return 0
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train", help="train guide models for a base model",
+        description="Sample rollouts of a base model through the vLLM engine, label them with a verifier, and "
+        "train guide models on them. Each writes guide-model directories and OUT/guides.json, which "
+        "`alignserve serve --guide-models OUT/guides.json` loads as they are.")
+    kinds = train.add_subparsers(dest="train_command", required=True, metavar="COMMAND")
+
+    prompts = kinds.add_parser("prompts", help="write a built-in task's prompt file",
+                               description="Write the prompts of a built-in task as a prompt file (JSON Lines).")
+    prompts.add_argument("task", choices=sorted(TASKS), help="the task")
+    prompts.add_argument("out", type=Path, help="prompt file to write")
+    prompts.add_argument("--split", choices=["train", "heldout", "all"], default="train",
+                         help="train prompts, or the held-out ones kept for evaluation [default: %(default)s]")
+    prompts.set_defaults(run=_prompts)
+
+    rollouts = kinds.add_parser(
+        "rollouts", help="sample and label rollouts",
+        description="Sample completions of the base model through the vLLM engine (n per prompt, seeded), cut "
+        "each at a random point, label with a verifier, and write a rollout file. --rollin-guidance rolls in "
+        "with a guided policy and rolls out from the cut with the base (the next Q-sharp round).")
+    rollouts.add_argument("--base", type=Path, required=True, help="base model directory (HF format)")
+    rollouts.add_argument("--out", type=Path, required=True, help="rollout file to write (JSON Lines)")
+    rollouts.add_argument("--guide-models", type=Path, help="guide-model table for --rollin-guidance")
+    rollouts.add_argument("--rollin-guidance", help="JSON list of guidance entries for the roll-in policy")
+    rollouts.add_argument("--round-name", default="r1", help="label of the prompt groups [default: %(default)s]")
+    rollouts.add_argument("--seed", type=int, default=0, help="seed of sampling [default: %(default)s]")
+    _add_rollout_flags(rollouts, required=True)
+    rollouts.set_defaults(run=_rollouts)
+
+    for kind, (_, _, description) in TRAINERS.items():
+        parser = kinds.add_parser(kind, help=description.split(":")[0], description=description + ".")
+        _add_trainer_flags(parser, kind)
+        parser.set_defaults(run=_train, trainer=kind)

@@ -1,0 +1,214 @@
+"""``alignserve train``: rollouts on the engine, guide models trained on them, the Q-sharp rounds.
+
+A work directory (``--out``) collects what a user trains for one base model:
+
+    OUT/rollouts-r1.jsonl        round-1 rollouts (base roll-in)
+    OUT/rollouts-r2.jsonl        round-2 rollouts (roll-in with the round-1 guided policy)
+    OUT/value-r1/, OUT/value-r2/ guide-model directories, each with its guide_card.json
+    OUT/guides.json              {name: directory}: serve with --guide-models OUT/guides.json
+
+Each stage whose output exists is skipped, and an interrupted fit resumes from its last
+checkpoint (``OUT/.state/<name>.pt``), so re-running a command continues it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+from guidance.catalog import GuideCatalog
+from guidance.loading import check_tokenizers
+from guidance.verifiers import get_verifier
+from models.training.guides import Backbone, GuideRecipe, save_guide, shared_features, train_guide
+from models.training.rollouts import (
+    RolloutRecord,
+    informative_groups,
+    read_rollouts,
+    to_tensors,
+    write_rollouts,
+)
+from server.engine import Engine
+from server.prompts import PromptRenderer
+from server.settings import Settings
+from workflows.prompt_file import read_prompts
+from workflows.rollouts import RolloutSettings, generate_rollouts
+
+logger = logging.getLogger(__name__)
+
+GUIDES_TABLE = "guides.json"
+STATE_DIR = ".state"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The vLLM engine that samples rollouts (as ``alignserve serve`` would run it)."""
+
+    max_model_len: int = 512
+    max_num_seqs: int = 128
+    kv_cache_space_gib: float = 1.0
+    seed: int = 0
+
+
+class TokenizerMismatch(ValueError):
+    pass
+
+
+def check_same_tokenizer(base: Path, other: Path) -> None:
+    """Refuse a backbone whose tokenizer differs from the base model's: the guide scores the base's ids."""
+    base_vocab = AutoTokenizer.from_pretrained(base).get_vocab()
+    try:
+        other_vocab = AutoTokenizer.from_pretrained(other).get_vocab()
+    except (OSError, ValueError) as exc:
+        raise TokenizerMismatch(f"--init-from {other}: no tokenizer there ({exc})") from exc
+    if other_vocab != base_vocab:
+        differing = len(set(base_vocab.items()) ^ set(other_vocab.items()))
+        raise TokenizerMismatch(
+            f"--init-from {other} uses a different tokenizer from the base model {base} ({len(other_vocab)} vs "
+            f"{len(base_vocab)} tokens, {differing} entries differ); a guide model must share the base's tokenizer")
+
+
+def is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def write_table_entry(out: Path, name: str, directory: Path) -> None:
+    """Add ``name -> directory`` (relative to ``out``) to ``out/guides.json``."""
+    table_file = out / GUIDES_TABLE
+    table = json.loads(table_file.read_text()) if table_file.is_file() else {}
+    table[name] = str(directory.relative_to(out))
+    table_file.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+
+
+# Rollouts.
+
+async def _sample(base: Path, prompts_file: Path, verifier_name: str, settings: RolloutSettings,
+                  engine_options: EngineOptions, guide_table: Path | None, rollin_guidance: Sequence[dict[str, Any]],
+                  round_name: str, progress: bool) -> list[RolloutRecord]:
+    verifier = get_verifier(verifier_name)
+    prompts = read_prompts(prompts_file)
+    serve_settings = Settings(model=base, guide_models=guide_table, max_model_len=engine_options.max_model_len,
+                              max_num_seqs=engine_options.max_num_seqs, seed=engine_options.seed,
+                              kv_cache_space_gib=engine_options.kv_cache_space_gib)
+    catalog = GuideCatalog.from_paths(serve_settings.guide_model_paths())
+    check_tokenizers(base, catalog)
+    engine = Engine.start(serve_settings, catalog)
+    try:
+        return await generate_rollouts(engine, PromptRenderer.load(base), verifier, prompts, settings, round_name,
+                                       rollin_guidance, progress)
+    finally:
+        engine.shutdown()
+
+
+def sample_rollouts(base: Path, prompts_file: Path, verifier_name: str, out_file: Path,
+                    settings: RolloutSettings = RolloutSettings(), engine_options: EngineOptions = EngineOptions(),
+                    guide_table: Path | None = None, rollin_guidance: Sequence[dict[str, Any]] = (),
+                    round_name: str = "r1", progress: bool = True) -> dict[str, Any]:
+    """Sample and label rollouts into ``out_file``; returns their summary."""
+    started = time.perf_counter()
+    records = asyncio.run(_sample(base, prompts_file, verifier_name, settings, engine_options, guide_table,
+                                  rollin_guidance, round_name, progress))
+    write_rollouts(records, out_file)
+    return {**rollout_summary(records), "seconds": round(time.perf_counter() - started, 1),
+            "rollin_guidance": list(rollin_guidance), "settings": asdict(settings)}
+
+
+def rollout_summary(records: Sequence[RolloutRecord]) -> dict[str, Any]:
+    groups = {r.group for r in records}
+    kept = informative_groups(records)
+    return {
+        "rollouts": len(records),
+        "prompts": len(groups),
+        "pass_at_1": round(sum(r.reward for r in records) / max(1, len(records)), 4),
+        "informative_prompts": len({r.group for r in kept}),
+        "informative_rollouts": len(kept),
+        "completion_tokens": sum(len(r.completion_ids) for r in records),
+    }
+
+
+# Training.
+
+def split_groups(records: Sequence[RolloutRecord], validation_fraction: float, seed: int
+                 ) -> tuple[list[RolloutRecord], list[RolloutRecord]]:
+    """(training, validation) records: a seeded ``validation_fraction`` of the prompt groups, whole."""
+    groups = sorted({r.group for r in records})
+    random.Random(seed).shuffle(groups)
+    valid = set(groups[: max(1, round(len(groups) * validation_fraction))]) if validation_fraction > 0 else set()
+    return [r for r in records if r.group not in valid], [r for r in records if r.group in valid]
+
+
+def train_from_rollouts(base: Path, rollout_files: Sequence[Path], recipe: GuideRecipe, backbone: Backbone,
+                        out: Path, seed: int = 0, validation_fraction: float = 0.1,
+                        progress: bool = True) -> dict[str, Any]:
+    """Train ``recipe`` on the aggregated rollouts of ``rollout_files`` and write ``out/<name>``
+    (and its ``guides.json`` entry); returns the guide's card."""
+    if backbone.init_from.resolve() != base.resolve():
+        check_same_tokenizer(base, backbone.init_from)
+    records = [r for file in rollout_files for r in read_rollouts(file)]
+    if recipe.objective == "value":  # Q-sharp: prompts whose samples all agree carry no signal
+        records = informative_groups(records)
+    if not records:
+        raise ValueError(f"{recipe.name}: no usable rollouts in {[str(f) for f in rollout_files]} "
+                         "(every prompt's samples were all right or all wrong)")
+    train_records, valid_records = split_groups(records, validation_fraction, seed)
+    pad_id = AutoTokenizer.from_pretrained(base).pad_token_id or 0
+    data = {"train": to_tensors(train_records, pad_id), "valid": to_tensors(valid_records, pad_id)}
+    started = time.perf_counter()
+    decoder, features = shared_features(backbone, [recipe], data)
+    feature_seconds = time.perf_counter() - started
+    depth = decoder.config.num_hidden_layers - recipe.trainable_layers
+    state = out / STATE_DIR / f"{recipe.name}.pt"
+    model, card = train_guide(recipe, backbone, data, features[depth], seed, progress, checkpoint=state)
+    card = {
+        "name": recipe.name,
+        "base": str(base),
+        "rollouts": {"files": [str(f) for f in rollout_files], "train": len(train_records),
+                     "validation": len(valid_records), **rollout_summary(records)},
+        "seed": seed,
+        **card,
+        "feature_seconds": round(feature_seconds, 1),
+    }
+    if is_rank_zero():
+        save_guide(model, backbone, base, out / recipe.name, card)
+        write_table_entry(out, recipe.name, out / recipe.name)
+        state.unlink(missing_ok=True)
+    return card
+
+
+def value_rounds(base: Path, prompts_file: Path, verifier_name: str, recipe: GuideRecipe, backbone: Backbone,
+                 out: Path, rounds: int, rollin_strength: float, settings: RolloutSettings,
+                 engine_options: EngineOptions, seed: int = 0, validation_fraction: float = 0.1,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """The Q-sharp loop: round k rolls in with the round k-1 guided policy (qsharp at
+    ``rollin_strength``), rolls out with the base, and retrains from scratch on the rollouts of
+    rounds 1..k; writes ``out/<name>-r<k>``. Stages already done are skipped."""
+    out.mkdir(parents=True, exist_ok=True)
+    cards, files = [], []
+    for k in range(1, rounds + 1):
+        rollout_file = out / f"rollouts-r{k}.jsonl"
+        if not rollout_file.is_file():
+            rollin = () if k == 1 else (
+                {"type": "qsharp", "model": f"{recipe.name}-r{k - 1}", "strength": rollin_strength},)
+            summary = sample_rollouts(base, prompts_file, verifier_name, rollout_file,
+                                      RolloutSettings(**{**asdict(settings), "seed": settings.seed + 1_000_003 * k}),
+                                      engine_options, out / GUIDES_TABLE if k > 1 else None, rollin, f"r{k}",
+                                      progress)
+            (out / f"rollouts-r{k}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        files.append(rollout_file)
+        round_recipe = replace(recipe, name=f"{recipe.name}-r{k}")
+        card_file = out / round_recipe.name / "guide_card.json"
+        if card_file.is_file():
+            cards.append(json.loads(card_file.read_text()))
+            continue
+        cards.append(train_from_rollouts(base, files, round_recipe, backbone, out, seed, validation_fraction,
+                                         progress))
+    return cards
