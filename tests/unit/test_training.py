@@ -1,0 +1,198 @@
+"""The guide-model trainers (models.training): losses fall, outputs load as served, runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from guidance.catalog import GuideCatalog
+from models.demo.build import demo_base_dir
+from models.demo.task import sample_problems
+from models.runtime import build_head, load_guide_model
+from models.runtime.loader import load_decoder
+from models.training.guides import Backbone, GuideRecipe, save_guide, shared_features, train_guide
+from models.training.loop import FitConfig, fit
+from models.training.objectives import GuideTrainee, pair_margins, value_examples, value_loss
+from models.training.rollouts import (
+    RolloutRecord,
+    informative_groups,
+    preference_pairs,
+    read_rollouts,
+    to_tensors,
+    write_rollouts,
+)
+from workflows.training import TokenizerMismatch, check_same_tokenizer, split_groups, train_from_rollouts
+
+HEADS = {
+    "bernoulli-v": {"type": "bernoulli", "scoring": "v"},
+    "bernoulli-q": {"type": "bernoulli", "scoring": "q"},
+    "histogram-v": {"type": "histogram", "scoring": "v", "atoms": [0.0, 0.5, 1.0]},
+    "histogram-q": {"type": "histogram", "scoring": "q", "atoms": [0.0, 0.5, 1.0]},
+    "expected-v": {"type": "expected", "scoring": "v"},
+    "arm": {"type": "arm", "scoring": "q", "rank": 4},
+    "lm": {"type": "lm", "scoring": "q"},
+    "reward": {"type": "reward", "scoring": "v"},
+}
+PREFERENCE = {"arm", "lm", "reward"}
+
+
+def demo_records(problems: int = 48) -> list[RolloutRecord]:
+    """Per problem two right and two wrong answers (off by one), cut at 0 or 1."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(demo_base_dir()))
+    records = []
+    for i, problem in enumerate(sample_problems(problems, seed=3)):
+        prompt = tokenizer("<s>" + problem.prompt, add_special_tokens=False)["input_ids"]
+        for j, answer in enumerate((problem.answer, problem.answer + 1, problem.answer, problem.answer - 1)):
+            completion = tokenizer(f"{answer}</s>", add_special_tokens=False)["input_ids"]
+            records.append(RolloutRecord(group=str(i), prompt_ids=tuple(prompt), completion_ids=tuple(completion),
+                                         cut=j % 2, reward=float(answer == problem.answer), text=str(answer)))
+    return records
+
+
+@pytest.mark.parametrize("name", ["bernoulli-q", "histogram-q", "arm", "lm"])
+def test_score_tokens_is_the_forward_score_of_the_given_token(name: str) -> None:
+    torch.manual_seed(0)
+    head = build_head(HEADS[name], hidden_size=16, vocab_size=50)
+    for p in head.parameters():
+        torch.nn.init.normal_(p)
+    hidden, embedding, tokens = torch.randn(7, 16), torch.randn(50, 16), torch.randint(0, 50, (7,))
+    full = head(hidden, embedding)
+    if name == "lm":
+        full = torch.log_softmax(full, dim=-1)
+    torch.testing.assert_close(head.score_tokens(hidden, tokens, embedding), full[torch.arange(7), tokens])
+
+
+def test_rollout_records_round_trip_and_mark_targets_from_the_cut(tmp_path: Path) -> None:
+    records = [RolloutRecord("a", (5, 6), (7, 8, 9), cut=1, reward=1.0, text="x"),
+               RolloutRecord("a", (5, 6), (7,), cut=0, reward=0.0),
+               RolloutRecord("b", (4,), (3, 2), cut=1, reward=1.0)]
+    write_rollouts(records, tmp_path / "r.jsonl")
+    assert read_rollouts(tmp_path / "r.jsonl") == records
+    tensors = to_tensors(records, pad_id=0)
+    assert tensors.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 0], [4, 3, 2, 0, 0]]
+    assert tensors.completion_mask.int().tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
+    assert tensors.target_mask.int().tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 1, 0, 0]]
+    assert tensors.problem.tolist() == [0, 0, 1]
+    assert [r.group for r in informative_groups(records)] == ["a", "a"]  # b's samples are all right
+    assert preference_pairs(tensors).tolist() == [[0, 1]]
+
+
+@pytest.mark.parametrize("bad", [dict(completion_ids=()), dict(cut=3), dict(cut=-1)])
+def test_rollout_record_rejects_bad_cuts(bad: dict) -> None:
+    with pytest.raises(ValueError, match="rollout of 'g'"):
+        RolloutRecord(**{"group": "g", "prompt_ids": (1,), "completion_ids": (2, 3, 4), "cut": 0, "reward": 0.0,
+                         **bad})
+
+
+def test_split_keeps_prompt_groups_whole_and_is_seeded() -> None:
+    records = demo_records(20)
+    train, valid = split_groups(records, 0.25, seed=1)
+    assert {r.group for r in train}.isdisjoint({r.group for r in valid})
+    assert len({r.group for r in valid}) == 5 and len(train) + len(valid) == len(records)
+    assert split_groups(records, 0.25, seed=1) == (train, valid)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_each_trainer_lowers_its_loss(name: str) -> None:
+    data = to_tensors(demo_records(), pad_id=0)
+    decoder = load_decoder(demo_base_dir())
+    torch.manual_seed(0)
+    model = GuideTrainee(decoder, build_head(HEADS[name], decoder.config.hidden_size, decoder.config.vocab_size), 1)
+    features = model.features(data.input_ids)
+    if name in PREFERENCE:
+        pairs = preference_pairs(data)
+
+        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+            return -torch.nn.functional.logsigmoid(pair_margins(model, data, features, pairs[batch])).mean()
+        count = len(pairs)
+    else:
+        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+            return value_loss(model.head, *value_examples(model, data, features, batch))
+        count = len(data)
+    with torch.no_grad():
+        before = loss_fn(torch.arange(count)).item()
+    fit(model, loss_fn, count, FitConfig(steps=40, batch_size=32, warmup_steps=2), seed=0, desc=name, progress=False)
+    with torch.no_grad():
+        after = loss_fn(torch.arange(count)).item()
+    assert after < 0.8 * before, (name, before, after)
+
+
+def test_a_cut_backbone_is_written_as_a_checkpoint_transformers_and_the_server_load(tmp_path: Path) -> None:
+    backbone = Backbone(demo_base_dir(), layers=2)
+    data = {part: to_tensors(demo_records(12), pad_id=0) for part in ("train", "valid")}
+    recipe = GuideRecipe("cut", HEADS["bernoulli-v"], "value", fit=FitConfig(steps=2, batch_size=8))
+    decoder, features = shared_features(backbone, [recipe], data)
+    assert decoder.config.num_hidden_layers == 2
+    model, card = train_guide(recipe, backbone, data, features[1], seed=0, progress=False)
+    assert card["backbone"]["layers"] == 2 and 0 <= card["validation"]["calibration_error"] <= 1
+    save_guide(model, backbone, demo_base_dir(), tmp_path / "cut", card)
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["num_hidden_layers"] == 2
+    ids = torch.tensor([[1, 26, 29, 24, 20, 32]])
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    backbone_served = load_guide_model(tmp_path / "cut").backbone
+    with torch.no_grad():
+        logits = backbone_served(ids) @ backbone_served.output_embedding.T
+        torch.testing.assert_close(logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    assert GuideCatalog.from_paths({"cut": tmp_path / "cut"})["cut"].head_type == "bernoulli"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_fit_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("models.training.loop.CHECKPOINT_EVERY", 5)
+    data = to_tensors(demo_records(8), pad_id=0)
+    config = FitConfig(steps=12, batch_size=8, warmup_steps=2)
+
+    def run(checkpoint: Path | None, stop_at: int | None) -> GuideTrainee:
+        decoder = load_decoder(demo_base_dir())
+        torch.manual_seed(0)
+        model = GuideTrainee(decoder, build_head(HEADS["bernoulli-v"], decoder.config.hidden_size,
+                                                 decoder.config.vocab_size), 1)
+        features = model.features(data.input_ids)
+        calls = iter(range(1000))
+
+        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+            if stop_at is not None and next(calls) == stop_at:
+                raise Interrupt
+            return value_loss(model.head, *value_examples(model, data, features, batch))
+        fit(model, loss_fn, len(data), config, seed=0, desc="", progress=False, checkpoint=checkpoint)
+        return model
+
+    straight = run(None, None)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "state.pt", stop_at=7)  # checkpointed after step 5
+    assert (tmp_path / "state.pt").is_file()
+    resumed = run(tmp_path / "state.pt", None)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_train_from_rollouts_writes_a_served_guide_and_its_table(tmp_path: Path) -> None:
+    write_rollouts(demo_records(16), tmp_path / "r.jsonl")
+    recipe = GuideRecipe("v", HEADS["histogram-v"], "value", fit=FitConfig(steps=3, batch_size=8))
+    card = train_from_rollouts(demo_base_dir(), [tmp_path / "r.jsonl"], recipe, Backbone(demo_base_dir(), 3),
+                               tmp_path / "out", validation_fraction=0.25, progress=False)
+    assert card["rollouts"]["prompts"] == 16 and card["rollouts"]["validation"] == 16
+    assert json.loads((tmp_path / "out" / "guides.json").read_text()) == {"v": "v"}
+    assert load_guide_model(tmp_path / "out" / "v").head.type == "histogram"
+    assert not (tmp_path / "out" / ".state" / "v.pt").exists()
+
+
+def test_a_backbone_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(demo_base_dir(), other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab)[5:7]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    check_same_tokenizer(demo_base_dir(), demo_base_dir())
+    with pytest.raises(TokenizerMismatch, match="different tokenizer"):
+        check_same_tokenizer(demo_base_dir(), other)
