@@ -172,6 +172,10 @@ class Engine:
             generation_config="vllm",
             # vLLM's stat logger feeds its Prometheus metrics (vllm:*), served at /metrics.
             disable_log_stats=False,
+            # On CPU, a seeded request whose prompt is prefilled in chunks kills the engine core: vLLM
+            # rewinds the request's generator after the discarded partial-prefill sample, and CPU
+            # generators have no offset ("CPU Generator does not use offset"). Whole prefills avoid it.
+            enable_chunked_prefill=torch.cuda.is_available(),
             **guided,
         )
         began = time.perf_counter()

@@ -28,6 +28,7 @@ from workflows.rollouts import RolloutSettings
 from workflows.training import (
     EngineOptions,
     TokenizerMismatch,
+    is_rank_zero,
     sample_rollouts,
     train_from_rollouts,
     value_rounds,
@@ -127,6 +128,8 @@ def _add_trainer_flags(parser: argparse.ArgumentParser, kind: str) -> None:
                                "from scratch [default: %(default)s]")
         loop.add_argument("--rollin-strength", type=float, default=2.0,
                           help="qsharp strength (eta) of the roll-in policy of rounds >= 2 [default: %(default)s]")
+        loop.add_argument("--rollin-samples", type=_positive_int,
+                          help="samples per prompt in rounds >= 2 (guided roll-ins cost more) [default: --samples]")
 
 
 def _recipe(args: argparse.Namespace, kind: str) -> GuideRecipe:
@@ -179,7 +182,8 @@ def _train(args: argparse.Namespace) -> int:
                                          args.validation_fraction)]
         elif kind == "value":
             cards = value_rounds(args.base, args.prompts, args.verifier, recipe, backbone, args.out, args.rounds,
-                                 args.rollin_strength, settings, engine_options, args.seed, args.validation_fraction)
+                                 args.rollin_strength, settings, engine_options, args.seed, args.validation_fraction,
+                                 rollin_samples=args.rollin_samples)
         else:
             rollout_file = args.out / "rollouts-r1.jsonl"
             if not rollout_file.is_file():
@@ -189,7 +193,8 @@ def _train(args: argparse.Namespace) -> int:
     except (TokenizerMismatch, ValueError, FileNotFoundError) as exc:
         print(f"alignserve train {kind}: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(cards, indent=2))
+    if is_rank_zero():
+        print(json.dumps(cards, indent=2))
     return 0
 
 

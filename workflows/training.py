@@ -187,10 +187,11 @@ def train_from_rollouts(base: Path, rollout_files: Sequence[Path], recipe: Guide
 def value_rounds(base: Path, prompts_file: Path, verifier_name: str, recipe: GuideRecipe, backbone: Backbone,
                  out: Path, rounds: int, rollin_strength: float, settings: RolloutSettings,
                  engine_options: EngineOptions, seed: int = 0, validation_fraction: float = 0.1,
-                 progress: bool = True) -> list[dict[str, Any]]:
+                 progress: bool = True, rollin_samples: int | None = None) -> list[dict[str, Any]]:
     """The Q-sharp loop: round k rolls in with the round k-1 guided policy (qsharp at
-    ``rollin_strength``), rolls out with the base, and retrains from scratch on the rollouts of
-    rounds 1..k; writes ``out/<name>-r<k>``. Stages already done are skipped."""
+    ``rollin_strength``; ``rollin_samples`` per prompt, default ``settings.samples``), rolls out
+    with the base, and retrains from scratch on the rollouts of rounds 1..k; writes
+    ``out/<name>-r<k>``. Stages already done are skipped."""
     out.mkdir(parents=True, exist_ok=True)
     cards, files = [], []
     for k in range(1, rounds + 1):
@@ -198,8 +199,9 @@ def value_rounds(base: Path, prompts_file: Path, verifier_name: str, recipe: Gui
         if not rollout_file.is_file():
             rollin = () if k == 1 else (
                 {"type": "qsharp", "model": f"{recipe.name}-r{k - 1}", "strength": rollin_strength},)
-            summary = sample_rollouts(base, prompts_file, verifier_name, rollout_file,
-                                      RolloutSettings(**{**asdict(settings), "seed": settings.seed + 1_000_003 * k}),
+            samples = settings.samples if k == 1 else rollin_samples or settings.samples
+            round_settings = replace(settings, samples=samples, seed=settings.seed + 1_000_003 * k)
+            summary = sample_rollouts(base, prompts_file, verifier_name, rollout_file, round_settings,
                                       engine_options, out / GUIDES_TABLE if k > 1 else None, rollin, f"r{k}",
                                       progress)
             (out / f"rollouts-r{k}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from guidance.catalog import GuideCatalog
@@ -196,3 +199,22 @@ def test_a_backbone_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
     check_same_tokenizer(demo_base_dir(), demo_base_dir())
     with pytest.raises(TokenizerMismatch, match="different tokenizer"):
         check_same_tokenizer(demo_base_dir(), other)
+
+
+def test_data_parallel_training_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+    """Two ranks each take half of every batch of pairs and average gradients: the same weights."""
+    write_rollouts(demo_records(24), tmp_path / "r.jsonl")
+    flags = ["train", "arm", "--base", str(demo_base_dir()), "--rollouts", str(tmp_path / "r.jsonl"),
+             "--layers", "2", "--rank", "4", "--steps", "4", "--batch-size", "16"]
+    bin_dir = Path(sys.executable).parent
+    single = subprocess.run([str(bin_dir / "alignserve"), *flags, "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    parallel = subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                               "-m", "server.cli", *flags, "--out", str(tmp_path / "two")],
+                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    for file in ("head.safetensors", "model.safetensors"):
+        one, two = load_file(tmp_path / "one" / "arm" / file), load_file(tmp_path / "two" / "arm" / file)
+        for name in one:
+            torch.testing.assert_close(one[name], two[name], atol=1e-5, rtol=1e-4, msg=f"{file}:{name}")
