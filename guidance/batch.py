@@ -8,7 +8,12 @@ prompt when a request joins), then its head scores the candidates.
 
 Per-request KL is written per output position into a preallocated buffer, so a
 step that does not sample (a chunk of a long prompt) is overwritten by the step
-that does, and the total is summed only when it is collected.
+that does, and the total is summed only when it is collected. It is the KL between
+the distributions the engine samples from: offsets are added before temperature, so
+at a request's temperature T the guided policy is softmax((l + d) / T) and the base
+softmax(l / T) (see `guidance.divergence.kl_guided_to_base`; greedy requests, T = 0,
+are reported at T = 1). Each request's temperature is written once, when it joins,
+into a per-request buffer that `apply` gathers by index with the KL rows.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from torch import Tensor
 
 from guidance.catalog import GuideCatalog
-from guidance.divergence import candidate_mask, kl_guided_to_base
+from guidance.divergence import GREEDY_TEMPERATURE, candidate_mask, kl_guided_to_base
 from guidance.module import WHOLE_VOCABULARY
 from guidance.spec import ResolvedGuidance
 from models.runtime.guide import GuideModel
@@ -51,7 +56,7 @@ class StepTimings:
 
 @dataclass(frozen=True)
 class GuidanceReport:
-    kl: float  # sum over generated tokens of KL(pi_guided || pi_base)
+    kl: float  # sum over generated tokens of KL(pi_guided || pi_base) at the sampling temperature
     steps: int  # generated tokens that were guided
 
 
@@ -61,7 +66,7 @@ class _Request:
     guidance: list[ResolvedGuidance]
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]  # live reference, grown by the engine
-    stat: int  # row of the KL buffer
+    stat: int  # row of the KL and temperature buffers
     slots: dict[str, int]  # guide model name -> KV-cache slot
     first_output: int  # outputs generated before this (re)join, whose KL is carried
     carried_kl: Tensor | float = 0.0
@@ -110,6 +115,7 @@ class GuidanceBatch:
             for name in self._models
         }
         self._kl_at = torch.zeros(max_requests, max_len, device=self._device)  # KL by output position
+        self._temperature = torch.ones(max_requests, device=self._device)  # sampling temperature by stat row
         self._free_stats = list(range(max_requests - 1, -1, -1))
         self._rows: dict[int, _Request] = {}
         self._uncollected: OrderedDict[str, tuple[Tensor | float, int]] = OrderedDict()
@@ -122,20 +128,25 @@ class GuidanceBatch:
     # Batch updates: apply removed, then added, then moved.
 
     def add(self, row: int, key: str, guidance: Sequence[ResolvedGuidance],
-            prompt_ids: Sequence[int], output_ids: Sequence[int]) -> None:
-        """A request joins row `row` (replacing whatever was there)."""
+            prompt_ids: Sequence[int], output_ids: Sequence[int], temperature: float = 1.0) -> None:
+        """A request joins row `row` (replacing whatever was there).
+
+        `temperature` is the request's sampling temperature, at which its KL is measured
+        (below `GREEDY_TEMPERATURE`, i.e. greedy decoding: at temperature 1)."""
         if row in self._rows:
             self.remove(row)
         active = [g for g in guidance if g.params.strength > 0]
         if not active:
             return  # strength 0 everywhere: exactly the unguided distribution, nothing to run
         carried_kl, carried_steps = self._uncollected.pop(key, (0.0, 0))  # rejoining after preemption
+        stat = self._free_stats.pop()
+        self._temperature[stat] = 1.0 if temperature < GREEDY_TEMPERATURE else float(temperature)
         self._rows[row] = _Request(
             key=key,
             guidance=active,
             prompt_ids=prompt_ids,
             output_ids=output_ids,
-            stat=self._free_stats.pop(),
+            stat=stat,
             slots={name: self._models[name].cache.allocate() for name in {g.params.model for g in active}},
             first_output=len(output_ids),
             carried_kl=carried_kl,
@@ -168,7 +179,8 @@ class GuidanceBatch:
 
     @torch.no_grad()
     def apply(self, logits: Tensor) -> Tensor:
-        """Add every guided row's offsets to its logits ``[rows, V]`` in place; record its KL."""
+        """Add every guided row's offsets to its logits ``[rows, V]`` in place; record its KL at
+        the row's sampling temperature."""
         if not self._rows:
             return logits
         began = time.perf_counter()
@@ -188,7 +200,8 @@ class GuidanceBatch:
             self._add_offsets(offsets, base, requests, model_name, group)
         stat = torch.tensor([q.stat for q in requests], device=self._device)
         position = torch.tensor([len(q.output_ids) for q in requests], device=self._device)
-        self._kl_at[stat, position] = kl_guided_to_base(base, offsets).to(self._device)
+        temperature = self._temperature[stat].to(base.device)  # [G]
+        self._kl_at[stat, position] = kl_guided_to_base(base, offsets, temperature).to(self._device)
         logits[row_index] = (base + offsets).to(logits.dtype)
         self.timings.observe(time.perf_counter() - began)
         return logits

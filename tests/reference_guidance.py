@@ -2,7 +2,8 @@
 
 No KV cache, no batching, no vLLM, no `models.runtime` decoder: every step re-runs
 the base model and the guide backbone (transformers' LlamaModel) over the whole
-prefix and applies the rule of DESIGN.md section 3 written out directly.
+prefix and applies the rule of DESIGN.md section 3 written out directly. `guided_kl`
+recomputes the reported KL of a given completion the same way.
 """
 
 from __future__ import annotations
@@ -59,33 +60,69 @@ def value_offset(kind: str, rule: str, score: torch.Tensor, strength: float, ato
     return strength * float(score)
 
 
+def guided_offsets(logits: torch.Tensor, guides: dict[str, ReferenceGuide], guidance: list[dict],
+                   ids: list[int]) -> torch.Tensor:
+    """The summed offsets d(s, y) of all entries for prefix `ids` with base logits `logits` [V] (float64)."""
+    offsets = torch.zeros_like(logits)
+    for entry in guidance:
+        guide, rule, strength = guides[entry["model"]], entry["type"], entry["strength"]
+        if strength == 0:
+            continue
+        kind, scoring, atoms = guide.head["type"], guide.head["scoring"], guide.head.get("atoms")
+        default_k = 20 if rule in ("qsharp", "cd") else -1
+        k = entry.get("top_k", default_k)
+        candidates = torch.topk(logits, logits.numel() if k == -1 else k).indices.tolist()
+        if rule in ("arm", "genarm"):
+            scores = guide.raw_scores(guide.hidden(ids)).double()
+            if rule == "genarm":
+                scores = torch.log_softmax(scores, -1)
+            for c in candidates:
+                offsets[c] += strength * scores[c]
+            continue
+        q_scores = guide.raw_scores(guide.hidden(ids)) if scoring == "q" else None
+        for c in candidates:
+            score = q_scores[c] if scoring == "q" else guide.raw_scores(guide.hidden(ids + [c]))
+            offsets[c] += value_offset(kind, rule, score, strength, atoms)
+    return offsets
+
+
+def kl_at_temperature(logits: torch.Tensor, offsets: torch.Tensor, temperature: float) -> float:
+    """KL(pi_guided || pi_base) between the distributions sampled at `temperature`: the offsets
+    are added before temperature, so pi_guided = softmax((l + d) / T), pi_base = softmax(l / T)
+    (top-p / top-k truncation comes later and is left out). Greedy (T = 0) is taken at T = 1."""
+    t = temperature if temperature >= 1e-5 else 1.0
+    log_base = torch.log_softmax(logits.double() / t, -1)
+    log_guided = torch.log_softmax((logits + offsets).double() / t, -1)
+    guided = log_guided.exp()
+    keep = guided > 0
+    return float((guided[keep] * (log_guided[keep] - log_base[keep])).sum())
+
+
 @torch.no_grad()
 def guided_greedy(base: LlamaForCausalLM, guides: dict[str, ReferenceGuide], guidance: list[dict],
                   prompt_ids: list[int], max_tokens: int, eos_id: int) -> list[int]:
     ids, out = list(prompt_ids), []
     for _ in range(max_tokens):
         logits = base(torch.tensor([ids])).logits[0, -1].double()
-        offsets = torch.zeros_like(logits)
-        for entry in guidance:
-            guide, rule, strength = guides[entry["model"]], entry["type"], entry["strength"]
-            kind, scoring, atoms = guide.head["type"], guide.head["scoring"], guide.head.get("atoms")
-            default_k = 20 if rule in ("qsharp", "cd") else -1
-            k = entry.get("top_k", default_k)
-            candidates = torch.topk(logits, logits.numel() if k == -1 else k).indices.tolist()
-            if rule in ("arm", "genarm"):
-                scores = guide.raw_scores(guide.hidden(ids)).double()
-                if rule == "genarm":
-                    scores = torch.log_softmax(scores, -1)
-                for c in candidates:
-                    offsets[c] += strength * scores[c]
-                continue
-            q_scores = guide.raw_scores(guide.hidden(ids)) if scoring == "q" else None
-            for c in candidates:
-                score = q_scores[c] if scoring == "q" else guide.raw_scores(guide.hidden(ids + [c]))
-                offsets[c] += value_offset(kind, rule, score, strength, atoms)
+        offsets = guided_offsets(logits, guides, guidance, ids)
         token = int(torch.argmax(logits + offsets))
         out.append(token)
         if token == eos_id:
             break
         ids.append(token)
     return out
+
+
+@torch.no_grad()
+def guided_kl(base: LlamaForCausalLM, guides: dict[str, ReferenceGuide], guidance: list[dict],
+              prompt_ids: list[int], output_ids: list[int], temperature: float) -> tuple[float, float]:
+    """The Q-sharp paper's response KL of a given completion, teacher-forced: the sum over its
+    tokens of the per-step KL at `temperature`. Returns (KL at `temperature`, KL at T = 1)."""
+    ids, at_t, at_one = list(prompt_ids), 0.0, 0.0
+    for token in output_ids:
+        logits = base(torch.tensor([ids])).logits[0, -1].double()
+        offsets = guided_offsets(logits, guides, guidance, ids)
+        at_t += kl_at_temperature(logits, offsets, temperature)
+        at_one += kl_at_temperature(logits, offsets, 1.0)
+        ids.append(token)
+    return at_t, at_one

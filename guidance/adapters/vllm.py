@@ -87,7 +87,10 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             args = params.extra_args or {}
             guidance = self._request_guidance(args) if prompt_ids is not None else []
             if guidance:
-                self._batch.add(row, args[KEY_ARG], guidance, prompt_ids, output_ids)
+                # The KL report is measured at the request's sampling temperature (vLLM divides
+                # the logits by it after this processor runs); greedy requests at temperature 1.
+                self._batch.add(row, args[KEY_ARG], guidance, prompt_ids, output_ids,
+                                temperature=params.temperature)
             else:
                 self._batch.remove(row)
         for source, target, direction in batch_update.moved:

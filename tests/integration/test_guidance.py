@@ -18,7 +18,7 @@ from models.runtime import build_head, save_head
 from models.demo.build import demo_base_dir
 from models.demo.task import sample_problems
 from tests.conftest import start_server, stop_server
-from tests.reference_guidance import ReferenceGuide, guided_greedy
+from tests.reference_guidance import ReferenceGuide, guided_greedy, guided_kl
 
 pytestmark = pytest.mark.engine
 
@@ -60,7 +60,10 @@ def guides_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def guided(tmp_path_factory, guides_file):
-    running = start_server(tmp_path_factory.mktemp("guided") / "server.log", "--guide-models", str(guides_file))
+    # float32 like the reference loop (vLLM on CPU runs "auto" float32 checkpoints in bfloat16),
+    # so the reported KL, which depends on the whole base distribution, is compared exactly.
+    running = start_server(tmp_path_factory.mktemp("guided") / "server.log", "--guide-models", str(guides_file),
+                           "--dtype", "float32")
     yield running
     stop_server(running)
 
@@ -134,6 +137,31 @@ def test_guidance_reports_kl_and_steps(openai_client, model_name):
     assert result.model_extra["guidance"] == {"entries": [
         {"type": "qsharp", "model": "demo-value", "strength": 2.0, "top_k": 10},
         {"type": "genarm", "model": "demo-genarm", "strength": 0.5, "top_k": -1}]}
+
+
+@pytest.mark.parametrize(
+    ("name", "temperature", "top_p"),
+    [("composed", 0.6, 1.0), ("composed", 1.7, 0.9), ("qsharp-hist", 0.5, 1.0), ("composed", 0.0, 1.0)],
+)
+def test_reported_kl_is_the_reference_kl_at_the_sampling_temperature(openai_client, model_name, reference,
+                                                                      name, temperature, top_p):
+    """`guidance.kl` is the sum over the response of KL(softmax((l + d) / T) || softmax(l / T)),
+    before top-p truncation; greedy (T = 0) is reported at T = 1. Checked by teacher-forcing each
+    returned completion through the plain-torch reference."""
+    base, tokenizer, guides = reference
+    prompt_ids = tokenizer.encode(PROMPT)
+    result = complete(openai_client, model_name, GUIDANCES[name], prompt=PROMPT, max_tokens=6,
+                      temperature=temperature, top_p=top_p, seed=21, n=2)
+    for choice in result.choices:
+        report = choice.model_extra["guidance"]
+        output_ids = tokenizer.encode(choice.text, add_special_tokens=False)
+        if choice.finish_reason == "stop":
+            output_ids.append(tokenizer.eos_token_id)  # sampled, guided, and not in the text
+        assert report["steps"] == len(output_ids), (choice.text, choice.finish_reason)
+        at_t, at_one = guided_kl(base, guides, GUIDANCES[name], prompt_ids, output_ids, temperature)
+        assert report["kl"] == pytest.approx(at_t, rel=2e-3, abs=1e-5), (choice.text, at_one)
+        if temperature > 0:
+            assert abs(at_t - at_one) > 1e-2 * max(at_t, at_one)  # the temperature changes the answer
 
 
 def test_streamed_guided_equals_non_streamed_and_reports_in_final_chunk(openai_client, model_name):

@@ -9,7 +9,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from guidance.batch import GuidanceBatch
 from guidance.catalog import GuideCatalog
-from guidance.divergence import kl_guided_to_base
 from guidance.loading import load_guide_models
 from guidance.spec import parse_guidance
 from models.runtime import build_head, save_head
@@ -47,6 +46,15 @@ def catalog(tmp_path_factory) -> GuideCatalog:
 @pytest.fixture
 def models(catalog):
     return load_guide_models(catalog, dtype=torch.float32, device="cpu")
+
+
+def reference_kl(logits: torch.Tensor, offsets: torch.Tensor, temperature: float = 1.0) -> float:
+    """KL(softmax((l + d) / T) || softmax(l / T)) of one row ``[V]``, from the definition; greedy
+    (T = 0) is reported at T = 1."""
+    t = temperature if temperature >= 1e-5 else 1.0
+    log_p = torch.log_softmax(logits.double() / t, -1)
+    log_q = torch.log_softmax((logits + offsets).double() / t, -1)
+    return float((log_q.exp() * (log_q - log_p)).sum())
 
 
 def reference_offsets(models, catalog, guidance, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -92,12 +100,12 @@ class FakeEngine:
         self.generator = torch.Generator().manual_seed(seed)
         self.expected_kl: dict[str, float] = {}
 
-    def add(self, row: int, key: str, spec: str, prompt: list[int]) -> None:
+    def add(self, row: int, key: str, spec: str, prompt: list[int], temperature: float = 1.0) -> None:
         guidance = parse_guidance(SPECS[spec], self.catalog)
-        request = {"key": key, "guidance": guidance, "prompt": prompt, "output": []}
+        request = {"key": key, "guidance": guidance, "prompt": prompt, "output": [], "temperature": temperature}
         self.rows[row] = request
         self.expected_kl[key] = 0.0
-        self.batch.add(row, key, guidance, prompt, request["output"])
+        self.batch.add(row, key, guidance, prompt, request["output"], temperature=temperature)
 
     def remove(self, row: int) -> None:
         del self.rows[row]
@@ -119,7 +127,7 @@ class FakeEngine:
             d = reference_offsets(self.models, self.catalog, request["guidance"],
                                   request["prompt"] + request["output"], logits[row])
             expected[row] = logits[row] + d
-            self.expected_kl[request["key"]] += kl_guided_to_base(logits[row:row + 1], d.unsqueeze(0)).item()
+            self.expected_kl[request["key"]] += reference_kl(logits[row], d, request["temperature"])
         out = self.batch.apply(logits.clone())
         assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
         for row, request in self.rows.items():
@@ -176,7 +184,8 @@ def test_report_survives_preemption_and_resume(catalog, models):
     engine.batch.remove(0)  # preempted: leaves the batch, output kept
     del engine.rows[0]
     engine.rows[1] = request
-    batch.add(1, "p", request["guidance"], request["prompt"], request["output"])  # resumes: guide caches re-prefilled
+    batch.add(1, "p", request["guidance"], request["prompt"], request["output"],
+              temperature=request["temperature"])  # resumes: guide caches re-prefilled
     engine.step()
     report = batch.collect(["p"])["p"]
     assert report.steps == 3
@@ -196,4 +205,46 @@ def test_partial_prefill_steps_are_not_counted(catalog, models):
     output.append(5)
     report = batch.collect(["k"])["k"]
     assert report.steps == 1
-    assert report.kl == pytest.approx(kl_guided_to_base(logits, d.unsqueeze(0)).item(), rel=1e-4)
+    assert report.kl == pytest.approx(reference_kl(logits[0], d), rel=1e-4)
+
+
+def test_kl_is_reported_at_each_rows_sampling_temperature(catalog, models):
+    """Rows at temperatures 0.5, 2 and 0 (greedy: reported at 1) in one batch, through joins,
+    a swap, a condensing move and a temperature-1 row reusing a freed stat row."""
+    batch = GuidanceBatch(models, catalog, max_requests=4, max_len=64)
+    engine = FakeEngine(batch, catalog, models, seed=7)
+    engine.add(0, "cold", "q", [1, 5, 9], temperature=0.5)
+    engine.add(1, "hot", "arm+genarm", [1, 7], temperature=2.0)
+    engine.add(2, "greedy", "hist+cd", [1, 3, 3], temperature=0.0)
+    engine.step()
+    engine.step()
+    engine.move(2, 0, swap=True)
+    engine.step()
+    engine.remove(1)
+    engine.move(2, 1, swap=False)
+    engine.step()
+    engine.add(2, "plain", "q", [1, 4])  # takes the stat row "hot" freed: its temperature is rewritten
+    engine.step()
+    reports = batch.collect(["cold", "hot", "greedy", "plain"])
+    for key, report in reports.items():
+        assert report.kl == pytest.approx(engine.expected_kl[key], rel=1e-4, abs=1e-6), key
+    assert {k: r.steps for k, r in reports.items()} == {"cold": 5, "hot": 3, "greedy": 5, "plain": 1}
+
+
+def test_temperature_changes_the_report_and_greedy_equals_temperature_one(catalog, models):
+    """The same guided step reported at T = 0.5, 1, 2 and 0 (greedy): T = 0 is T = 1, the others differ."""
+    guidance = parse_guidance(SPECS["q"], catalog)
+    torch.manual_seed(5)
+    logits = torch.randn(1, V) * 2
+    d = reference_offsets(models, catalog, guidance, [1, 2, 3], logits[0])
+    kls = {}
+    for t in (0.5, 1.0, 2.0, 0.0):
+        batch = GuidanceBatch(models, catalog, max_requests=1, max_len=8)
+        output: list[int] = []
+        batch.add(0, "k", guidance, [1, 2, 3], output, temperature=t)
+        batch.apply(logits.clone())
+        output.append(0)
+        kls[t] = batch.collect(["k"])["k"].kl
+        assert kls[t] == pytest.approx(reference_kl(logits[0], d, t), rel=1e-4, abs=1e-6), t
+    assert kls[0.0] == kls[1.0]
+    assert len({round(kls[t], 4) for t in (0.5, 1.0, 2.0)}) == 3

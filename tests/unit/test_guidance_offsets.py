@@ -83,9 +83,10 @@ def test_genarm_offset_is_alpha_log_pi_r():
     assert torch.allclose(d, 2.0 * torch.log_softmax(logits, -1))
 
 
-def _kl_reference(logits, offsets):
-    p = torch.softmax(logits.double(), -1)
-    q = torch.softmax((logits + offsets).double(), -1)
+def _kl_reference(logits, offsets, temperature=1.0):
+    """KL(softmax((l + d) / T) || softmax(l / T)) of one row, straight from the definition."""
+    p = torch.softmax(logits.double() / temperature, -1)
+    q = torch.softmax((logits + offsets).double() / temperature, -1)
     mask = q > 0
     return (q[mask] * (q[mask].log() - p[mask].log())).sum()
 
@@ -110,6 +111,63 @@ def test_kl_with_masked_tokens():
     kl = kl_guided_to_base(logits, offsets)
     assert torch.isfinite(kl).all()
     assert kl.item() == pytest.approx(_kl_reference(logits[0], offsets[0]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_kl_at_temperature_is_between_the_sampled_distributions(temperature):
+    """Offsets are added before temperature: the KL is KL(softmax((l + d) / T) || softmax(l / T))."""
+    torch.manual_seed(1)
+    logits, offsets = torch.randn(3, 40) * 2, torch.randn(3, 40) * 2
+    kl = kl_guided_to_base(logits, offsets, torch.full((3,), temperature))
+    at_one = kl_guided_to_base(logits, offsets)
+    for row in range(3):
+        expected = _kl_reference(logits[row], offsets[row], temperature).item()
+        assert kl[row].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert abs(expected - at_one[row].item()) > 1e-2  # the temperature matters here
+
+
+def test_kl_temperature_matches_scaling_logits_by_hand():
+    torch.manual_seed(2)
+    logits, offsets = torch.randn(2, 30), torch.randn(2, 30)
+    for t in (0.5, 2.0):
+        scaled = kl_guided_to_base(logits / t, offsets / t)
+        assert torch.allclose(kl_guided_to_base(logits, offsets, torch.full((2,), t)), scaled, rtol=1e-5, atol=1e-7)
+
+
+def test_greedy_rows_report_kl_at_temperature_one():
+    """Temperature below vLLM's sampling epsilon (1e-5) is greedy: an argmax, reported at T = 1."""
+    torch.manual_seed(3)
+    logits, offsets = torch.randn(3, 20), torch.randn(3, 20) * 3
+    greedy = kl_guided_to_base(logits, offsets, torch.tensor([0.0, 1e-6, 0.0]))
+    assert torch.equal(greedy, kl_guided_to_base(logits, offsets, torch.ones(3)))
+    for row in range(3):
+        assert greedy[row].item() == pytest.approx(_kl_reference(logits[row], offsets[row], 1.0).item(), rel=1e-4)
+
+
+def test_rows_with_different_temperatures_in_one_batch():
+    torch.manual_seed(4)
+    temperatures = [0.5, 2.0, 0.0, 1.0, 0.01]
+    logits, offsets = torch.randn(5, 25) * 2, torch.randn(5, 25)
+    kl = kl_guided_to_base(logits, offsets, torch.tensor(temperatures))
+    for row, t in enumerate(temperatures):
+        expected = _kl_reference(logits[row], offsets[row], t if t > 0 else 1.0).item()
+        assert kl[row].item() == pytest.approx(expected, rel=1e-3, abs=1e-5), (row, t)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.3, 1.0, 2.0])
+def test_kl_exactly_zero_without_offsets_at_any_temperature(temperature):
+    logits = torch.randn(3, 12)
+    logits[0, 4] = float("-inf")
+    kl = kl_guided_to_base(logits, torch.zeros(3, 12), torch.full((3,), temperature))
+    assert torch.equal(kl, torch.zeros(3))
+
+
+def test_kl_at_temperature_with_masked_tokens():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]])
+    offsets = torch.tensor([[1.0, 5.0, 0.0]])
+    kl = kl_guided_to_base(logits, offsets, torch.tensor([0.5]))
+    assert torch.isfinite(kl).all()
+    assert kl.item() == pytest.approx(_kl_reference(logits[0], offsets[0], 0.5).item(), rel=1e-5)
 
 
 def test_candidate_mask_takes_each_rows_top_k():

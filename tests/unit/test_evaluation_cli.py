@@ -1,0 +1,83 @@
+"""`alignserve eval` refuses bad input before any request, naming the flag or field; server start and stop."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import httpx
+import pytest
+
+from server.cli import main
+from workflows.server_process import start_server
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "1+2="}) + "\n")
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        code = main(["eval", *argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_is_refused_naming_the_flag(capsys, prompts, tmp_path):
+    common = ["--prompts", str(prompts), "--out", str(tmp_path / "out"), "--url", "http://127.0.0.1:9"]
+    cases = [
+        (["--verifier", "nope"], "Unknown verifier 'nope'"),
+        (["--verifier", "demo-verifier", "--strengths", "1,x"], "argument --strengths: 'x' is not a number"),
+        (["--verifier", "demo-verifier", "--n", "0"], "argument --n: 0 must be at least 1"),
+        (["--verifier", "demo-verifier", "--qsharp", "v@-1"], "argument --qsharp: strength -1 must be >= 0"),
+        (["--verifier", "demo-verifier", "--top-p", "0"], "argument --top-p: must be in (0, 1]"),
+        (["--verifier", "demo-verifier", "--samples", "0"], "argument --samples: must be at least 1"),
+        (["--verifier", "demo-verifier", "--guide-models", "g.json"], "--guide-models and --serve-args need --model"),
+        (["--verifier", "demo-verifier", "--qsharp", "v@1", "v@1"], "'qsharp(v)@1' is used twice"),
+        (["--verifier", "demo-verifier", "--configs", str(tmp_path / "missing.json")], "--configs"),
+    ]
+    for flags, message in cases:
+        code, err = run(capsys, *common, *flags)
+        assert code == 2 and message in err, (flags, err)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    code, err = run(capsys, "--prompts", str(bad), "--out", str(tmp_path / "out"), "--url", "http://127.0.0.1:9",
+                    "--verifier", "demo-verifier")
+    assert code == 2 and "--prompts" in err and "line 1" in err
+    code, err = run(capsys, "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--verifier", "demo-verifier")
+    assert code == 2 and "one of the arguments --model --url is required" in err
+
+
+def test_an_unreachable_server_is_an_error(capsys, prompts, tmp_path):
+    code, err = run(capsys, "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--url",
+                    "http://127.0.0.1:9", "--verifier", "demo-verifier")
+    assert code == 1 and "could not read the served model's name" in err
+
+
+HEALTHY = textwrap.dedent("""
+    import http.server, sys
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+    http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+""")
+
+
+def test_start_server_waits_for_health_and_stops(tmp_path):
+    with start_server("fake", lambda port: [sys.executable, "-c", HEALTHY, str(port)], tmp_path / "s.log",
+                      timeout_s=60) as server:
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        assert server.start_seconds > 0
+    assert server.process.poll() is not None
+
+
+def test_start_server_quotes_the_log_of_a_server_that_exits(tmp_path):
+    script = "import sys; print('cannot load the model'); sys.exit(3)"
+    with pytest.raises(RuntimeError, match=r"(?s)fake exited with 3.*cannot load the model"):
+        start_server("fake", lambda port: [sys.executable, "-c", script], tmp_path / "s.log", timeout_s=60)

@@ -1,0 +1,104 @@
+"""`alignserve eval` configurations: the --configs file's validation and the sweep built from flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from workflows.evaluation.configs import BASE, ConfigError, EvalConfig, check_unique, read_config_file
+from workflows.evaluation.sweep import GuideModel, Sweep, parse_counts, parse_guide_model, parse_strengths, sweep_configs
+
+
+def write(tmp_path: Path, body) -> Path:
+    path = tmp_path / "configs.json"
+    path.write_text(body if isinstance(body, str) else json.dumps(body))
+    return path
+
+
+GOOD = {"name": "q@4", "method": "qsharp", "strength": 4,
+        "guidance": [{"type": "qsharp", "model": "v", "strength": 4}]}
+
+
+def test_config_file_round_trip(tmp_path):
+    bo = {"name": "bo8", "method": "best-of-n", "strength": None,
+          "search": {"type": "best_of_n", "n": 8, "scorer": "v", "temperature": 0.5}}
+    configs = read_config_file(write(tmp_path, [GOOD, bo]))
+    assert configs[0] == EvalConfig("q@4", "qsharp", 4.0, guidance=({"type": "qsharp", "model": "v", "strength": 4},))
+    assert configs[0].extension == {"guidance": [{"type": "qsharp", "model": "v", "strength": 4}]}
+    assert configs[1].strength is None and configs[1].search_type == "best_of_n"
+    assert configs[1].to_json() == bo
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("[not json", "not json|Expecting value"),
+    ({"name": "x"}, "non-empty JSON list"),
+    ([], "non-empty JSON list"),
+    (["q"], r"\[0\]: must be an object"),
+    ([{**GOOD, "top_k": 3}], r"\[0\]: unknown fields \['top_k'\]"),
+    ([{**GOOD, "name": ""}], r"\[0\]\.name: must be a non-empty string"),
+    ([{k: v for k, v in GOOD.items() if k != "method"}], r"\[0\]\.method: must be a non-empty string"),
+    ([{**GOOD, "name": "base"}], r"\[0\]\.name: 'base' is reserved"),
+    ([GOOD, {**GOOD, "strength": "4"}], r"\[1\]\.strength: must be a number or null"),
+    ([{**GOOD, "strength": True}], r"\[0\]\.strength: must be a number or null"),
+    ([{**GOOD, "guidance": {"type": "qsharp"}}], r"\[0\]\.guidance: must be a list of objects"),
+    ([{"name": "n", "method": "m"}], r"\[0\]: give 'guidance' and/or 'search'"),
+    ([{**GOOD, "search": ["best_of_n"]}], r"\[0\]\.search: must be an object"),
+    ([{**GOOD, "search": {"type": "beam", "n": 2}}], r"\[0\]\.search\.type: must be one of"),
+    ([{**GOOD, "search": {"type": "best_of_n", "n": 0, "scorer": "v"}}], r"\[0\]\.search\.n: must be a positive"),
+    ([{**GOOD, "search": {"type": "blockwise", "candidates": 4, "scorer": "v"}}],
+     r"\[0\]\.search\.block_tokens: must be a positive integer, got None"),
+    ([{**GOOD, "search": {"type": "best_of_n", "n": 2, "scorer": "v", "temperature": -1}}],
+     r"\[0\]\.search\.temperature: must be a number >= 0"),
+])
+def test_config_file_errors_name_the_file_and_field(tmp_path, body, message):
+    path = write(tmp_path, body)
+    with pytest.raises(ConfigError, match=message) as caught:
+        read_config_file(path)
+    assert str(caught.value).startswith(f"--configs {path}")
+
+
+def test_missing_config_file_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match="--configs .*nope.json"):
+        read_config_file(tmp_path / "nope.json")
+
+
+def test_duplicate_names_are_refused():
+    check_unique([BASE, EvalConfig("a", "m", 1.0, guidance=({},))])
+    with pytest.raises(ConfigError, match="'a' is used twice"):
+        check_unique([EvalConfig("a", "m", 1.0), EvalConfig("a", "m", 2.0)])
+
+
+def test_flag_lists():
+    assert parse_strengths("0.5,1,2") == (0.5, 1.0, 2.0)
+    assert parse_counts("1,2,16") == (1, 2, 16)
+    assert parse_guide_model("demo-value") == GuideModel("demo-value")
+    assert parse_guide_model("demo-arm@0.25,1") == GuideModel("demo-arm", (0.25, 1.0))
+    for bad, message in (("1,x", "'x' is not a number"), ("-1", "must be >= 0"), ("nan", "must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            parse_strengths(bad)
+    with pytest.raises(ValueError, match="'2.5' is not an integer"):
+        parse_counts("1,2.5")
+    with pytest.raises(ValueError, match="0 must be at least 1"):
+        parse_counts("0")
+    with pytest.raises(ValueError, match="give a guide-model name"):
+        parse_guide_model("@1,2")
+
+
+def test_sweep_from_flags():
+    sweep = Sweep(guided={"qsharp": (GuideModel("v1"), GuideModel("v2", (8.0,))), "arm": (GuideModel("a"),)},
+                  strengths=(1.0, 2.0), best_of_n=("verifier",), ns=(1, 4), blockwise=("p",),
+                  block_candidates=(2, 4), block_tokens=3)
+    configs = sweep_configs(sweep)
+    assert [c.name for c in configs] == [
+        "qsharp(v1)@1", "qsharp(v1)@2", "qsharp(v2)@8", "arm(a)@1", "arm(a)@2",
+        "best-of-1(verifier)", "best-of-4(verifier)", "blockwise-2x3(p)", "blockwise-4x3(p)"]
+    assert [c.method for c in configs] == ["qsharp(v1)"] * 2 + ["qsharp(v2)"] + ["arm(a)"] * 2 + \
+        ["best-of-n(verifier)"] * 2 + ["blockwise(p)"] * 2
+    assert [c.strength for c in configs] == [1.0, 2.0, 8.0, 1.0, 2.0, 1.0, 4.0, 2.0, 4.0]
+    assert configs[2].extension == {"guidance": [{"type": "qsharp", "model": "v2", "strength": 8.0}]}
+    assert configs[6].extension == {"search": {"type": "best_of_n", "n": 4, "scorer": "verifier"}}
+    assert configs[8].extension == {"search": {"type": "blockwise", "candidates": 4, "block_tokens": 3,
+                                               "scorer": "p"}}
+    assert sweep_configs(Sweep()) == []

@@ -1,0 +1,138 @@
+"""`alignserve eval` requests against httpx's mock transport: bodies, seeds, errors, and a whole run's files."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+
+import httpx
+import pytest
+
+from guidance.verifiers import answer_extractor, get_verifier
+from workflows.evaluation.configs import BASE, EvalConfig
+from workflows.evaluation.pipeline import RESULT_FILES, evaluate
+from workflows.evaluation.reports import RunInfo
+from workflows.evaluation.runner import EvalRequestError, Runner, SamplingSettings, sample_seed, verifier_prompt
+from workflows.prompt_file import PromptRecord
+
+CHAT = PromptRecord(id="c", messages=({"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Add: 2+3="}))
+TEXT = PromptRecord(id="t", prompt="12+30=")
+SETTINGS = SamplingSettings(model="m", samples=3, temperature=0.8, top_p=0.9, max_tokens=8, seed=100)
+QSHARP = EvalConfig("q@2", "qsharp", 2.0, guidance=({"type": "qsharp", "model": "v", "strength": 2.0},))
+BO4 = EvalConfig("bo4", "best-of-n(v)", 4.0, search={"type": "best_of_n", "n": 4, "scorer": "v"})
+BLOCKWISE = EvalConfig("bw", "blockwise(p)", 2.0, search={"type": "blockwise", "candidates": 2, "block_tokens": 3,
+                                                          "scorer": "p"})
+
+
+class FakeServer:
+    """Answers "5" to chat and "42" to completions, with a KL report when guided; records requests."""
+
+    def __init__(self, status: int = 200, rate_limited: int = 0) -> None:
+        self.requests: list[tuple[str, dict]] = []
+        self.status, self.rate_limited = status, rate_limited
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.requests.append((request.url.path, body))
+        if self.rate_limited:
+            self.rate_limited -= 1
+            return httpx.Response(429, headers={"Retry-After": "0"}, json={"error": {"message": "busy"}})
+        if self.status != 200:
+            return httpx.Response(self.status, json={"error": {"message": "Unknown guide model 'v'",
+                                                               "type": "invalid_request_error",
+                                                               "param": "guidance[0].model", "code": None}})
+        choice = {"index": 0, "finish_reason": "stop"}
+        if "guidance" in body or "search" in body:
+            choice["guidance"] = {"kl": 0.5 if "guidance" in body else 0.0, "steps": 2}
+        if "messages" in body:
+            choice["message"] = {"role": "assistant", "content": "5"}
+        else:
+            choice["text"] = "42"
+        return httpx.Response(200, json={"choices": [choice], "usage": {"completion_tokens": 2}})
+
+
+def run_samples(server: FakeServer, config: EvalConfig, records=(CHAT, TEXT)):
+    async def go():
+        async with httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(server)) as client:
+            runner = Runner(client, records, SETTINGS, get_verifier("demo-verifier"),
+                            answer_extractor("demo-verifier"), concurrency=2)
+            return [await runner.sample(config, i, j) for i in range(len(records)) for j in range(SETTINGS.samples)]
+
+    return asyncio.run(go())
+
+
+def test_verifier_prompt_joins_chat_contents():
+    assert verifier_prompt(CHAT) == "Be brief.\nAdd: 2+3="
+    assert verifier_prompt(TEXT) == "12+30="
+
+
+def test_seeds_are_common_random_numbers():
+    # seed + (i*K + j) * S: S = 1 plain, N for best-of-N, ceil(max_tokens / block) * candidates for blockwise.
+    assert [sample_seed(SETTINGS, BASE, i, j) for i in range(2) for j in range(3)] == [100, 101, 102, 103, 104, 105]
+    assert [sample_seed(SETTINGS, QSHARP, 1, j) for j in range(3)] == [103, 104, 105]
+    assert [sample_seed(SETTINGS, BO4, 1, j) for j in range(3)] == [112, 116, 120]
+    assert sample_seed(SETTINGS, BLOCKWISE, 1, 2) == 100 + 5 * math.ceil(8 / 3) * 2
+    bo1 = EvalConfig("bo1", "b", 1.0, search={"type": "best_of_n", "n": 1, "scorer": "v"})
+    assert sample_seed(SETTINGS, bo1, 1, 2) == sample_seed(SETTINGS, BASE, 1, 2)  # best-of-1 is the base
+
+
+def test_requests_and_samples():
+    server = FakeServer()
+    samples = run_samples(server, QSHARP)
+    paths = [path for path, _ in server.requests]
+    assert paths == ["/v1/chat/completions"] * 3 + ["/v1/completions"] * 3
+    chat_body, text_body = server.requests[0][1], server.requests[3][1]
+    assert chat_body == {"model": "m", "n": 1, "max_tokens": 8, "temperature": 0.8, "top_p": 0.9, "seed": 100,
+                         "cache": False, "guidance": [{"type": "qsharp", "model": "v", "strength": 2.0}],
+                         "messages": list(CHAT.messages)}
+    assert text_body["prompt"] == "12+30=" and text_body["seed"] == 103
+    assert [(s.reward, s.answer, s.kl, s.steps, s.completion_tokens) for s in samples[:1] + samples[3:4]] == [
+        (1.0, 5, 0.5, 2, 2), (1.0, 42, 0.5, 2, 2)]
+    base = run_samples(FakeServer(), BASE)
+    assert base[0].kl == 0.0 and base[0].steps == 0  # no guidance object: nothing was steered
+
+
+def test_failed_request_names_config_prompt_and_sample():
+    with pytest.raises(EvalRequestError) as caught:
+        run_samples(FakeServer(status=400), QSHARP, records=(TEXT,))
+    message = str(caught.value)
+    assert "config 'q@2'" in message and "prompt 't'" in message and "sample 0" in message
+    assert "HTTP 400" in message and "Unknown guide model" in message and "guidance[0].model" in message
+
+
+def test_transport_error_names_config_and_prompt():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    with pytest.raises(EvalRequestError, match=r"config 'base', prompt 't'.*ConnectError"):
+        run_samples(refuse, BASE, records=(TEXT,))
+
+
+def test_rate_limited_requests_are_retried():
+    server = FakeServer(rate_limited=2)
+    assert len(run_samples(server, BASE, records=(TEXT,))) == 3
+    assert len(server.requests) == 5
+
+
+def test_a_whole_run_writes_every_file(tmp_path):
+    server = FakeServer()
+    info = RunInfo(command="alignserve eval ...", model="m", server="fake", prompts_file="p.jsonl", prompts=2,
+                   verifier="demo-verifier", samples=3, temperature=0.8, top_p=0.9, max_tokens=8, seed=100)
+    rows = asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE, QSHARP, BO4, BLOCKWISE], SETTINGS, info,
+                                tmp_path, progress=False, transport=httpx.MockTransport(server)))
+    assert len(server.requests) == 4 + 4 * 6  # one check per configuration, then 2 prompts x 3 samples each
+    assert [r.config for r in rows] == ["base", "q@2", "bo4", "bw"]
+    assert all(r.pass_at_1 == 1.0 and r.maj_at_k == 1.0 for r in rows)
+    assert [r.mean_kl for r in rows] == [0.0, 0.5, pytest.approx(math.log(4) - 0.75), None]
+    for name in RESULT_FILES:
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (tmp_path / "results.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["config"] for row in table] == ["base", "q@2", "bo4", "bw"] and table[3]["mean_kl"] == ""
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert body["run"]["seed"] == 100 and body["configs"][2]["search"]["n"] == 4
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4 * 6

@@ -1,0 +1,70 @@
+"""One evaluation run against a running server: check every configuration, then run them one after
+the other (so each one's wall seconds are its own), rewriting the results after each, so an
+interrupted run keeps what finished."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+from tqdm.auto import tqdm
+
+from guidance.verifiers import answer_extractor, get_verifier
+from workflows.evaluation.configs import EvalConfig
+from workflows.evaluation.metrics import ResultRow, summarize
+from workflows.evaluation.plot import plot_reward_vs_kl
+from workflows.evaluation.reports import RunInfo, markdown_report, write_csv, write_json, write_samples
+from workflows.evaluation.runner import EvalRequestError, Runner, SamplingSettings
+from workflows.evaluation.samples import Sample
+from workflows.prompt_file import PromptRecord
+
+RESULT_FILES = ("results.csv", "results.md", "results.json", "samples.jsonl", "reward_vs_kl.png")
+
+
+def served_model_name(url: str) -> str:
+    """The first model ``GET /v1/models`` lists; EvalRequestError when the server does not answer."""
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=30)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise EvalRequestError(f"could not read the served model's name from {url}/v1/models: {exc}") from exc
+
+
+def write_results(out: Path, rows: Sequence[ResultRow], configs: Sequence[EvalConfig],
+                  samples: dict[str, list[Sample]], info: RunInfo) -> None:
+    """Every file of RESULT_FILES for the configurations finished so far."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(markdown_report(rows, info))
+    write_json(rows, configs, info, out / "results.json")
+    write_samples(samples, out / "samples.jsonl")
+    plot_reward_vs_kl(rows, out / "reward_vs_kl.png",
+                      f"{info.model} on {Path(info.prompts_file).name} ({info.verifier}), K={info.samples}, "
+                      f"T={info.temperature:g}, top_p={info.top_p:g}")
+
+
+async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[EvalConfig],
+                   settings: SamplingSettings, info: RunInfo, out: Path, concurrency: int = 32,
+                   timeout_s: float = 3600.0, progress: bool = True,
+                   transport: httpx.AsyncBaseTransport | None = None) -> list[ResultRow]:
+    """Run ``configs`` in order on ``records`` and write the results to ``out``; the rows."""
+    verifier, extractor = get_verifier(info.verifier), answer_extractor(info.verifier)
+    rows: list[ResultRow] = []
+    samples: dict[str, list[Sample]] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, transport=transport,
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+        runner = Runner(client, records, settings, verifier, extractor, concurrency)
+        await runner.check(configs)
+        with tqdm(total=len(configs) * len(records) * settings.samples, unit="request",
+                  disable=not progress) as bar:
+            for config in configs:
+                bar.set_description(config.name)
+                began = time.perf_counter()
+                samples[config.name] = await runner.run(config, bar)
+                rows.append(summarize(config, samples[config.name], time.perf_counter() - began,
+                                      with_majority=extractor is not None))
+                write_results(out, rows, configs[: len(rows)], samples, info)
+    return rows

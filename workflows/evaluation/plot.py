@@ -1,0 +1,53 @@
+"""reward_vs_kl.png: pass@1 against mean KL to the base, one curve per method.
+
+Points of a curve are joined in order of strength and labelled with it (the guidance
+strength, N for best-of-N, candidates per block for blockwise); the base is a star at KL 0.
+Configurations whose KL leaves out their search's selection (blockwise) are drawn hollow;
+those with no KL estimate at all are listed under the plot instead of being placed on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from workflows.evaluation.configs import BASE_NAME  # noqa: E402
+from workflows.evaluation.metrics import ResultRow  # noqa: E402
+
+
+def plot_reward_vs_kl(rows: Sequence[ResultRow], path: Path, title: str) -> None:
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    curves: dict[str, list[ResultRow]] = {}
+    unplotted = []
+    for row in rows:
+        if row.method == BASE_NAME:
+            axes.scatter([0.0], [row.pass_at_1], marker="*", s=180, color="black", zorder=3, label="base")
+        elif row.mean_kl is None:
+            unplotted.append(row.config)
+        else:
+            curves.setdefault(row.method, []).append(row)
+    for method, points in curves.items():
+        points.sort(key=lambda r: (r.strength is None, r.strength or 0.0))
+        complete = all(r.kl_complete for r in points)
+        kls, rewards = [r.mean_kl for r in points], [r.pass_at_1 for r in points]
+        line, = axes.plot(kls, rewards, marker="o", markerfacecolor=None if complete else "none",
+                          label=method if complete else f"{method} (KL excludes selection)")
+        for r in points:
+            if r.strength is not None:
+                axes.annotate(f"{r.strength:g}", (r.mean_kl, r.pass_at_1), textcoords="offset points",
+                              xytext=(4, 4), fontsize=8, color=line.get_color())
+    axes.set_xlabel("mean KL to the base (nats per completion)")
+    axes.set_ylabel("pass@1")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    if unplotted:
+        figure.text(0.01, 0.01, "KL not estimated, not plotted: " + ", ".join(unplotted), fontsize=7)
+    figure.tight_layout(rect=(0, 0.03 if unplotted else 0, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,100 @@
+"""The usual sweep, built from guide-model and scorer names given on the command line.
+
+    --qsharp my-value --cd my-prefix --strengths 0.5,1,2,4,8   per-step guidance, one config per strength
+    --arm my-arm@0.25,0.5,1                                     a model's own strengths (after '@')
+    --best-of-n alignserve-verifier my-value --n 1,2,4,8,16     best-of-N, one config per N
+    --blockwise my-prefix --block-candidates 4 --block-tokens 4 blockwise CD, one config per candidate count
+
+Each guide model or scorer is one curve (``method``): ``qsharp(my-value)``, ``best-of-n(my-value)``,
+``blockwise(my-prefix)``; the strength of a point is the guidance strength, N, or the
+candidates per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workflows.evaluation.configs import EvalConfig
+
+# Per-step guidance flags: --qsharp, --cd, --arm, --genarm set entries of these module types.
+GUIDED_METHODS = ("qsharp", "cd", "arm", "genarm")
+DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_NS = (1, 2, 4, 8, 16)
+DEFAULT_BLOCK_CANDIDATES = (4,)
+DEFAULT_BLOCK_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class GuideModel:
+    """A guide model named on the command line, with its own strengths (None: ``--strengths``)."""
+
+    model: str
+    strengths: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    guided: dict[str, tuple[GuideModel, ...]] = field(default_factory=dict)  # guidance type -> models
+    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    best_of_n: tuple[str, ...] = ()  # scorers
+    ns: tuple[int, ...] = DEFAULT_NS
+    blockwise: tuple[str, ...] = ()  # scorers
+    block_candidates: tuple[int, ...] = DEFAULT_BLOCK_CANDIDATES
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
+
+
+def parse_strengths(text: str) -> tuple[float, ...]:
+    """``"0.5,1,2"`` -> (0.5, 1.0, 2.0); ValueError unless every item is a number >= 0."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not a number (expected e.g. 0.5,1,2)") from None
+        if not value >= 0:
+            raise ValueError(f"strength {item.strip()} must be >= 0")
+        values.append(value)
+    return tuple(values)
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> (1, 2, 4); ValueError unless every item is an integer >= 1."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not an integer (expected e.g. 1,2,4,8)") from None
+        if value < 1:
+            raise ValueError(f"{value} must be at least 1")
+        values.append(value)
+    return tuple(values)
+
+
+def parse_guide_model(text: str) -> GuideModel:
+    """``"MODEL"`` or ``"MODEL@1,2,4"`` (that model's own strengths)."""
+    model, at, strengths = text.partition("@")
+    if not model:
+        raise ValueError(f"{text!r}: give a guide-model name (MODEL or MODEL@STRENGTHS)")
+    return GuideModel(model, parse_strengths(strengths) if at else None)
+
+
+def _guided(method: str, guide: GuideModel, default: tuple[float, ...]) -> list[EvalConfig]:
+    label = f"{method}({guide.model})"
+    return [EvalConfig(name=f"{label}@{strength:g}", method=label, strength=strength,
+                       guidance=({"type": method, "model": guide.model, "strength": strength},))
+            for strength in (guide.strengths or default)]
+
+
+def sweep_configs(sweep: Sweep) -> list[EvalConfig]:
+    """The configurations of ``sweep``, per-step methods first, then best-of-N, then blockwise."""
+    configs = [config for method in GUIDED_METHODS for guide in sweep.guided.get(method, ())
+               for config in _guided(method, guide, sweep.strengths)]
+    configs += [EvalConfig(name=f"best-of-{n}({scorer})", method=f"best-of-n({scorer})", strength=float(n),
+                           search={"type": "best_of_n", "n": n, "scorer": scorer})
+                for scorer in sweep.best_of_n for n in sweep.ns]
+    configs += [EvalConfig(name=f"blockwise-{k}x{sweep.block_tokens}({scorer})", method=f"blockwise({scorer})",
+                           strength=float(k), search={"type": "blockwise", "candidates": k,
+                                                      "block_tokens": sweep.block_tokens, "scorer": scorer})
+                for scorer in sweep.blockwise for k in sweep.block_candidates]
+    return configs
