@@ -133,8 +133,8 @@ def test_verifier_scorer_scores_text():
 def test_catalog_holds_verifiers_and_the_sequence_scoring_guide_models():
     scorers = ScorerCatalog.load(demo_catalog())
     # A Q-type value head (demo-value) scores next tokens, not sequences.
-    assert scorers.names() == ["demo-arm", "demo-genarm", "demo-prefix", "demo-reward", "demo-value-hist",
-                               "demo-verifier"]
+    assert scorers.names() == ["arith-first-line", "demo-arm", "demo-genarm", "demo-prefix", "demo-reward",
+                               "demo-value-hist", "demo-verifier"]
     assert scorers["demo-verifier"].describe() == {"name": "demo-verifier", "kind": "verifier"}
     assert scorers["demo-reward"].describe() == {"name": "demo-reward", "kind": "model", "head": "reward"}
 
