@@ -188,10 +188,13 @@ def _run(args: argparse.Namespace) -> int:
                            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                            seed=args.seed)
             rows = asyncio.run(evaluate(url, records, configs, settings, info, args.out,
-                                        concurrency=args.concurrency, timeout_s=args.request_timeout))
+                                        concurrency=args.concurrency, timeout_s=args.request_timeout,
+                                        resume=args.resume))
     except RuntimeError as exc:  # EvalRequestError, or a server that did not start
         print(f"alignserve eval: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # --resume on a run that sampled differently
+        return refuse(str(exc))
     print((args.out / "results.md").read_text())
     print(f"alignserve eval: {len(rows)} configurations; results in {args.out}", file=sys.stderr)
     return 0
@@ -214,6 +217,9 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     evaluate_parser.add_argument("--verifier", required=True, metavar="NAME",
                                  help="named verifier that scores each completion (e.g. arith-first-line)")
     evaluate_parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the results")
+    evaluate_parser.add_argument("--resume", action="store_true",
+                                 help="keep the results of configurations an earlier run in --out finished with the "
+                                      "same request and sampling settings; run only the others")
     _add_server_flags(evaluate_parser)
     _add_sampling_flags(evaluate_parser)
     _add_config_flags(evaluate_parser)

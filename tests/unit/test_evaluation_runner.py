@@ -136,3 +136,22 @@ def test_a_whole_run_writes_every_file(tmp_path):
     body = json.loads((tmp_path / "results.json").read_text())
     assert body["run"]["seed"] == 100 and body["configs"][2]["search"]["n"] == 4
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 4 * 6
+
+
+def test_a_resumed_run_reuses_finished_configurations_and_runs_the_rest(tmp_path):
+    info = RunInfo(command="alignserve eval ...", model="m", server="fake", prompts_file="p.jsonl", prompts=2,
+                   verifier="demo-verifier", samples=3, temperature=0.8, top_p=0.9, max_tokens=8, seed=100)
+    first = asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE, QSHARP], SETTINGS, info, tmp_path,
+                                 progress=False, transport=httpx.MockTransport(FakeServer())))
+    server = FakeServer()
+    changed = EvalConfig("q@2", "qsharp", 2.0, guidance=({"type": "qsharp", "model": "v", "strength": 3.0},))
+    rows = asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE, changed, BO4], SETTINGS, info, tmp_path,
+                                progress=False, transport=httpx.MockTransport(server), resume=True))
+    # base is reused; q@2 asks for another request now, so it runs again, as does the new bo4.
+    assert len(server.requests) == 2 + 2 * 6
+    assert rows[0] == first[0] and [r.config for r in rows] == ["base", "q@2", "bo4"]
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3 * 6
+    other = RunInfo(**{**vars(info), "seed": 7})
+    with pytest.raises(ValueError, match="seed=100"):
+        asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE], SETTINGS, other, tmp_path, progress=False,
+                             transport=httpx.MockTransport(FakeServer()), resume=True))

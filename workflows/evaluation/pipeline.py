@@ -4,8 +4,10 @@ interrupted run keeps what finished."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,28 @@ from workflows.evaluation.samples import Sample
 from workflows.prompt_file import PromptRecord
 
 RESULT_FILES = ("results.csv", "results.md", "results.json", "samples.jsonl", "reward_vs_kl.png")
+# Run settings that must match for a resumed run to reuse earlier results (the command may differ).
+RESUME_KEYS = ("model", "prompts_file", "prompts", "verifier", "samples", "temperature", "top_p", "max_tokens", "seed")
+
+
+def finished_results(out: Path, info: RunInfo) -> dict[str, tuple[dict, ResultRow, list[Sample]]]:
+    """Configurations an earlier run in ``out`` finished: ``{name: (config JSON, row, samples)}``;
+    ValueError naming the setting when that run sampled differently."""
+    results_file, samples_file = out / "results.json", out / "samples.jsonl"
+    if not results_file.is_file():
+        return {}
+    earlier = json.loads(results_file.read_text())
+    for key in RESUME_KEYS:
+        if earlier["run"][key] != asdict(info)[key]:
+            raise ValueError(f"--resume: {out} holds a run with {key}={earlier['run'][key]!r}, this one has "
+                             f"{asdict(info)[key]!r}; use another --out")
+    samples: dict[str, list[Sample]] = {}
+    for line in samples_file.read_text().splitlines():
+        body = json.loads(line)
+        samples.setdefault(body.pop("config"), []).append(Sample(**body))
+    configs = {c["name"]: c for c in earlier["configs"]}
+    return {row["config"]: (configs[row["config"]], ResultRow(**row), samples[row["config"]])
+            for row in earlier["results"]}
 
 
 def served_model_name(url: str) -> str:
@@ -49,22 +73,32 @@ def write_results(out: Path, rows: Sequence[ResultRow], configs: Sequence[EvalCo
 async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[EvalConfig],
                    settings: SamplingSettings, info: RunInfo, out: Path, concurrency: int = 32,
                    timeout_s: float = 3600.0, progress: bool = True,
-                   transport: httpx.AsyncBaseTransport | None = None) -> list[ResultRow]:
-    """Run ``configs`` in order on ``records`` and write the results to ``out``; the rows."""
+                   transport: httpx.AsyncBaseTransport | None = None, resume: bool = False) -> list[ResultRow]:
+    """Run ``configs`` in order on ``records`` and write the results to ``out``; the rows. With
+    ``resume``, a configuration an earlier run in ``out`` finished with the same request and the
+    same sampling keeps its results (``finished_results``) instead of running again."""
     verifier, extractor = get_verifier(info.verifier), answer_extractor(info.verifier)
+    earlier = finished_results(out, info) if resume else {}
+    reused = {c.name for c in configs if c.name in earlier and earlier[c.name][0] == c.to_json()}
     rows: list[ResultRow] = []
     samples: dict[str, list[Sample]] = {}
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, transport=transport,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
         runner = Runner(client, records, settings, verifier, extractor, concurrency)
-        await runner.check(configs)
+        await runner.check([c for c in configs if c.name not in reused])
         with tqdm(total=len(configs) * len(records) * settings.samples, unit="request",
                   disable=not progress) as bar:
             for config in configs:
                 bar.set_description(config.name)
+                if config.name in reused:
+                    _, row, samples[config.name] = earlier[config.name]
+                    rows.append(row)
+                    bar.update(len(records) * settings.samples)
+                    continue
                 began = time.perf_counter()
                 samples[config.name] = await runner.run(config, bar)
                 rows.append(summarize(config, samples[config.name], time.perf_counter() - began,
                                       with_majority=extractor is not None))
                 write_results(out, rows, configs[: len(rows)], samples, info)
+    write_results(out, rows, configs, samples, info)
     return rows
