@@ -37,6 +37,7 @@ COPY scripts/ scripts/
 COPY server/ server/
 COPY guidance/ guidance/
 COPY models/ models/
+COPY workflows/ workflows/
 # The pip cache mount keeps downloaded wheels (GBs for CUDA) across rebuilds of changed sources.
 # Our sources are byte-compiled here, as the root filesystem may be read-only at run time.
 # chmod: COPY keeps the context's file modes, and checkpoints saved locally (demo build) are
@@ -45,8 +46,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     case "$VARIANT" in cpu|cuda) ;; *) echo "VARIANT must be cpu or cuda, not '$VARIANT'" >&2; exit 2 ;; esac \
     && if [ "$VARIANT" = cpu ]; then export PIP_EXTRA_INDEX_URL="$TORCH_CPU_INDEX"; fi \
     && bash scripts/setup.sh --"$VARIANT" \
-    && .venv/bin/python -m compileall -q server guidance models \
-    && chmod -R a+rX pyproject.toml README.md scripts server guidance models
+    && .venv/bin/python -m compileall -q server guidance models workflows \
+    && chmod -R a+rX pyproject.toml README.md scripts server guidance models workflows
 
 # ---------------------------------------------------------------- run-time system libraries
 FROM python AS runtime-cpu

@@ -385,8 +385,12 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored():
             assert (ROOT / path).exists(), source
             assert not any(fnmatch.fnmatch(path, p) for p in patterns), f"{source} is excluded by .dockerignore"
     # The editable install needs these; the demo checkpoints ship under models/.
-    for needed in ("pyproject.toml", "README.md", "scripts", "server", "guidance", "models"):
+    for needed in ("pyproject.toml", "README.md", "scripts", "server", "guidance", "models", "workflows"):
         assert not any(fnmatch.fnmatch(needed, p) for p in patterns), needed
+    # Every package the CLI imports is copied (the parser registers the workflows commands).
+    copied = {source.rstrip("/") for keyword, args in dockerfile_instructions()
+              if keyword == "COPY" and not args.startswith("--from") for source in args.split()[:-1]}
+    assert {"server", "guidance", "models", "workflows"} <= copied
 
 
 # ---------------------------------------------------------------- API schemas (optional tool)
