@@ -54,6 +54,22 @@ class FakeServer:
         return httpx.Response(200, json={"choices": [choice], "usage": {"completion_tokens": 2}})
 
 
+class FailingOn(FakeServer):
+    """Answers like FakeServer, except requests searching by ``search_type`` after the first (the
+    pre-run check): HTTP 500."""
+
+    def __init__(self, search_type: str) -> None:
+        super().__init__()
+        self.search_type, self.seen = search_type, 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content).get("search", {}).get("type") == self.search_type:
+            self.seen += 1
+            if self.seen > 1:
+                return httpx.Response(500, json={"error": {"message": "boom"}})
+        return super().__call__(request)
+
+
 def run_samples(server: FakeServer, config: EvalConfig, records=(CHAT, TEXT)):
     async def go():
         async with httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(server)) as client:
@@ -151,6 +167,12 @@ def test_a_resumed_run_reuses_finished_configurations_and_runs_the_rest(tmp_path
     assert len(server.requests) == 2 + 2 * 6
     assert rows[0] == first[0] and [r.config for r in rows] == ["base", "q@2", "bo4"]
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 3 * 6
+    # A run that fails after reusing results still keeps them on disk (q@2 is no longer asked for).
+    with pytest.raises(EvalRequestError):
+        asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE, BO4, BLOCKWISE], SETTINGS, info, tmp_path,
+                             progress=False, transport=httpx.MockTransport(FailingOn("blockwise")), resume=True))
+    assert [row["config"] for row in json.loads((tmp_path / "results.json").read_text())["results"]] == ["base",
+                                                                                                         "bo4"]
     other = RunInfo(**{**vars(info), "seed": 7})
     with pytest.raises(ValueError, match="seed=100"):
         asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE], SETTINGS, other, tmp_path, progress=False,

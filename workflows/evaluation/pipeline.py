@@ -94,11 +94,11 @@ async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[
                     _, row, samples[config.name] = earlier[config.name]
                     rows.append(row)
                     bar.update(len(records) * settings.samples)
-                    continue
-                began = time.perf_counter()
-                samples[config.name] = await runner.run(config, bar)
-                rows.append(summarize(config, samples[config.name], time.perf_counter() - began,
-                                      with_majority=extractor is not None))
+                else:
+                    began = time.perf_counter()
+                    samples[config.name] = await runner.run(config, bar)
+                    rows.append(summarize(config, samples[config.name], time.perf_counter() - began,
+                                          with_majority=extractor is not None))
+                # Reused results too: a failure further on must not drop them from the files.
                 write_results(out, rows, configs[: len(rows)], samples, info)
-    write_results(out, rows, configs, samples, info)
     return rows
