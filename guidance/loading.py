@@ -23,6 +23,19 @@ def load_guide_models(catalog: GuideCatalog, dtype: torch.dtype, device: torch.d
             for name in step_model_names(catalog)}
 
 
+def tokenizer_difference(base_model: Path, other: Path) -> str | None:
+    """How the tokenizer in ``other`` differs from the base model's (None when they are the same);
+    OSError / ValueError when ``other`` holds no tokenizer."""
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(base_model).get_vocab()
+    theirs = AutoTokenizer.from_pretrained(other).get_vocab()
+    if theirs == base:
+        return None
+    differing = len(set(base.items()) ^ set(theirs.items()))
+    return f"{len(theirs)} vs {len(base)} tokens, {differing} entries differ"
+
+
 def check_tokenizers(base_model: Path, catalog: GuideCatalog) -> None:
     """Refuse guide models whose tokenizer differs from the base model's.
 
@@ -30,19 +43,17 @@ def check_tokenizers(base_model: Path, catalog: GuideCatalog) -> None:
     """
     from transformers import AutoTokenizer
 
-    base = AutoTokenizer.from_pretrained(base_model).get_vocab()
+    base_size = len(AutoTokenizer.from_pretrained(base_model))
     for name in catalog.names():
         path = catalog[name].path
         try:
-            guide = AutoTokenizer.from_pretrained(path).get_vocab()
+            difference = tokenizer_difference(base_model, path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"guide model {name!r}: no tokenizer in {path} ({exc})") from exc
-        if guide != base:
-            differing = len(set(base.items()) ^ set(guide.items()))
+        if difference is not None:
             raise ValueError(
                 f"guide model {name!r} ({path}) uses a different tokenizer from the base model {base_model} "
-                f"({len(guide)} vs {len(base)} tokens, {differing} entries differ); guidance needs the same "
-                "tokenizer")
-        if catalog[name].vocab_size < len(base):
+                f"({difference}); guidance needs the same tokenizer")
+        if catalog[name].vocab_size < base_size:
             raise ValueError(f"guide model {name!r} has vocab_size {catalog[name].vocab_size}, smaller than the "
-                             f"base tokenizer's {len(base)} tokens")
+                             f"base tokenizer's {base_size} tokens")

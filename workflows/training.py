@@ -27,7 +27,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from guidance.catalog import GuideCatalog
-from guidance.loading import check_tokenizers
+from guidance.loading import check_tokenizers, tokenizer_difference
 from guidance.verifiers import get_verifier
 from models.training.guides import Backbone, GuideRecipe, save_guide, shared_features, train_guide
 from models.training.rollouts import (
@@ -65,16 +65,13 @@ class TokenizerMismatch(ValueError):
 
 def check_same_tokenizer(base: Path, other: Path) -> None:
     """Refuse a backbone whose tokenizer differs from the base model's: the guide scores the base's ids."""
-    base_vocab = AutoTokenizer.from_pretrained(base).get_vocab()
     try:
-        other_vocab = AutoTokenizer.from_pretrained(other).get_vocab()
+        difference = tokenizer_difference(base, other)
     except (OSError, ValueError) as exc:
         raise TokenizerMismatch(f"--init-from {other}: no tokenizer there ({exc})") from exc
-    if other_vocab != base_vocab:
-        differing = len(set(base_vocab.items()) ^ set(other_vocab.items()))
-        raise TokenizerMismatch(
-            f"--init-from {other} uses a different tokenizer from the base model {base} ({len(other_vocab)} vs "
-            f"{len(base_vocab)} tokens, {differing} entries differ); a guide model must share the base's tokenizer")
+    if difference is not None:
+        raise TokenizerMismatch(f"--init-from {other} uses a different tokenizer from the base model {base} "
+                                f"({difference}); a guide model must share the base's tokenizer")
 
 
 def is_rank_zero() -> bool:
