@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -69,16 +69,15 @@ async def _one_rollout(engine: Engine, renderer: PromptRenderer, verifier: Verif
                        rollin_guidance: tuple[dict[str, Any], ...]) -> RolloutRecord | None:
     options = SamplingOptions(max_tokens=settings.max_tokens, temperature=settings.temperature,
                               top_p=settings.top_p, seed=seed)
-    rollin = await _complete(engine, f"{request_id}-in", prompt.ids, SamplingOptions(
-        **{**vars(options), "guidance": rollin_guidance}))
+    rollin = await _complete(engine, f"{request_id}-in", prompt.ids, replace(options, guidance=rollin_guidance))
     if not rollin.token_ids:
         return None
     cut = random.Random(seed).randrange(len(rollin.token_ids))
     completion = list(rollin.token_ids)
     if rollin_guidance:
         kept = completion[:cut]
-        rollout = await _complete(engine, f"{request_id}-out", prompt.ids + kept, SamplingOptions(
-            **{**vars(options), "max_tokens": settings.max_tokens - cut}))
+        rollout = await _complete(engine, f"{request_id}-out", prompt.ids + kept,
+                                  replace(options, max_tokens=settings.max_tokens - cut))
         completion = kept + list(rollout.token_ids)
     text = renderer.decode(completion, skip_special_tokens=True)
     return RolloutRecord(group=prompt.group, prompt_ids=tuple(prompt.ids), completion_ids=tuple(completion),
