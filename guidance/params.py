@@ -18,7 +18,8 @@ class GuidanceParams(BaseModel):
     whole vocabulary, None the module's default. Tokens outside C get offset 0.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused as such ("Input should be a finite number"), not by a bound.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     type: str
     model: str = Field(min_length=1, description="A guide model configured by the operator.")

@@ -18,19 +18,21 @@ from server.api.guidance import router as guidance_router
 from server.api.health import router as health_router
 from server.api.metrics import router as metrics_router
 from server.api.models import router as models_router
+from server.api.tokenize import router as tokenize_router
 from server.cache.service import ResponseCache
 from server.engine import Engine
 from server.errors import install_error_handlers
 from server.lifecycle import Lifecycle
 from server.middleware import ApiKeyAuth, BodySizeLimit, RequestOutcomes
 from server.prompts import PromptRenderer
+from server.tool_calls import ToolCalling
 from server.search import Search
 from server.services import Services
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/version"})
 
 
 def create_app(
@@ -50,8 +52,9 @@ def create_app(
         scorers = ScorerCatalog.load(catalog)
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name())
         engine = start_engine(settings, catalog)
+        tools = ToolCalling.load(settings.tool_call_parser, settings.enable_auto_tool_choice, renderer.tokenizer)
         app.state.services = Services(settings, engine, renderer, catalog, scorers, Search(engine, scorers), lifecycle,
-                                      cache, created=int(time.time()))
+                                      cache, tools, created=int(time.time()))
         logger.info("serving %s from %s (cache: %s)", settings.model_name, settings.model,
                     cache.backend.name if cache.backend else "off")
         try:
@@ -63,7 +66,8 @@ def create_app(
     app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan)
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
-    for router in (health_router, metrics_router, models_router, guidance_router, completions_router, chat_router):
+    for router in (health_router, metrics_router, models_router, tokenize_router, guidance_router, completions_router,
+                   chat_router):
         app.include_router(router)
     # Added last = outermost: the body limit and key check run before anything else.
     app.add_middleware(RequestOutcomes)

@@ -9,16 +9,18 @@ in and gets `ChoiceDelta`s out.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -36,6 +38,7 @@ from guidance.batch import GuidanceReport, StepTimings
 from guidance.catalog import GuideCatalog
 from guidance.loading import step_model_names
 from guidance.search.report import SearchReport
+from server.errors import vllm_client_error
 from server.metrics import observe_guidance
 from server.settings import Settings
 from server.streams import merge
@@ -61,6 +64,8 @@ class SamplingOptions:
     logprobs: int | None = None
     ignore_eos: bool = False
     guidance: tuple[dict[str, Any], ...] = ()  # validated entries, see guidance.spec
+    # Further `SamplingParams` fields as vLLM derived them from the request (server.api.vllm_fields).
+    engine_params: Mapping[str, Any] = field(default_factory=dict)
 
     def child_params(self, index: int, key: str) -> SamplingParams:
         """Parameters of choice `index`, sampled as its own engine request.
@@ -81,6 +86,8 @@ class SamplingOptions:
             logprobs=self.logprobs,
             ignore_eos=self.ignore_eos,
             extra_args=extra_args,
+            # A copy per choice: vLLM keeps per-request state in some of them (a grammar's backend).
+            **copy.deepcopy(dict(self.engine_params)),
             # Each yielded output carries only what is new since the previous one.
             output_kind=RequestOutputKind.DELTA,
         )
@@ -95,6 +102,12 @@ class TokenLogprob:
     top: tuple[tuple[str, float], ...]
 
 
+# Per prompt token, the logprobs vLLM computed for it given the tokens before it (None for the
+# first token), as vLLM's server returns them: {"<token id>": {"logprob", "rank", "decoded_token"}},
+# the prompt's own token and the top `prompt_logprobs` alternatives.
+PromptLogprobs = tuple[dict[str, dict[str, Any]] | None, ...]
+
+
 @dataclass(frozen=True)
 class ChoiceDelta:
     """New output of one choice (index) since its previous delta."""
@@ -106,6 +119,7 @@ class ChoiceDelta:
     finish_reason: str | None
     guidance: GuidanceReport | None = None  # on a guided choice's last delta
     search: SearchReport | None = None  # on a searched choice's last delta
+    prompt_logprobs: PromptLogprobs | None = None  # on the first delta, when asked for
 
 
 @dataclass
@@ -118,6 +132,7 @@ class ChoiceOutput:
     finish_reason: str | None = None
     guidance: GuidanceReport | None = None
     search: SearchReport | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
@@ -126,6 +141,7 @@ class ChoiceOutput:
         self.finish_reason = delta.finish_reason or self.finish_reason
         self.guidance = delta.guidance or self.guidance
         self.search = delta.search or self.search
+        self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
 
 
 class Engine:
@@ -186,6 +202,17 @@ class Engine:
                     elapsed, max_len, ", ".join(catalog.names()) or "none")
         return cls(llm, max_len, elapsed, guided=bool(guided))
 
+    def check_options(self, options: SamplingOptions) -> None:
+        """A 400 with vLLM's message for options vLLM's engine would refuse (a token id out of the
+        vocabulary in logit_bias or allowed_token_ids, a grammar that does not compile, ...), so that
+        they are refused before the request is admitted or streamed."""
+        config = self._llm.vllm_config
+        try:
+            options.child_params(0, key="check").verify(
+                config.model_config, config.speculative_config, config.structured_outputs_config, self._llm.tokenizer)
+        except (ValueError, VLLMClientError) as exc:
+            raise vllm_client_error(exc) from exc
+
     def generate(self, request_id: str, prompt_ids: list[int], options: SamplingOptions) -> AsyncIterator[ChoiceDelta]:
         """Stream the deltas of all `options.n` choices of one prompt, as they come.
 
@@ -208,6 +235,8 @@ class Engine:
                         token_ids=tuple(choice.token_ids),
                         logprobs=None if top_k is None else _token_logprobs(choice, top_k),
                         finish_reason=choice.finish_reason,
+                        prompt_logprobs=None if output.prompt_logprobs is None else
+                        _prompt_logprobs(output.prompt_logprobs),
                     )
                     if delta.finish_reason is not None and options.guidance:
                         delta = replace(delta, guidance=await self._guidance_report(engine_id, options))
@@ -244,6 +273,17 @@ class Engine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _prompt_logprobs(positions) -> PromptLogprobs:
+    """vLLM's per-position prompt logprobs (None or {token id: Logprob}) as plain data."""
+    return tuple(
+        None if position is None else {
+            str(token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for token_id, lp in position.items()
+        }
+        for position in positions
+    )
 
 
 def _token_logprobs(choice, top_k: int) -> tuple[TokenLogprob, ...]:

@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from vllm.exceptions import VLLMClientError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,11 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
+def vllm_client_error(exc: VLLMClientError | ValueError) -> InvalidRequest:
+    """vLLM's refusal of a request field (its VLLMValidationError names the parameter) as a 400."""
+    return InvalidRequest(exc.args[0] if exc.args else str(exc), param=getattr(exc, "parameter", None))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -151,6 +157,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(validation_error(exc))
+
+    @app.exception_handler(VLLMClientError)
+    async def _vllm_client_error(_: Request, exc: VLLMClientError) -> JSONResponse:
+        # vLLM's own types (a structured-outputs spec, ...) check themselves while a body is parsed.
+        return error_response(vllm_client_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

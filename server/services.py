@@ -18,6 +18,7 @@ from server.lifecycle import Lifecycle
 from server.prompts import PromptRenderer
 from server.search import Search
 from server.settings import Settings
+from server.tool_calls import ToolCalling
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Services:
     search: Search
     lifecycle: Lifecycle
     cache: ResponseCache
+    tools: ToolCalling
     created: int
 
     def check_model(self, model: str) -> None:

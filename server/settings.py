@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         description="JSON file mapping guide-model names to directories (relative to the file); "
         "default: the demo guide models when serving the demo model, else none.",
     )
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="vLLM tool parser that reads tool calls from the model's output (e.g. hermes, llama3_json, "
+        "pythonic); needed for tool_choice 'required', a named tool, and 'auto'. Default: none.",
+    )
+    enable_auto_tool_choice: bool = Field(
+        default=False, description="Let the model decide to call tools (tool_choice 'auto'); needs --tool-call-parser.",
+    )
     max_n: int = Field(default=16, ge=1, description="Largest `n` a request may ask for.")
     max_tokens_limit: int | None = Field(
         default=None, ge=1, description="Largest max_tokens a request may ask for; default: the context length."
@@ -92,6 +100,19 @@ class Settings(BaseSettings):
     def _model_dir_exists(self) -> "Settings":
         if not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a model directory (no config.json)")
+        return self
+
+    @model_validator(mode="after")
+    def _tool_parser_known(self) -> "Settings":
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (which parser reads the tool calls)")
+        if self.tool_call_parser is not None:
+            from vllm.tool_parsers import ToolParserManager  # vLLM's registry; loaded only when asked for
+
+            known = ToolParserManager.list_registered()
+            if self.tool_call_parser not in known:
+                raise ValueError(f"tool_call_parser: {self.tool_call_parser!r} is not one of vLLM's tool parsers "
+                                 f"({', '.join(known)})")
         return self
 
     def guide_model_paths(self) -> dict[str, Path]:

@@ -22,7 +22,7 @@ MAX_SELECTION_TEMPERATURE = 1000.0
 
 
 class _SearchParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # NaN: "should be a finite number"
 
     type: str
     scorer: str = Field(min_length=1, description="A verifier or sequence scorer configured by the operator.")

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import re
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletionRequest
 
 from guidance.spec import ResolvedGuidance
+from server.api.vllm_fields import (
+    IGNORED_FIELDS,
+    SAMPLING_FIELDS,
+    VllmRequest,
+    engine_params,
+    validate_vllm_request,
+    vllm_fields,
+)
 from server.engine import SamplingOptions
 from server.errors import ContextLengthExceeded, InvalidRequest
 
 
 class StrictModel(BaseModel):
-    """Unknown fields are an error (400 naming the field), not silently ignored."""
+    """Unknown fields are an error (400 naming the field), not silently ignored; so are NaN and
+    infinite numbers (JSON parsers accept NaN and Infinity)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(StrictModel):
@@ -23,9 +34,30 @@ class StreamOptions(StrictModel):
 
 StopSequences = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
 
+# vLLM's sampling extensions, declared as vLLM declares them, and the OpenAI fields we ignore.
+_VllmSamplingFields = create_model(
+    "VllmSamplingFields", __base__=StrictModel,
+    **vllm_fields(VllmCompletionRequest, SAMPLING_FIELDS), **IGNORED_FIELDS,
+)
 
-class SamplingRequest(StrictModel):
-    """OpenAI sampling fields, plus vLLM's `top_k` and `ignore_eos` extensions."""
+
+class SamplingRequest(_VllmSamplingFields):
+    """OpenAI sampling fields, plus vLLM's extensions (`top_k`, `ignore_eos`, `SAMPLING_FIELDS`).
+
+    `vllm_request` is vLLM's request model of the endpoint, which interprets vLLM's fields.
+    """
+
+    vllm_request: ClassVar[type[VllmRequest]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        """JSON may hold a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: a tokenizer
+        or the response encoder would fail on it, so it is a 400 naming where it was."""
+        if (path := lone_surrogate_path(data)) is not None:
+            raise InvalidRequest(f"Invalid value for '{path}': the string holds a lone UTF-16 surrogate, "
+                                 "which is not Unicode text.", param=path)
+        return data
 
     model: str
     n: int = Field(default=1, ge=1)
@@ -38,7 +70,6 @@ class SamplingRequest(StrictModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     ignore_eos: bool = False
     cache: bool | None = Field(
         default=None, description="false: neither read nor write the response cache for this request."
@@ -71,8 +102,11 @@ class SamplingRequest(StrictModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_options(
-        self, max_tokens: int, logprobs: int | None, guidance: list[ResolvedGuidance] = ()
+        self, max_tokens: int, logprobs: int | None, guidance: list[ResolvedGuidance] = (),
+        vllm_request: VllmRequest | None = None,
     ) -> SamplingOptions:
+        """The engine options of this request; vLLM's fields are read through `vllm_request`
+        (by default `as_vllm_request()`)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingOptions(
             max_tokens=max_tokens,
@@ -87,7 +121,30 @@ class SamplingRequest(StrictModel):
             logprobs=logprobs,
             ignore_eos=self.ignore_eos,
             guidance=tuple(g.params.model_dump() for g in guidance),
+            engine_params=engine_params(vllm_request or self.as_vllm_request(), max_tokens),
         )
+
+    def as_vllm_request(self) -> VllmRequest:
+        """This request as vLLM's own request model of the endpoint reads it (the fields both declare)."""
+        names = self.vllm_request.model_fields.keys() & type(self).model_fields.keys()
+        return validate_vllm_request(self.vllm_request, self.model_dump(include=names, exclude_unset=True, by_alias=True))
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_path(value: Any, path: str = "") -> str | None:
+    """The field path of the first string (key or value) in `value` holding a lone surrogate."""
+    if isinstance(value, str):
+        return path if LONE_SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        inner = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        if isinstance(key, str) and lone_surrogate_path(key) is not None:
+            return inner
+        if (found := lone_surrogate_path(item, inner)) is not None:
+            return found
+    return None
 
 
 def check_n(n: int, max_n: int) -> None:

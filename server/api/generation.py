@@ -13,7 +13,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -45,6 +45,7 @@ class Prepared:
     prompts: list[PreparedPrompt]
     guidance: list[ResolvedGuidance] = field(default_factory=list)
     search: SearchParams | None = None
+    prompt_only: bool = False  # score the prompts (echo, max_tokens 0): drop the one generated token
 
     @property
     def engine_requests(self) -> int:
@@ -98,6 +99,8 @@ class GenerationServing(ABC):
             for i, prompt in enumerate(prepared.prompts)
         ]
         async for offset, delta in merge(streams):
+            if prepared.prompt_only:
+                delta = replace(delta, text="", token_ids=(), logprobs=() if delta.logprobs is not None else None)
             yield offset + delta.index, delta
 
     def _generate(self, request_id: str, prompt: PreparedPrompt, search: SearchParams | None
@@ -177,6 +180,8 @@ class GenerationServing(ABC):
     async def serve(self, request: Request, body: SamplingRequest) -> Response:
         services = self.services
         prepared = self.prepare(body)
+        for prompt in prepared.prompts:
+            services.engine.check_options(prompt.options)
         cache_key = services.cache.key_for(self.object, body, prepared.guidance, prepared.search)
         cached = await services.cache.lookup(cache_key) if cache_key is not None else None
         if cached is not None:

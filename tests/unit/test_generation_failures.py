@@ -38,7 +38,7 @@ class ShortScorer(Scorer):
 
 def services(**fields) -> Services:
     defaults = dict(settings=None, engine=None, renderer=None, catalog=None, scorers=ScorerCatalog([]), search=None,
-                    lifecycle=None, cache=None, created=0)
+                    lifecycle=None, cache=None, tools=None, created=0)
     return Services(**{**defaults, **fields})
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
 
 from server.api.common import SamplingRequest, StrictModel
+from server.api.vllm_fields import CHAT_FIELDS, vllm_fields
 
 
 class TextPart(StrictModel):
@@ -14,18 +17,67 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI)
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's answer to that call
 
-    def template_message(self) -> dict[str, str]:
-        """The message as chat templates take it: plain text, 'developer' read as 'system'."""
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages, and only they, carry tool_call_id")
+        return self
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it: plain text, 'developer' read as 'system', and
+        tool-call arguments as objects (templates render them; the API sends JSON strings)."""
+        content = self.content if self.content is None or isinstance(self.content, str) else \
+            "".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": call.type,
+                 "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        return message
 
 
-class ChatCompletionRequest(SamplingRequest):
+def _arguments(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments  # a model may have written invalid JSON; the template gets it verbatim
+
+
+# vLLM's chat-template and tool fields, declared as vLLM declares them.
+_VllmChatFields = create_model("VllmChatFields", __base__=SamplingRequest, **vllm_fields(VllmChatRequest, CHAT_FIELDS))
+
+
+class ChatCompletionRequest(_VllmChatFields):
+    vllm_request = VllmChatRequest
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(default=None, ge=1, description="Deprecated alias of max_completion_tokens.")
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -50,3 +102,6 @@ class ChatCompletionRequest(SamplingRequest):
     def num_logprobs(self) -> int | None:
         """Top alternatives per token for the engine; None when no logprobs are wanted."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]

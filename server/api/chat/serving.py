@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from server.api.chat.protocol import ChatCompletionRequest
-from server.api.choices import guidance_report
+from server.api.choices import ChoiceCollector, guidance_report
 from server.api.common import check_n, completion_budget
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
 from server.engine import ChoiceDelta, ChoiceOutput, TokenLogprob
+from server.prompts import ChatTemplateOptions
+from server.tool_calls import ToolSession
+
+
+@dataclass
+class ChatPrepared(Prepared):
+    tools: ToolSession | None = None  # the request offers tools the model may call
 
 
 class ChatServing(GenerationServing):
@@ -14,7 +23,7 @@ class ChatServing(GenerationServing):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def prepare(self, body: ChatCompletionRequest) -> Prepared:
+    def prepare(self, body: ChatCompletionRequest) -> ChatPrepared:
         services = self.services
         services.check_model(body.model)
         check_n(body.n, services.settings.max_n)
@@ -22,44 +31,78 @@ class ChatServing(GenerationServing):
         search = services.resolve_search(body.search)
         limit, limit_param = body.completion_limit
         services.check_max_tokens(limit, limit_param)
-        prompt_ids = services.renderer.render_chat([m.template_message() for m in body.messages])
+        vllm_request = body.as_vllm_request()
+        tools = services.tools.session(vllm_request)
+        template = ChatTemplateOptions(
+            tools=[tool.model_dump(exclude_none=True) for tool in vllm_request.tools or ()] or None,
+            documents=body.documents,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            template_kwargs=body.chat_template_kwargs or {},
+        )
+        prompt_ids = services.renderer.render_chat(body.template_messages(), template)
         max_tokens = completion_budget(
             len(prompt_ids), limit, services.engine.max_model_len,
             prompt_param="messages", max_tokens_param=limit_param, limit=services.settings.max_tokens_limit,
         )
         services.check_search_fits(search, len(prompt_ids), max_tokens, limit_param)
-        options = body.sampling_options(max_tokens, body.num_logprobs, guidance)
-        return Prepared([PreparedPrompt(prompt_ids, "", options)], guidance, search)
+        options = body.sampling_options(max_tokens, body.num_logprobs, guidance,
+                                        tools.request if tools is not None else vllm_request)
+        return ChatPrepared([PreparedPrompt(prompt_ids, "", options)], guidance, search, tools=tools)
 
-    def opening_choices(self, body: ChatCompletionRequest, prepared: Prepared) -> list[dict]:
+    def response(self, body: ChatCompletionRequest, prepared: ChatPrepared, collector: ChoiceCollector,
+                 request_id: str, created: int) -> dict:
+        response = super().response(body, prepared, collector, request_id, created)
+        if body.prompt_logprobs is not None:  # vLLM's server gives them once, beside the choices
+            response["prompt_logprobs"] = next((c.prompt_logprobs for _, c in collector.sorted()), None)
+        return response
+
+    def opening_choices(self, body: ChatCompletionRequest, prepared: ChatPrepared) -> list[dict]:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(body.n)]
 
-    def choice(self, body: ChatCompletionRequest, prepared: Prepared, index: int, choice: ChoiceOutput) -> dict:
+    def choice(self, body: ChatCompletionRequest, prepared: ChatPrepared, index: int, choice: ChoiceOutput) -> dict:
+        message: dict = {"role": "assistant", "content": choice.text}
+        finish_reason = choice.finish_reason
+        if prepared.tools is not None:
+            content, calls = prepared.tools.parse(choice.text, choice.token_ids)
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            finish_reason = prepared.tools.finish_reason(finish_reason, called=bool(calls))
         result = {
             "index": index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": _logprobs(choice.logprobs) if body.logprobs else None,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": finish_reason,
         }
         if prepared.reports:
             result["guidance"] = guidance_report(choice.guidance, choice.search)
         return result
 
-    def chunk_choice(self, body: ChatCompletionRequest, prepared: Prepared, index: int, delta: ChoiceDelta,
+    def chunk_choice(self, body: ChatCompletionRequest, prepared: ChatPrepared, index: int, delta: ChoiceDelta,
                      previous_text: str | None) -> dict:
+        message = {"content": delta.text} if delta.text else {}
+        finish_reason = delta.finish_reason
+        tools = prepared.tools
+        if tools is not None:
+            message = tools.parse_delta(index, delta.text, delta.token_ids, prepared.prompts[0].token_ids,
+                                        finished=finish_reason is not None)
+            finish_reason = tools.finish_reason(finish_reason, called=tools.streamed_calls(index))
         result = {
             "index": index,
-            "delta": {"content": delta.text} if delta.text else {},
+            "delta": message,
             "logprobs": _logprobs(list(delta.logprobs or ())) if body.logprobs else None,
-            "finish_reason": delta.finish_reason,
+            "finish_reason": finish_reason,
         }
         if prepared.reports and delta.finish_reason is not None:
             result["guidance"] = guidance_report(delta.guidance, delta.search)
         return result
 
     def replay_choices(self, body: ChatCompletionRequest, choice: dict) -> list[dict]:
-        replayed = {"index": choice["index"], "delta": {"content": choice["message"]["content"]},
+        message = choice["message"]
+        delta = {"content": message["content"]}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+        replayed = {"index": choice["index"], "delta": delta,
                     "logprobs": choice["logprobs"], "finish_reason": choice["finish_reason"]}
         if "guidance" in choice:
             replayed["guidance"] = choice["guidance"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, create_model, field_validator
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletionRequest
 
 from server.api.common import SamplingRequest
+from server.api.vllm_fields import COMPLETION_FIELDS, vllm_fields
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -18,12 +20,31 @@ Prompt = (
 )
 
 
-class CompletionRequest(SamplingRequest):
+# vLLM's prompt fields of this endpoint, declared as vLLM declares them.
+_VllmCompletionFields = create_model(
+    "VllmCompletionFields", __base__=SamplingRequest, **vllm_fields(VllmCompletionRequest, COMPLETION_FIELDS))
+
+
+class CompletionRequest(_VllmCompletionFields):
+    vllm_request = VllmCompletionRequest
+
     prompt: Prompt
-    # The OpenAI default for this endpoint.
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    # The OpenAI default for this endpoint; 0 (with echo) scores the prompt without generating.
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_tokens_need_echo(cls, max_tokens: int | None, info: ValidationInfo) -> int | None:
+        if max_tokens == 0 and not info.data.get("echo"):
+            raise ValueError("0 generates nothing; it is only allowed with echo (to score the prompt)")
+        return max_tokens
+
+    @property
+    def scores_prompt_only(self) -> bool:
+        """`max_tokens: 0` with `echo`: the prompt and its logprobs, nothing generated."""
+        return self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: a single prompt is a batch of one."""

@@ -6,7 +6,8 @@ from server.api.choices import guidance_report
 from server.api.common import check_n, completion_budget
 from server.api.completions.protocol import CompletionRequest
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
-from server.engine import ChoiceDelta, ChoiceOutput, TokenLogprob
+from server.engine import ChoiceDelta, ChoiceOutput, PromptLogprobs, TokenLogprob
+from server.prompts import PromptRenderer
 
 
 class CompletionServing(GenerationServing):
@@ -26,49 +27,103 @@ class CompletionServing(GenerationServing):
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):
-                token_ids, text = services.renderer.encode(prompt), prompt
+                token_ids = services.renderer.encode(prompt, add_special_tokens=body.add_special_tokens)
             else:
                 token_ids = services.renderer.check_token_ids(prompt, param)
-                text = services.renderer.decode(prompt)
+            if body.truncate_prompt_tokens is not None:
+                token_ids = truncate_prompt(token_ids, body.truncate_prompt_tokens, services.engine.max_model_len)
+            text = prompt if isinstance(prompt, str) and body.truncate_prompt_tokens is None else \
+                services.renderer.decode(token_ids)
             max_tokens = completion_budget(
                 len(token_ids), body.max_tokens, services.engine.max_model_len,
                 prompt_param=param, max_tokens_param="max_tokens", limit=services.settings.max_tokens_limit,
             )
             services.check_search_fits(search, len(token_ids), max_tokens, "max_tokens")
-            prepared.append(PreparedPrompt(token_ids, text, body.sampling_options(max_tokens, body.logprobs, guidance)))
-        return Prepared(prepared, guidance, search)
+            # Scoring the prompt alone still runs one engine step, whose token is not returned.
+            options = body.sampling_options(max(max_tokens, 1), body.logprobs, guidance)
+            prepared.append(PreparedPrompt(token_ids, text, options))
+        return Prepared(prepared, guidance, search, prompt_only=body.scores_prompt_only)
 
-    def _echo(self, body: CompletionRequest, prepared: Prepared, index: int) -> str:
-        return prepared.prompts[index // body.n].text if body.echo else ""
+    def _prompt(self, body: CompletionRequest, prepared: Prepared, index: int) -> PreparedPrompt:
+        return prepared.prompts[index // body.n]
 
     def choice(self, body: CompletionRequest, prepared: Prepared, index: int, choice: ChoiceOutput) -> dict:
-        prefix = self._echo(body, prepared, index)
+        prompt = self._prompt(body, prepared, index)
+        prefix = prompt.text if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _logprobs(choice.logprobs, choice.text, len(prefix))
+            if body.echo:
+                logprobs = _join(_echoed_logprobs(prompt, choice.prompt_logprobs, self.services.renderer), logprobs)
         result = {
             "index": index,
             "text": prefix + choice.text,
-            "logprobs": _logprobs(choice.logprobs, choice.text, len(prefix)) if body.logprobs is not None else None,
+            "logprobs": logprobs,
             "finish_reason": choice.finish_reason,
         }
+        if body.prompt_logprobs is not None:
+            result["prompt_logprobs"] = choice.prompt_logprobs
         if prepared.reports:
             result["guidance"] = guidance_report(choice.guidance, choice.search)
         return result
 
     def chunk_choice(self, body: CompletionRequest, prepared: Prepared, index: int, delta: ChoiceDelta,
                      previous_text: str | None) -> dict:
-        prefix = self._echo(body, prepared, index)
+        prompt = self._prompt(body, prepared, index)
+        echoing = body.echo and previous_text is None  # the prompt goes out with the choice's first delta
+        prefix = prompt.text if body.echo else ""
         start = len(prefix) + len(previous_text or "")  # character offset of this delta's first token
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _logprobs(list(delta.logprobs or ()), delta.text, start)
+            if echoing:
+                logprobs = _join(_echoed_logprobs(prompt, delta.prompt_logprobs, self.services.renderer), logprobs)
         result = {
             "index": index,
-            "text": (prefix if previous_text is None else "") + delta.text,
-            "logprobs": _logprobs(list(delta.logprobs or ()), delta.text, start) if body.logprobs is not None else None,
+            "text": (prefix if echoing else "") + delta.text,
+            "logprobs": logprobs,
             "finish_reason": delta.finish_reason,
         }
+        if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
+            result["prompt_logprobs"] = delta.prompt_logprobs
         if prepared.reports and delta.finish_reason is not None:
             result["guidance"] = guidance_report(delta.guidance, delta.search)
         return result
 
     def replay_choices(self, body: CompletionRequest, choice: dict) -> list[dict]:
         return [choice]
+
+
+def truncate_prompt(token_ids: list[int], keep: int, max_model_len: int) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: keep the last `keep` tokens (-1: as many as the model takes)."""
+    keep = max_model_len if keep == -1 else keep
+    return token_ids[-keep:] if keep else []
+
+
+def _echoed_logprobs(prompt: PreparedPrompt, positions: PromptLogprobs | None, renderer: PromptRenderer) -> dict:
+    """The prompt's part of an echoed logprobs object, as vLLM's server writes it: each prompt
+    token with its logprob given the tokens before it (None for the first, which has no context)
+    and every alternative vLLM returned for that position."""
+    positions = positions or (None,) * len(prompt.token_ids)
+    tokens, token_logprobs, top_logprobs, offsets, offset = [], [], [], [], 0
+    for token_id, position in zip(prompt.token_ids, positions):
+        if position is None:
+            token, logprob, top = renderer.decode([token_id]), None, None
+        else:
+            own = position[str(token_id)]
+            token, logprob = own["decoded_token"], own["logprob"]
+            top = {entry["decoded_token"]: entry["logprob"] for entry in position.values()}
+        tokens.append(token)
+        token_logprobs.append(logprob)
+        top_logprobs.append(top)
+        offsets.append(offset)
+        if prompt.text.startswith(token, offset):
+            offset += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def _join(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
 
 
 def _logprobs(tokens: list[TokenLogprob], text: str, text_offset: int) -> dict:
