@@ -149,3 +149,33 @@ def smollm2_dir() -> Path:
     if not (SMOLLM2_CACHE_DIR / CARD_NAME).is_file():
         pytest.fail(f"{SMOLLM2_CACHE_DIR} is not an imported model (no {CARD_NAME}); remove it and rerun")
     return SMOLLM2_CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_guides(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two Q-sharp rounds on SmolLM2 with a tiny budget (`alignserve train value`); the guide folder."""
+    from workflows.prompt_file import chat_arith_prompts, write_prompts
+
+    work = tmp_path_factory.mktemp("smollm2-guides")
+    prompts = work / "train.jsonl"
+    write_prompts(chat_arith_prompts("train")[:16], prompts)
+    out = work / "guides"
+    train = subprocess.run(
+        [str(ALIGNSERVE), "train", "value", "--base", str(smollm2_dir), "--prompts", str(prompts),
+         "--verifier", "arith-first-line", "--samples", "4", "--max-tokens", "12", "--max-model-len", "128",
+         "--max-num-seqs", "64", "--rounds", "2", "--rollin-samples", "2", "--layers", "2",
+         "--steps", "3", "--batch-size", "8", "--validation-fraction", "0.25", "--out", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_dir: Path, smollm2_guides: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """SmolLM2 served with the trained value models and vLLM's hermes tool parser (auto tool choice)."""
+    running = start_server(tmp_path_factory.mktemp("smollm2-server") / "server.log", "--model", str(smollm2_dir),
+                           "--guide-models", str(smollm2_guides / "guides.json"), "--max-model-len", "1024",
+                           "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "true")
+    yield running
+    stop_server(running)

@@ -27,6 +27,16 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        """JSON may hold a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: a tokenizer
+        or the response encoder would fail on it, so it is a 400 naming where it was."""
+        if (path := lone_surrogate_path(data)) is not None:
+            raise InvalidRequest(f"Invalid value for '{path}': the string holds a lone UTF-16 surrogate, "
+                                 "which is not Unicode text.", param=path)
+        return data
+
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
@@ -49,15 +59,6 @@ class SamplingRequest(_VllmSamplingFields):
 
     vllm_request: ClassVar[type[VllmRequest]]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _text_is_unicode(cls, data: Any) -> Any:
-        """JSON may hold a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text: a tokenizer
-        or the response encoder would fail on it, so it is a 400 naming where it was."""
-        if (path := lone_surrogate_path(data)) is not None:
-            raise InvalidRequest(f"Invalid value for '{path}': the string holds a lone UTF-16 surrogate, "
-                                 "which is not Unicode text.", param=path)
-        return data
 
     model: str
     n: int = Field(default=1, ge=1)
@@ -134,14 +135,15 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def lone_surrogate_path(value: Any, path: str = "") -> str | None:
-    """The field path of the first string (key or value) in `value` holding a lone surrogate."""
+    """The field path of the first string in `value` holding a lone surrogate: the string's own
+    path, or for an object key, the object's ("body" at the top), since the key cannot be written."""
     if isinstance(value, str):
         return path if LONE_SURROGATE.search(value) else None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
+        if isinstance(key, str) and LONE_SURROGATE.search(key):
+            return path or "body"
         inner = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
-        if isinstance(key, str) and lone_surrogate_path(key) is not None:
-            return inner
         if (found := lone_surrogate_path(item, inner)) is not None:
             return found
     return None

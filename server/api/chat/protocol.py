@@ -46,10 +46,10 @@ class ChatMessage(StrictModel):
         return self
 
     def template_message(self) -> dict[str, Any]:
-        """The message as chat templates take it: plain text, 'developer' read as 'system', and
-        tool-call arguments as objects (templates render them; the API sends JSON strings)."""
-        content = self.content if self.content is None or isinstance(self.content, str) else \
-            "".join(p.text for p in self.content)
+        """The message as chat templates take it: plain text ("" for none, as vLLM renders it),
+        'developer' read as 'system', and tool-call arguments as objects (templates render them;
+        the API sends JSON strings)."""
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
