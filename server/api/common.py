@@ -126,8 +126,9 @@ class SamplingRequest(_VllmSamplingFields):
         )
 
     def as_vllm_request(self) -> VllmRequest:
-        """This request as vLLM's own request model of the endpoint reads it (the fields both declare)."""
-        names = self.vllm_request.model_fields.keys() & type(self).model_fields.keys()
+        """This request as vLLM's own request model of the endpoint reads it (the fields both declare,
+        but `n`: each choice is its own engine request here, so greedy requests may ask for several)."""
+        names = (self.vllm_request.model_fields.keys() & type(self).model_fields.keys()) - {"n"}
         return validate_vllm_request(self.vllm_request, self.model_dump(include=names, exclude_unset=True, by_alias=True))
 
 
@@ -147,6 +148,14 @@ def lone_surrogate_path(value: Any, path: str = "") -> str | None:
         if (found := lone_surrogate_path(item, inner)) is not None:
             return found
     return None
+
+
+def truncate_prompt(token_ids: list[int], keep: int, max_model_len: int) -> list[int]:
+    """vLLM's `truncate_prompt_tokens`: keep the last `keep` tokens (-1: as many as the model takes)."""
+    if keep == 0:
+        raise InvalidRequest("0 would leave an empty prompt; keep at least 1 token, or -1 for the context length.",
+                             param="truncate_prompt_tokens")
+    return token_ids[-(max_model_len if keep == -1 else keep):]
 
 
 def check_n(n: int, max_n: int) -> None:

@@ -100,6 +100,18 @@ def test_prompt_logprobs_as_vllm_returns_them(http):
         assert str(token) in position and all(math.isfinite(e["logprob"]) for e in position.values())
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(http):
+    kept = complete(http, prompt="999+" + PROMPT, truncate_prompt_tokens=len(PROMPT), echo=True)
+    # The last tokens, without the BOS the model was trained with: the answer may differ.
+    assert kept["usage"]["prompt_tokens"] == len(PROMPT) and kept["choices"][0]["text"].startswith(PROMPT)
+    chat = http.post("/v1/chat/completions", json={
+        "model": "demo-base", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2,
+        "truncate_prompt_tokens": 4})
+    assert chat.json()["usage"]["prompt_tokens"] == 4
+    empty = http.post("/v1/completions", json={**GREEDY, "truncate_prompt_tokens": 0})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_max_tokens_0_without_echo_is_a_400(http):
     response = http.post("/v1/completions", json={**GREEDY, "max_tokens": 0})
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
@@ -163,7 +175,8 @@ def test_version_tokenize_detokenize(http):
     ("/v1/chat/completions", {"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs",
      "add_generation_prompt"),
     ("/v1/chat/completions", {"continue_final_message": True}, "continue_final_message", "assistant"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0]", "tool_call_id"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id",
+     "tool_call_id"),
 ])
 def test_what_vllm_refuses_is_a_400_naming_the_field(http, path, fields, param, words):
     base = GREEDY if path == "/v1/completions" else {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
 
 from server.api.common import SamplingRequest, StrictModel
@@ -29,21 +29,33 @@ class ToolCall(StrictModel):
 
 
 class ChatMessage(StrictModel):
+    # Fields in validation order: each check names the field it is about.
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
-    name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
-    tool_call_id: str | None = None  # a tool's answer to that call
+    tool_call_id: str | None = Field(default=None, validate_default=True)  # a tool's answer to that call
+    name: str | None = None
+    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = Field(default=None, validate_default=True)
 
-    @model_validator(mode="after")
-    def _content_or_tool_calls(self) -> "ChatMessage":
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
-        if self.tool_calls and self.role != "assistant":
+    @field_validator("tool_calls")
+    @classmethod
+    def _only_assistants_call_tools(cls, tool_calls: list[ToolCall] | None, info: ValidationInfo):
+        if tool_calls and info.data.get("role") != "assistant":
             raise ValueError("only assistant messages carry tool_calls")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise ValueError("tool messages, and only they, carry tool_call_id")
-        return self
+        return tool_calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_messages_answer_a_call(cls, tool_call_id: str | None, info: ValidationInfo) -> str | None:
+        if (info.data.get("role") == "tool") != (tool_call_id is not None):
+            raise ValueError("tool messages, and only they, carry tool_call_id (the call they answer)")
+        return tool_call_id
+
+    @field_validator("content")
+    @classmethod
+    def _content_or_tool_calls(cls, content, info: ValidationInfo):
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return content
 
     def template_message(self) -> dict[str, Any]:
         """The message as chat templates take it: plain text ("" for none, as vLLM renders it),

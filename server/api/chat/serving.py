@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from server.api.chat.protocol import ChatCompletionRequest
 from server.api.choices import ChoiceCollector, guidance_report
-from server.api.common import check_n, completion_budget
+from server.api.common import check_n, completion_budget, truncate_prompt
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
 from server.engine import ChoiceDelta, ChoiceOutput, TokenLogprob
 from server.prompts import ChatTemplateOptions
@@ -41,6 +41,8 @@ class ChatServing(GenerationServing):
             template_kwargs=body.chat_template_kwargs or {},
         )
         prompt_ids = services.renderer.render_chat(body.template_messages(), template)
+        if body.truncate_prompt_tokens is not None:
+            prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, services.engine.max_model_len)
         max_tokens = completion_budget(
             len(prompt_ids), limit, services.engine.max_model_len,
             prompt_param="messages", max_tokens_param=limit_param, limit=services.settings.max_tokens_limit,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.api.choices import guidance_report
-from server.api.common import check_n, completion_budget
+from server.api.common import check_n, completion_budget, truncate_prompt
 from server.api.completions.protocol import CompletionRequest
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
 from server.engine import ChoiceDelta, ChoiceOutput, PromptLogprobs, TokenLogprob
@@ -92,12 +92,6 @@ class CompletionServing(GenerationServing):
 
     def replay_choices(self, body: CompletionRequest, choice: dict) -> list[dict]:
         return [choice]
-
-
-def truncate_prompt(token_ids: list[int], keep: int, max_model_len: int) -> list[int]:
-    """vLLM's `truncate_prompt_tokens`: keep the last `keep` tokens (-1: as many as the model takes)."""
-    keep = max_model_len if keep == -1 else keep
-    return token_ids[-keep:] if keep else []
 
 
 def _echoed_logprobs(prompt: PreparedPrompt, positions: PromptLogprobs | None, renderer: PromptRenderer) -> dict:
