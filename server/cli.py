@@ -68,14 +68,20 @@ def _flag_type(annotation: object) -> tuple[type, list[str] | None]:
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per settings field. A bool is a switch (`--x` / `--no-x`); the help gives the
+    field's default, or, for an optional field, what its description says happens without it."""
     for name, field in Settings.model_fields.items():
+        flag, env = f"--{name.replace('_', '-')}", f"ALIGNSERVE_{name.upper()}"
+        default = "the demo model" if field.default_factory else field.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        suffix = f"env {env}" if default is None else f"env {env}; default: {default}"
+        help_text = f"{field.description or name} [{suffix}]"
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
         flag_type, choices = _flag_type(field.annotation)
-        default = "model's own" if field.default is None else (
-            "the demo model" if field.default_factory else field.default)
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=flag_type, choices=choices, default=None,
-            help=f"{field.description or name} [env ALIGNSERVE_{name.upper()}; default: {default}]",
-        )
+        parser.add_argument(flag, dest=name, type=flag_type, choices=choices, default=None, help=help_text)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     )
     max_block_tokens: int = Field(default=64, ge=1, description="Largest blockwise `block_tokens`.")
     api_keys: str | None = Field(
-        default=None, description="Comma-separated API keys; when set, /v1/* requires 'Authorization: Bearer <key>'."
+        default=None, description="Comma-separated API keys; when set, every path but /health, /ready, /version "
+        "(and /metrics unless --auth-metrics) requires 'Authorization: Bearer <key>'. Default: none, no key needed."
     )
     auth_metrics: bool = Field(default=False, description="Require an API key for /metrics too.")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Largest request body, in bytes (413 beyond).")

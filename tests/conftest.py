@@ -176,6 +176,6 @@ def smollm2_server(smollm2_dir: Path, smollm2_guides: Path,
     """SmolLM2 served with the trained value models and vLLM's hermes tool parser (auto tool choice)."""
     running = start_server(tmp_path_factory.mktemp("smollm2-server") / "server.log", "--model", str(smollm2_dir),
                            "--guide-models", str(smollm2_guides / "guides.json"), "--max-model-len", "1024",
-                           "--tool-call-parser", "hermes", "--enable-auto-tool-choice", "true")
+                           "--tool-call-parser", "hermes", "--enable-auto-tool-choice")
     yield running
     stop_server(running)

@@ -54,3 +54,26 @@ def test_environment_and_flags(monkeypatch, tmp_path):
     frozen = Settings()
     with pytest.raises(ValueError):
         frozen.port = 1
+
+
+def test_serve_help_gives_each_flags_real_default_and_bools_are_switches():
+    parser = build_parser()._subparsers._group_actions[0].choices["serve"]
+    actions = {action.dest: action for action in parser._actions}
+    for name, field in Settings.model_fields.items():
+        action = actions[name]
+        assert "model's own" not in action.help or name == "max_model_len", name
+        if field.annotation is bool:
+            assert action.nargs == 0 and f"default: {str(field.default).lower()}" in action.help, name
+        elif field.default is not None and not field.default_factory:
+            assert f"default: {field.default}]" in action.help, name
+    args = parser.parse_args(["--auth-metrics", "--no-enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+    assert (args.auth_metrics, args.enable_auto_tool_choice, args.tool_call_parser) == (True, False, "hermes")
+    assert parser.parse_args([]).auth_metrics is None  # unset: the environment or the default applies
+
+
+def test_tool_parser_settings_are_checked():
+    with pytest.raises(ValueError, match="needs tool_call_parser"):
+        Settings(enable_auto_tool_choice=True)
+    with pytest.raises(ValueError, match="not one of vLLM's tool parsers"):
+        Settings(tool_call_parser="no-such-parser")
+    assert Settings(tool_call_parser="hermes", enable_auto_tool_choice=True).tool_call_parser == "hermes"
