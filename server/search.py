@@ -103,6 +103,7 @@ class Search:
                 GuidanceReport(kl=kl, steps=steps) if done and options.guidance else None,
                 SearchReport(score=scores[kept], candidate_scores=tuple(round_scores),
                              selected=tuple(kept_indexes)) if done else None,
+                first=round_ == 0,  # later blocks' prompts hold the kept tokens too
             )
             if done:
                 return
@@ -119,8 +120,10 @@ class Search:
 
 
 def _kept_delta(pick: int, chosen: ChoiceOutput, options: SamplingOptions, finish_reason: str | None,
-                guidance: GuidanceReport | None, search: SearchReport | None) -> ChoiceDelta:
-    """The kept candidate (or block) as choice `pick`'s delta."""
+                guidance: GuidanceReport | None, search: SearchReport | None, first: bool = True) -> ChoiceDelta:
+    """The kept candidate (or block) as choice `pick`'s delta; the `first` one carries the prompt's
+    logprobs when they were asked for (every candidate computed the same ones)."""
     return ChoiceDelta(index=pick, text=chosen.text, token_ids=tuple(chosen.token_ids),
                        logprobs=tuple(chosen.logprobs) if options.logprobs is not None else None,
-                       finish_reason=finish_reason, guidance=guidance, search=search)
+                       finish_reason=finish_reason, guidance=guidance, search=search,
+                       prompt_logprobs=chosen.prompt_logprobs if first else None)

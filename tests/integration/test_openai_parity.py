@@ -187,3 +187,14 @@ def test_what_vllm_refuses_is_a_400_naming_the_field(http, path, fields, param, 
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"], error
+
+
+@pytest.mark.parametrize("search", [{"type": "best_of_n", "n": 3, "scorer": "demo-reward"},
+                                    {"type": "blockwise", "candidates": 2, "block_tokens": 2, "scorer": "demo-prefix"}])
+def test_echo_logprobs_of_a_searched_request(http, search):
+    plain = complete(http, echo=True, logprobs=0, max_tokens=1)["choices"][0]["logprobs"]
+    searched = complete(http, echo=True, logprobs=0, search=search)["choices"][0]["logprobs"]
+    prompt_tokens = len(PROMPT) + 1
+    assert searched["tokens"][:prompt_tokens] == plain["tokens"][:prompt_tokens]
+    assert searched["token_logprobs"][:prompt_tokens] == pytest.approx(plain["token_logprobs"][:prompt_tokens],
+                                                                      abs=1e-4)
