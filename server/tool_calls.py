@@ -72,6 +72,8 @@ class ToolSession:
         _, content, calls = parser.parse(text, self.request, enable_auto_tools=self.calling._enable_auto,
                                          model_output_token_ids=token_ids)
         calls = maybe_filter_parallel_tool_calls(list(calls or ()), self.request)
+        if self.request.tool_choice != "auto":  # vLLM: a call the request asked for comes with content ""
+            content = content or ""
         return content, [{"id": call.id or _call_id(), "type": "function",
                           "function": {"name": call.name, "arguments": call.arguments}} for call in calls]
 

@@ -66,10 +66,8 @@ async def tokenize(body: TokenizeText | TokenizeChat, services: Services = Depen
         tokens = renderer.render_chat([m.template_message() for m in body.messages], template)
     else:
         tokens = renderer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    response: dict[str, Any] = {"count": len(tokens), "max_model_len": services.engine.max_model_len, "tokens": tokens}
-    if body.return_token_strs:
-        response["token_strs"] = renderer.tokenizer.convert_ids_to_tokens(tokens)
-    return response
+    return {"count": len(tokens), "max_model_len": services.engine.max_model_len, "tokens": tokens,
+            "token_strs": renderer.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None}
 
 
 @router.post("/detokenize")
