@@ -155,7 +155,8 @@ def main() -> int:
         same = "yes" if v_status == a_status == 200 and output_of(v_body) == output_of(a_body) else (
             "no" if v_status == a_status == 200 else "")
         rows.append({"request": label, "endpoint": f"{method} {path}", "vllm": summary(v_status, v_body),
-                     "alignserve": summary(a_status, a_body), "same_output": same})
+                     "alignserve": summary(a_status, a_body), "same_output": same,
+                     "vllm_output": output_of(v_body), "alignserve_output": output_of(a_body)})
     args.out.with_suffix(".json").write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=2))
     lines = [f"Model: `{args.model.name}`, greedy requests, both servers with `{' '.join(TOOL_FLAGS)}`.", "",
              "| request | endpoint | vLLM's server | alignserve | same output |", "|---|---|---|---|---|"]
