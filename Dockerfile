@@ -73,6 +73,7 @@ RUN apt-get update \
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # ---------------------------------------------------------------- final image
+# hadolint ignore=DL3006
 FROM runtime-${VARIANT}
 ARG VARIANT
 LABEL org.opencontainers.image.title="alignserve" \

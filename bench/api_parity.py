@@ -131,7 +131,7 @@ def run(kind: str, model: Path, log_dir: Path) -> list[tuple[int, Any]]:
     if kind == "alignserve":
         def command(port: int) -> list[str]:
             return alignserve_command(model, port, ["--served-model-name", NAME, "--max-model-len", "1024",
-                                                    *TOOL_FLAGS])
+                                                    "--enforce-eager", *TOOL_FLAGS])
     else:
         def command(port: int) -> list[str]:
             return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),

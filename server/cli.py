@@ -67,6 +67,11 @@ def _flag_type(annotation: object) -> tuple[type, list[str] | None]:
     return annotation, None  # type: ignore[return-value]
 
 
+def _is_bool(annotation: object) -> bool:
+    """A bool field, or an optional one (unset: vLLM decides)."""
+    return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per settings field. A bool is a switch (`--x` / `--no-x`); the help gives the
     field's default, or, for an optional field, what its description says happens without it."""
@@ -76,8 +81,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             default = str(default).lower()
         suffix = f"env {env}" if default is None else f"env {env}; default: {default}"
-        help_text = f"{field.description or name} [{suffix}]"
-        if field.annotation is bool:
+        help_text = f"{field.description or name} [{suffix}]".replace("%", "%%")  # argparse formats help with %
+        if _is_bool(field.annotation):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         flag_type, choices = _flag_type(field.annotation)
@@ -85,7 +90,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from guidance.catalog import GuideCatalog
     from server.app import create_app
+    from server.engine import EngineSettingsError, engine_args, engine_config
 
     overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
     try:
@@ -94,6 +101,11 @@ def _serve(args: argparse.Namespace) -> int:
         for error in exc.errors():
             field = ".".join(str(p) for p in error["loc"]) or "settings"
             print(f"alignserve serve: invalid {field}: {error['msg']}", file=sys.stderr)
+        return 2
+    try:
+        engine_config(engine_args(settings, GuideCatalog.from_paths(settings.guide_model_paths())))
+    except EngineSettingsError as exc:
+        print(f"alignserve serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)

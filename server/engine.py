@@ -18,11 +18,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from vllm import SamplingParams
+from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from guidance.adapters.vllm import (
@@ -32,12 +35,13 @@ from guidance.adapters.vllm import (
     TIMINGS_RPC,
     WORKER_EXTENSION,
     GuidanceLogitsProcessor,
-    engine_config,
 )
+from guidance.adapters.vllm import engine_config as guidance_engine_config
 from guidance.batch import GuidanceReport, StepTimings
 from guidance.catalog import GuideCatalog
 from guidance.loading import step_model_names
 from guidance.search.report import SearchReport
+from server.engine_args import ENGINE_ARGS
 from server.errors import vllm_client_error
 from server.metrics import observe_guidance
 from server.settings import Settings
@@ -147,60 +151,32 @@ class ChoiceOutput:
 class Engine:
     """Async vLLM engine for one base model and its guide models."""
 
-    def __init__(self, llm: AsyncLLM, max_model_len: int, start_seconds: float, guided: bool) -> None:
+    def __init__(self, llm: AsyncLLM, max_model_len: int, start_seconds: float, guided: bool,
+                 reply_rank: int) -> None:
         self._llm = llm
         self.max_model_len = max_model_len
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.start_seconds = start_seconds
         self._guided = guided
+        # The worker whose samples vLLM returns (first tensor rank of the last pipeline stage): its
+        # guidance reports are the ones of the tokens the client gets.
+        self._reply_rank = reply_rank
 
     @classmethod
     def start(cls, settings: Settings, catalog: GuideCatalog) -> "Engine":
         """Build the engine (spawns vLLM's engine-core and worker processes)."""
-        guided: dict[str, Any] = {}
-        if step_model_names(catalog):
-            # vLLM runs this hook in our process per request; give it the table to check names.
-            GuidanceLogitsProcessor.catalog = catalog
-            guided = dict(
-                logits_processors=[GuidanceLogitsProcessor],
-                additional_config=engine_config(catalog),
-                worker_extension_cls=WORKER_EXTENSION,
-                # The guide models must see each sampled token before the next step; async
-                # scheduling hands processors placeholder ids instead.
-                async_scheduling=False,
-            )
-            if torch.cuda.is_available():
-                # CUDA builds default to Model Runner V2, which rejects V1 logits processors.
-                os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-                logger.info("guidance: set VLLM_USE_V2_MODEL_RUNNER=0 (V1 logits-processor interface)")
-        args = AsyncEngineArgs(
-            model=str(settings.model),
-            served_model_name=settings.model_name,
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            seed=settings.seed,
-            kv_cache_memory_bytes=int(settings.kv_cache_space_gib * GIB),
-            # CUDA graphs and torch.compile cost minutes at start for no gain on small models.
-            enforce_eager=True,
-            # Ignore sampling defaults in the model's generation_config.json: a request's
-            # parameters are the only ones that apply, as with the OpenAI API.
-            generation_config="vllm",
-            # vLLM's stat logger feeds its Prometheus metrics (vllm:*), served at /metrics.
-            disable_log_stats=False,
-            # On CPU, a seeded request whose prompt is prefilled in chunks kills the engine core: vLLM
-            # rewinds the request's generator after the discarded partial-prefill sample, and CPU
-            # generators have no offset ("CPU Generator does not use offset"). Whole prefills avoid it.
-            enable_chunked_prefill=torch.cuda.is_available(),
-            **guided,
-        )
+        args = engine_args(settings, catalog)
+        vllm_config = engine_config(args)
         began = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(args)
+        llm = AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=args.disable_log_stats)
         elapsed = time.perf_counter() - began
         max_len = llm.model_config.max_model_len
-        logger.info("engine started in %.1f s (max_model_len=%d, guide models: %s)",
-                    elapsed, max_len, ", ".join(catalog.names()) or "none")
-        return cls(llm, max_len, elapsed, guided=bool(guided))
+        parallel = vllm_config.parallel_config
+        logger.info("engine started in %.1f s (max_model_len=%d, tensor_parallel_size=%d, pipeline_parallel_size=%d, "
+                    "guide models: %s)", elapsed, max_len, parallel.tensor_parallel_size,
+                    parallel.pipeline_parallel_size, ", ".join(catalog.names()) or "none")
+        return cls(llm, max_len, elapsed, guided=bool(args.logits_processors),
+                   reply_rank=parallel.world_size - parallel.tensor_parallel_size)
 
     def check_options(self, options: SamplingOptions) -> None:
         """A 400 with vLLM's message for options vLLM's engine would refuse (a token id out of the
@@ -247,7 +223,7 @@ class Engine:
 
     async def _guidance_report(self, key: str, options: SamplingOptions) -> GuidanceReport:
         """The worker's KL report of a finished guided request (zero if it was never guided)."""
-        (reports, *_) = await self._llm.collective_rpc(REPORTS_RPC, args=([key],))
+        reports = (await self._llm.collective_rpc(REPORTS_RPC, args=([key],)))[self._reply_rank]
         kl, steps = reports.get(key, (0.0, 0))
         observe_guidance([entry["type"] for entry in options.guidance], kl, steps)
         return GuidanceReport(kl=kl, steps=steps)
@@ -256,7 +232,7 @@ class Engine:
         """The worker's cumulative guidance step timings (None without guide models)."""
         if not self._guided:
             return None
-        (timings, *_) = await self._llm.collective_rpc(TIMINGS_RPC, timeout=5.0)
+        timings = (await self._llm.collective_rpc(TIMINGS_RPC, timeout=5.0))[self._reply_rank]
         return None if timings is None else StepTimings(**timings)
 
     async def check_health(self) -> None:
@@ -273,6 +249,82 @@ class Engine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+class EngineSettingsError(ValueError):
+    """vLLM refuses the engine settings (its message, with the settings that were set)."""
+
+
+def engine_args(settings: Settings, catalog: GuideCatalog) -> AsyncEngineArgs:
+    """vLLM's engine arguments for the settings: the pass-through table (server.engine_args), plus what
+    the service itself needs (memory, the guidance logits processor when guide models are configured)."""
+    if settings.pipeline_parallel_size > 1 and not torch.cuda.is_available():
+        # Measured with vLLM 0.32 on the demo model, guided or not (docs/guidance.md).
+        raise EngineSettingsError(
+            f"pipeline_parallel_size={settings.pipeline_parallel_size} on CPU: vLLM's CPU backend starts, then its "
+            "engine core dies at the first request (AssertionError in sync_and_gather_intermediate_tensors on the "
+            "last stage, then KeyError on the request id); use tensor_parallel_size on CPU")
+    guided: dict[str, Any] = {}
+    if step_model_names(catalog):
+        if settings.data_parallel_size > 1:
+            # vLLM's AsyncLLM sends collective RPCs to one engine core only, so the KL report of a
+            # request served by another would be lost.
+            raise EngineSettingsError("data_parallel_size > 1 with guide models: a guided request's KL report is "
+                                      "read from one data-parallel engine only; scale out with replicas instead")
+        # vLLM runs this hook in our process per request; give it the table to check names.
+        GuidanceLogitsProcessor.catalog = catalog
+        guided = dict(
+            logits_processors=[GuidanceLogitsProcessor],
+            additional_config=guidance_engine_config(catalog),
+            worker_extension_cls=WORKER_EXTENSION,
+            # The guide models must see each sampled token before the next step; async
+            # scheduling hands processors placeholder ids instead.
+            async_scheduling=False,
+        )
+        if torch.cuda.is_available():
+            # CUDA builds default to Model Runner V2, which rejects V1 logits processors.
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            logger.info("guidance: set VLLM_USE_V2_MODEL_RUNNER=0 (V1 logits-processor interface)")
+    passed = {name: getattr(settings, name) for name in ENGINE_ARGS}
+    return AsyncEngineArgs(
+        model=str(settings.model),
+        served_model_name=settings.model_name,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        kv_cache_memory_bytes=int(settings.kv_cache_space_gib * GIB),
+        # Ignore sampling defaults in the model's generation_config.json: a request's
+        # parameters are the only ones that apply, as with the OpenAI API.
+        generation_config="vllm",
+        # vLLM's stat logger feeds its Prometheus metrics (vllm:*), served at /metrics.
+        disable_log_stats=False,
+        # On CPU, a seeded request whose prompt is prefilled in chunks kills the engine core: vLLM
+        # rewinds the request's generator after the discarded partial-prefill sample, and CPU
+        # generators have no offset ("CPU Generator does not use offset"). Whole prefills avoid it.
+        enable_chunked_prefill=torch.cuda.is_available(),
+        **passed,
+        **guided,
+    )
+
+
+def engine_config(args: AsyncEngineArgs) -> VllmConfig:
+    """vLLM's own check of the whole combination, before any process starts."""
+    defaults = AsyncEngineArgs(model=args.model)
+    # Named before vLLM fills in its choices (it writes them into `args`).
+    chosen = ", ".join(f"{name}={getattr(args, name)!r}" for name in ENGINE_ARGS
+                       if getattr(args, name) != getattr(defaults, name))
+    try:
+        return args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise EngineSettingsError(
+            f"vLLM rejects the engine settings ({chosen or 'vLLM defaults'}): {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """vLLM's message; for its pydantic config checks, each error's field and message on one line."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" if error["loc"] else error["msg"]
+                     for error in exc.errors())
 
 
 def _prompt_logprobs(positions) -> PromptLogprobs:

@@ -3,6 +3,8 @@
 Values come from (highest priority first) CLI flags, environment variables
 prefixed ``ALIGNSERVE_`` (e.g. ``ALIGNSERVE_PORT=9000``), then the defaults
 below. Library code never reads the environment; it receives this object.
+The vLLM engine arguments passed through (tensor_parallel_size, ...) are generated
+from vLLM's own `AsyncEngineArgs` (server.engine_args).
 """
 
 from __future__ import annotations
@@ -11,16 +13,20 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.demo.build import demo_base_dir
 from models.demo.paths import demo_guides_file
+from server.engine_args import engine_fields
 
 DEMO_MODEL_NAME = "demo-base"
 
+# vLLM's engine arguments we pass through (server.engine_args), as settings fields.
+EngineSettings = create_model("EngineSettings", __base__=BaseSettings, **engine_fields())  # type: ignore[call-overload]
 
-class Settings(BaseSettings):
+
+class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     model_config = SettingsConfigDict(env_prefix="ALIGNSERVE_", frozen=True, extra="forbid")
 
     model: Path = Field(
@@ -41,10 +47,6 @@ class Settings(BaseSettings):
     )
     kv_cache_space_gib: float = Field(
         default=1.0, gt=0, description="Memory reserved for vLLM's KV cache, in GiB."
-    )
-    max_num_seqs: int = Field(
-        default=64, ge=1,
-        description="Most sequences the engine runs at once (each guide model keeps a KV-cache slot per sequence).",
     )
     guide_models: Path | None = Field(
         default=None,
@@ -94,7 +96,6 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
-    seed: int = Field(default=0, description="Engine seed (requests without a seed still sample freshly).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

