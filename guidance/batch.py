@@ -105,9 +105,11 @@ class GuidanceBatch:
         self._device = torch.device(device)
         for model in self._models.values():
             model.setup_cache(max_requests, max_len)
-        # Final hidden state of the last token each slot has seen, per guide model: [slots, H].
+        # Final hidden state of the last token each slot has seen, per guide model: [slots, H], in the
+        # model's dtype (its head reads it); scores are turned to float32 before any offset math.
         self._last_hidden = {
-            name: torch.zeros(max_requests, m.backbone.config.hidden_size, device=self._device)
+            name: torch.zeros(max_requests, m.backbone.config.hidden_size, device=self._device,
+                              dtype=m.backbone.embed_tokens.weight.dtype)
             for name, m in self._models.items()
         }
         self._atoms = {
@@ -218,7 +220,7 @@ class GuidanceBatch:
             hidden = model.step(slot_index, torch.tensor([t[0] for _, t in fresh], device=self._device))
         else:
             hidden = model.prefill(slots, [torch.tensor(t, device=self._device) for _, t in fresh])
-        self._last_hidden[name][slot_index] = hidden.float()
+        self._last_hidden[name][slot_index] = hidden
 
     @staticmethod
     def _groups(requests: list[_Request]) -> dict[tuple[str, str], _Group]:
@@ -242,7 +244,7 @@ class GuidanceBatch:
         slots = torch.tensor([requests[i].slots[model_name] for i in group.rows], device=self._device)
 
         if info.scoring == "q":
-            scores = module.token_scores(model.score_next(self._last_hidden[model_name][slots]))  # [b, V(, m)]
+            scores = module.token_scores(model.score_next(self._last_hidden[model_name][slots]).float())  # [b, V(, m)]
             if min(top_k) == vocab:
                 offsets.index_add_(0, index, module.offsets(scores, strength, info.head_type, atoms))
                 return

@@ -53,6 +53,10 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
         description="JSON file mapping guide-model names to directories (relative to the file); "
         "default: the demo guide models when serving the demo model, else none.",
     )
+    guide_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Weight and activation dtype of the guide models (offsets and KL are computed "
+        "in float32 either way); auto: bfloat16 on a GPU, float32 on CPU.",
+    )
     tool_call_parser: str | None = Field(
         default=None,
         description="vLLM tool parser that reads tool calls from the model's output (e.g. hermes, llama3_json, "

@@ -32,7 +32,7 @@ from guidance.spec import parse_guidance
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEY = "alignserve"  # in VllmConfig.additional_config: {"guide_models": {name: path}}
+CONFIG_KEY = "alignserve"  # in VllmConfig.additional_config: {"guide_models": {name: path}, "guide_dtype": ...}
 GUIDANCE_ARG = "guidance"
 KEY_ARG = "guidance_key"
 REPORTS_RPC = "alignserve_guidance_reports"
@@ -42,9 +42,16 @@ TIMINGS_RPC = "alignserve_guidance_timings"
 _worker_batch: GuidanceBatch | None = None
 
 
-def engine_config(catalog: GuideCatalog) -> dict[str, Any]:
-    """The `additional_config` entry that hands the guide-model table to the worker."""
-    return {CONFIG_KEY: {"guide_models": catalog.paths()}}
+def engine_config(catalog: GuideCatalog, guide_dtype: str = "auto") -> dict[str, Any]:
+    """The `additional_config` entry that hands the guide-model table and their dtype to the worker."""
+    return {CONFIG_KEY: {"guide_models": catalog.paths(), "guide_dtype": guide_dtype}}
+
+
+def resolve_guide_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The guide models' dtype: `name`, or for "auto" bfloat16 on a GPU and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 class GuidanceLogitsProcessor(LogitsProcessor):
@@ -67,7 +74,8 @@ class GuidanceLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         global _worker_batch
-        table = (vllm_config.additional_config or {}).get(CONFIG_KEY, {}).get("guide_models", {})
+        config = (vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        table = config.get("guide_models", {})
         self._catalog = GuideCatalog.from_paths(table)
         self._batch: GuidanceBatch | None = None
         if not get_pp_group().is_last_rank:
@@ -75,7 +83,8 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             logger.info("guidance: pipeline stage %d does not sample; no guide models loaded",
                         get_pp_group().rank_in_group)
             return
-        models = load_guide_models(self._catalog, dtype=torch.float32, device=device)
+        dtype = resolve_guide_dtype(config.get("guide_dtype", "auto"), torch.device(device))
+        models = load_guide_models(self._catalog, dtype=dtype, device=device)
         self._batch = GuidanceBatch(
             models, self._catalog,
             max_requests=vllm_config.scheduler_config.max_num_seqs,
@@ -83,7 +92,7 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             device=device,
         )
         _worker_batch = self._batch
-        logger.info("guidance: loaded guide models %s", self._catalog.names())
+        logger.info("guidance: loaded guide models %s (%s)", self._catalog.names(), dtype)
 
     def is_argmax_invariant(self) -> bool:
         return False  # offsets change which token is most likely

@@ -248,3 +248,20 @@ def test_temperature_changes_the_report_and_greedy_equals_temperature_one(catalo
         assert kls[t] == pytest.approx(reference_kl(logits[0], d, t), rel=1e-4, abs=1e-6), t
     assert kls[0.0] == kls[1.0]
     assert len({round(kls[t], 4) for t in (0.5, 1.0, 2.0)}) == 3
+
+
+def test_bfloat16_guide_models_steer_like_float32(catalog, models):
+    """`--guide-dtype bfloat16` (the default on GPUs): offsets computed by bfloat16 guide models stay
+    float32 logits, finite, and close to the float32 models' offsets."""
+    low = load_guide_models(catalog, dtype=torch.bfloat16, device="cpu")
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(3))
+    outputs = {}
+    for name, guides in (("float32", models), ("bfloat16", low)):
+        batch = GuidanceBatch(guides, catalog, max_requests=3, max_len=32)
+        for row, spec in enumerate(("q", "hist+cd", "arm+genarm")):
+            batch.add(row, f"{name}-{row}", parse_guidance(SPECS[spec], catalog), [1, 5, 9], [], temperature=1.0)
+        outputs[name] = batch.apply(logits.clone())
+    assert outputs["bfloat16"].dtype == torch.float32 and torch.isfinite(outputs["bfloat16"]).all()
+    offsets = {name: out - logits for name, out in outputs.items()}
+    scale = offsets["float32"].abs().max()
+    assert (offsets["bfloat16"] - offsets["float32"]).abs().max() <= 0.05 * scale + 0.05

@@ -49,3 +49,19 @@ def test_smaller_vocabulary_is_refused(tmp_path):
     save_tokenizer(other, 64)
     with pytest.raises(ValueError, match="vocab_size"):
         check_tokenizers(base, GuideCatalog({"g": guide(other, len(tokenizer) - 1)}))
+
+
+def test_guide_dtype_reaches_the_worker_and_auto_follows_the_device():
+    import torch
+
+    from guidance.adapters.vllm import CONFIG_KEY, engine_config, resolve_guide_dtype
+    from guidance.catalog import GuideCatalog
+    from server.engine import engine_args
+    from server.settings import Settings
+
+    assert engine_config(GuideCatalog({}), "bfloat16")[CONFIG_KEY]["guide_dtype"] == "bfloat16"
+    assert resolve_guide_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_guide_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_guide_dtype("float16", torch.device("cpu")) == torch.float16
+    args = engine_args(Settings(guide_dtype="bfloat16"), GuideCatalog.from_paths(Settings().guide_model_paths()))
+    assert args.additional_config[CONFIG_KEY]["guide_dtype"] == "bfloat16"
