@@ -44,6 +44,7 @@ from guidance.search.report import SearchReport
 from server.engine_args import ENGINE_ARGS
 from server.errors import vllm_client_error
 from server.metrics import observe_guidance
+from server.report_batcher import ReportBatcher
 from server.settings import Settings
 from server.streams import merge
 
@@ -161,6 +162,7 @@ class Engine:
         # The worker whose samples vLLM returns (first tensor rank of the last pipeline stage): its
         # guidance reports are the ones of the tokens the client gets.
         self._reply_rank = reply_rank
+        self._reports = ReportBatcher(self._fetch_reports)  # one RPC for the requests finishing together
 
     @classmethod
     def start(cls, settings: Settings, catalog: GuideCatalog) -> "Engine":
@@ -223,10 +225,12 @@ class Engine:
 
     async def _guidance_report(self, key: str, options: SamplingOptions) -> GuidanceReport:
         """The worker's KL report of a finished guided request (zero if it was never guided)."""
-        reports = (await self._llm.collective_rpc(REPORTS_RPC, args=([key],)))[self._reply_rank]
-        kl, steps = reports.get(key, (0.0, 0))
+        kl, steps = await self._reports.get(key)
         observe_guidance([entry["type"] for entry in options.guidance], kl, steps)
         return GuidanceReport(kl=kl, steps=steps)
+
+    async def _fetch_reports(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+        return (await self._llm.collective_rpc(REPORTS_RPC, args=(keys,)))[self._reply_rank]
 
     async def guidance_timings(self) -> StepTimings | None:
         """The worker's cumulative guidance step timings (None without guide models)."""
