@@ -20,6 +20,7 @@ from vllm.sampling_params import SamplingParams
 from server.errors import InvalidRequest, vllm_client_error
 
 VllmRequest = VllmCompletionRequest | VllmChatRequest
+_DEFAULTS = SamplingParams()  # what a request that sets none of ENGINE_PARAMS gets
 
 # Sampling fields of both endpoints, beyond the OpenAI ones our models declare themselves.
 SAMPLING_FIELDS = (
@@ -81,6 +82,5 @@ def engine_params(request: VllmRequest, max_tokens: int) -> dict[str, Any]:
         params = request.to_sampling_params(max_tokens, {})
     except (ValueError, VLLMClientError) as exc:  # VLLMValidationError names its parameter
         raise vllm_client_error(exc) from exc
-    defaults = SamplingParams()
     return {name: value for name in ENGINE_PARAMS
-            if (value := getattr(params, name)) != getattr(defaults, name)}
+            if (value := getattr(params, name)) != getattr(_DEFAULTS, name)}

