@@ -80,6 +80,6 @@ class Services:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 
 
-def get_services(request: Request) -> Services:
-    """FastAPI dependency: the running app's services."""
+async def get_services(request: Request) -> Services:
+    """FastAPI dependency: the running app's services (async: FastAPI runs a plain function in a thread)."""
     return request.app.state.services

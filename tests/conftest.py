@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -40,7 +40,24 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
     def unfinished_requests(self) -> int:
-        return httpx.get(f"{self.base_url}/health", timeout=5).json()["unfinished_requests"]
+        return httpx.get(f"{self.base_url}/health", timeout=30).json()["unfinished_requests"]
+
+    def wait_unfinished(self, predicate: Callable[[int], bool], timeout_s: float = 60) -> int:
+        """Poll the engine's unfinished request count until `predicate` holds or the time runs out."""
+        deadline = time.monotonic() + timeout_s
+        count = self.unfinished_requests()
+        while not predicate(count) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            count = self.unfinished_requests()
+        return count
+
+    def metric(self, name: str) -> float:
+        """A Prometheus metric summed over its labels."""
+        lines = httpx.get(f"{self.base_url}/metrics", timeout=30).text.splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((f"{name}{{", f"{name} ")))
+
+    def generated_tokens(self) -> float:
+        return self.metric("vllm:generation_tokens_total")
 
 
 def start_server(log_path: Path, *flags: str, env: dict[str, str] | None = None) -> RunningServer:
@@ -90,6 +107,17 @@ def post_and_leave_once_running(server: RunningServer, path: str, body: dict, ru
             return None
 
     return asyncio.run(run())
+
+
+def assert_stopped_early(server: RunningServer, tokens_before: float, full_tokens: int) -> None:
+    """After its client left, a request's engine work stops: the engine goes idle having generated fewer
+    tokens than the whole request (with `ignore_eos` a request run to its end generates exactly `full_tokens`).
+
+    Counted in tokens, not seconds, so that a slow or busy machine cannot make it pass or fail.
+    """
+    assert server.wait_unfinished(lambda count: count == 0) == 0
+    generated = server.generated_tokens() - tokens_before
+    assert generated < full_tokens, f"{generated} of {full_tokens} tokens generated: the request ran to its end"
 
 
 def stop_server(server: RunningServer) -> None:

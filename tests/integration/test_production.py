@@ -111,7 +111,10 @@ def test_backpressure_is_429_with_retry_after(prod):
     """4 running + 4 waiting fit; beyond that, 429."""
     async def run():
         async with httpx.AsyncClient(base_url=prod.base_url, timeout=120, headers=AUTH) as http:
-            body = {"model": "demo-base", "prompt": "1+1=", "max_tokens": 64, "ignore_eos": True, "n": 3}
+            # The longest request the limits allow, so that the first ones still hold the engine when the
+            # last arrive, however busy the machine.
+            body = {"model": "demo-base", "prompt": "1+1=", "max_tokens": LIMITS["max_tokens_limit"],
+                    "ignore_eos": True, "n": LIMITS["max_n"], "cache": False}
             return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(8)))
 
     responses = asyncio.run(run())

@@ -12,7 +12,7 @@ from openai import AsyncOpenAI
 
 from guidance.verifiers import get_verifier
 from models.demo.task import sample_problems
-from tests.conftest import post_and_leave_once_running
+from tests.conftest import assert_stopped_early, post_and_leave_once_running
 
 pytestmark = pytest.mark.engine
 
@@ -203,27 +203,22 @@ def test_search_metrics(http, openai_client, model_name):
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, stream):
-    def unfinished(predicate, timeout_s: float) -> int:
-        deadline = time.monotonic() + timeout_s
-        while not predicate(count := server.unfinished_requests()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return count
-
-    assert unfinished(lambda c: c == 0, 30) == 0
+    assert server.wait_unfinished(lambda count: count == 0) == 0
+    tokens_before = server.generated_tokens()
     body = {"model": model_name, "messages": [{"role": "user", "content": "1+1="}], "max_tokens": 500,
             "temperature": 1.0, "ignore_eos": True, "n": 4, "search": best_of(8), "stream": stream,
             # Guided steps are slower: the candidates run for seconds even on a fast machine.
             "guidance": [{"type": "qsharp", "model": "demo-value", "strength": 1.0}]}
-    with httpx.Client(base_url=server.base_url, timeout=httpx.Timeout(30, read=1.0)) as client:
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
         if stream:
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()  # kept: a dropped line iterator closes the response
                 assert next(lines).startswith("data: ")  # the role chunk, long before any pick
-                assert unfinished(lambda c: c == 32, 10) == 32  # 4 picks x 8 candidates running
+                assert server.wait_unfinished(lambda count: count == 32) == 32  # 4 picks x 8 candidates running
         else:
             assert (outcome := post_and_leave_once_running(server, "/v1/chat/completions", body, running=32)) is None, \
                 outcome
-    assert unfinished(lambda c: c == 0, 2.0) == 0
+    assert_stopped_early(server, tokens_before, 4 * 8 * 500)
 
 
 def test_best_of_n_prefills_the_prompt_once(http, model_name):
