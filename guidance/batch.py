@@ -14,6 +14,12 @@ at a request's temperature T the guided policy is softmax((l + d) / T) and the b
 softmax(l / T) (see `guidance.divergence.kl_guided_to_base`; greedy requests, T = 0,
 are reported at T = 1). Each request's temperature is written once, when it joins,
 into a per-request buffer that `apply` gathers by index with the KL rows.
+
+Entropy gating: an entry with `min_entropy` > 0 steers a row only at positions where the
+base distribution at the row's temperature has entropy H = -sum_y p(y) log p(y) >= min_entropy;
+elsewhere it adds no offset and its head scores nothing (the guide model still reads every
+token). The KL stays exact (0 at an unsteered position), and a report's `steps` counts the
+positions some entry steered, recorded per output position like the KL.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class StepTimings:
 @dataclass(frozen=True)
 class GuidanceReport:
     kl: float  # sum over generated tokens of KL(pi_guided || pi_base) at the sampling temperature
-    steps: int  # generated tokens that were guided
+    steps: int  # generated tokens that were steered (every guided token, unless entries are entropy-gated)
 
 
 @dataclass
@@ -70,7 +76,7 @@ class _Request:
     slots: dict[str, int]  # guide model name -> KV-cache slot
     first_output: int  # outputs generated before this (re)join, whose KL is carried
     carried_kl: Tensor | float = 0.0
-    carried_steps: int = 0
+    carried_steps: Tensor | int = 0
     fed: int = 0  # tokens already in the guide caches
     collected: bool = False
 
@@ -117,10 +123,11 @@ class GuidanceBatch:
             for name in self._models
         }
         self._kl_at = torch.zeros(max_requests, max_len, device=self._device)  # KL by output position
+        self._steered_at = torch.zeros(max_requests, max_len, device=self._device)  # 1 where a position was steered
         self._temperature = torch.ones(max_requests, device=self._device)  # sampling temperature by stat row
         self._free_stats = list(range(max_requests - 1, -1, -1))
         self._rows: dict[int, _Request] = {}
-        self._uncollected: OrderedDict[str, tuple[Tensor | float, int]] = OrderedDict()
+        self._uncollected: OrderedDict[str, tuple[Tensor | float, Tensor | int]] = OrderedDict()
         self.timings = StepTimings()
 
     @property
@@ -198,12 +205,21 @@ class GuidanceBatch:
         row_index = torch.tensor(rows, device=logits.device)
         base = logits[row_index].float()  # [G, V]
         offsets = torch.zeros_like(base)
-        for (model_name, _), group in self._groups(requests).items():
-            self._add_offsets(offsets, base, requests, model_name, group)
         stat = torch.tensor([q.stat for q in requests], device=self._device)
-        position = torch.tensor([len(q.output_ids) for q in requests], device=self._device)
         temperature = self._temperature[stat].to(base.device)  # [G]
+        entropy = _entropy(base, temperature) if any(e.params.min_entropy > 0 for q in requests
+                                                     for e in q.guidance) else None
+        steered = [False] * len(requests)
+        for (model_name, _), group in self._groups(requests).items():
+            if entropy is not None:
+                group = _open_rows(group, entropy)
+            if group.rows:
+                self._add_offsets(offsets, base, requests, model_name, group)
+            for i in group.rows:
+                steered[i] = True
+        position = torch.tensor([len(q.output_ids) for q in requests], device=self._device)
         self._kl_at[stat, position] = kl_guided_to_base(base, offsets, temperature).to(self._device)
+        self._steered_at[stat, position] = torch.tensor(steered, dtype=torch.float32, device=self._device)
         logits[row_index] = (base + offsets).to(logits.dtype)
         self.timings.observe(time.perf_counter() - began)
         return logits
@@ -259,10 +275,10 @@ class GuidanceBatch:
 
     # Reports.
 
-    def _totals(self, request: _Request) -> tuple[Tensor | float, int]:
+    def _totals(self, request: _Request) -> tuple[Tensor | float, Tensor | int]:
         end = len(request.output_ids)
         kl = request.carried_kl + self._kl_at[request.stat, request.first_output:end].sum()
-        return kl, request.carried_steps + end - request.first_output
+        return kl, request.carried_steps + self._steered_at[request.stat, request.first_output:end].sum()
 
     def collect(self, keys: Sequence[str]) -> dict[str, GuidanceReport]:
         """Reports of the given requests (finished or still in the batch); each is returned once."""
@@ -276,5 +292,22 @@ class GuidanceBatch:
                 active[key].collected = True
             else:
                 continue
-            reports[key] = GuidanceReport(kl=float(kl), steps=steps)
+            reports[key] = GuidanceReport(kl=float(kl), steps=int(steps))
         return reports
+
+
+def _entropy(logits: Tensor, temperature: Tensor) -> Tensor:
+    """H(softmax(l / T)) = -sum_y p(y) log p(y) per row, in nats: ``[G, V]``, ``[G]`` -> ``[G]``."""
+    log_p = torch.log_softmax(logits / temperature[:, None], dim=-1)
+    return -(log_p.exp() * log_p).nan_to_num().sum(-1)  # masked tokens (p = 0, log p = -inf) add 0
+
+
+def _open_rows(group: _Group, entropy: Tensor) -> _Group:
+    """The rows of `group` whose entry's entropy gate is open (every row of an ungated entry)."""
+    bounds = [e.params.min_entropy for e in group.entries]
+    if not any(bounds):
+        return group
+    index = torch.tensor(group.rows, device=entropy.device)
+    is_open = (entropy[index] >= torch.tensor(bounds, device=entropy.device)).tolist()  # host decision: skip work
+    kept = [i for i, keep in enumerate(is_open) if keep or bounds[i] == 0]
+    return _Group(rows=[group.rows[i] for i in kept], entries=[group.entries[i] for i in kept])

@@ -16,6 +16,8 @@ class GuidanceParams(BaseModel):
 
     `top_k` picks the candidate tokens C (the top-k of the base logits); -1 means the
     whole vocabulary, None the module's default. Tokens outside C get offset 0.
+    `min_entropy` gates the entry: at a position where the base distribution's entropy
+    H = -sum_y p(y) log p(y) is below it, the entry adds nothing (and scores nothing).
     """
 
     # NaN and infinities are refused as such ("Input should be a finite number"), not by a bound.
@@ -25,6 +27,10 @@ class GuidanceParams(BaseModel):
     model: str = Field(min_length=1, description="A guide model configured by the operator.")
     strength: float = Field(ge=0.0, le=MAX_STRENGTH, description="Guidance strength; 0 = unguided.")
     top_k: int | None = Field(default=None, description="Candidate tokens: top-k of the base logits; -1 = all.")
+    min_entropy: float = Field(
+        default=0.0, ge=0.0,
+        description="Steer only positions where the base distribution's entropy (nats, at the sampling "
+                    "temperature) is at least this; 0 = every position.")
 
     @field_validator("top_k")
     @classmethod

@@ -27,7 +27,7 @@ class ResolvedGuidance:
 
     def describe(self) -> dict[str, Any]:
         return {"type": self.module.name, "model": self.params.model, "strength": self.params.strength,
-                "top_k": self.top_k}
+                "top_k": self.top_k, "min_entropy": self.params.min_entropy}
 
 
 def parse_guidance(

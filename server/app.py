@@ -53,8 +53,9 @@ def create_app(
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name())
         engine = start_engine(settings, catalog)
         tools = ToolCalling.load(settings.tool_call_parser, settings.enable_auto_tool_choice, renderer.tokenizer)
-        app.state.services = Services(settings, engine, renderer, catalog, scorers, Search(engine, scorers), lifecycle,
-                                      cache, tools, created=int(time.time()))
+        search = Search(engine, scorers, renderer.decode)
+        app.state.services = Services(settings, engine, renderer, catalog, scorers, search, lifecycle, cache, tools,
+                                      created=int(time.time()))
         logger.info("serving %s from %s (cache: %s)", settings.model_name, settings.model,
                     cache.backend.name if cache.backend else "off")
         try:

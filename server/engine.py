@@ -197,7 +197,13 @@ class Engine:
         Each choice is its own engine request (`<request_id>-<index>`), so each guided
         choice has its own report. Closing the stream (client gone) aborts them all.
         """
-        return merge([self._generate_choice(f"{request_id}-{i}", i, prompt_ids, options) for i in range(options.n)])
+        return merge([self._generate_choice(_choice_id(request_id, i), i, prompt_ids, options)
+                      for i in range(options.n)])
+
+    async def abort(self, request_id: str, index: int) -> None:
+        """Stop choice `index` of a `generate` call: its stream ends with finish_reason "abort", and
+        the engine frees its KV blocks and guide-model slot."""
+        await self._llm.abort(_choice_id(request_id, index))
 
     async def _generate_choice(
         self, engine_id: str, index: int, prompt_ids: list[int], options: SamplingOptions
@@ -253,6 +259,10 @@ class Engine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _choice_id(request_id: str, index: int) -> str:
+    return f"{request_id}-{index}"
 
 
 class EngineSettingsError(ValueError):

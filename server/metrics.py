@@ -39,7 +39,8 @@ CACHE_REQUESTS = Counter(
 )
 SEARCH_SCORES = Histogram(
     "alignserve_search_candidate_score",
-    "Scores of request-level search candidates (best-of-N completions, blockwise blocks) by search type and scorer.",
+    "Scores of request-level search candidates (best-of-N completions, blockwise blocks, partial sequences at "
+    "pruning checkpoints: search=\"prune\") by search type and scorer.",
     ["search", "scorer"],
     buckets=(-5.0, -2.0, -1.0, -0.5, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 2.0, 5.0),
 )
@@ -47,6 +48,8 @@ SCORER_SECONDS = Histogram(
     "alignserve_scorer_seconds", "Time of one scoring call (all candidates of one pick or block).", ["scorer"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
+PRUNED_CANDIDATES = Counter(
+    "alignserve_search_pruned_candidates_total", "Best-of-N candidates aborted early at pruning checkpoints.")
 DRAINING = Gauge("alignserve_draining", "1 while the server drains in-flight requests before exiting.")
 
 

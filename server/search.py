@@ -6,7 +6,13 @@ endpoints stream and collect them alike. Each choice is an independent pick.
 best_of_n: the N candidates of all n picks are submitted together (one engine request
 each, candidate c of pick j seeded `seed + j * N + c`: best-of-1 is the plain request);
 as soon as a pick's N candidates have finished they are scored in one call and the kept
-one is emitted whole.
+one is emitted whole. With `prune`, once every live candidate of a pick has generated
+`every * k` tokens (checkpoint k), their first `every * k` tokens are scored by the prune
+scorer and the lowest-scored `floor(live * fraction)` are aborted (ties: the later
+candidate), keeping at least `min_keep`; scoring at an exact length keeps a seeded
+request reproducible. Checkpoints stop once none could prune. The engine aborts a pruned
+candidate at once (its KV blocks and guide-model slot are freed); its tokens so far count
+in `generated_tokens`. The kept candidate is chosen among the unpruned ones.
 
 blockwise: per block, K continuations of at most M tokens of prompt + blocks kept so far
 (vLLM's prefix cache serves the shared prefix), scored as prompt + blocks + candidate;
@@ -22,24 +28,42 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from guidance.batch import GuidanceReport
-from guidance.search.report import SearchReport
+from guidance.search.report import Checkpoint, SearchReport
 from guidance.search.scorers import Completion, Scorer, ScorerCatalog
 from guidance.search.selection import select, selection_generator
-from guidance.search.spec import BestOfN, Blockwise, SearchParams
+from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams
 from server.engine import ChoiceDelta, ChoiceOutput, Engine, SamplingOptions
-from server.metrics import observe_search
+from server.metrics import PRUNED_CANDIDATES, observe_search
 from server.streams import merge
 
 
+@dataclass
+class _Candidates:
+    """One best-of-N pick's candidates as they stream in, and its pruning so far."""
+
+    outputs: list[ChoiceOutput]
+    pruned: set[int] = field(default_factory=set)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    next_checkpoint: int = 1  # 0: no checkpoint could prune any more
+    finished: int = 0
+
+    def live(self) -> list[int]:
+        return [c for c, o in enumerate(self.outputs) if o.finish_reason is None and c not in self.pruned]
+
+    def generated_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)
+
+
 class Search:
-    def __init__(self, engine: Engine, scorers: ScorerCatalog) -> None:
-        self.engine, self.scorers = engine, scorers
+    def __init__(self, engine: Engine, scorers: ScorerCatalog, decode: Callable[[list[int]], str]) -> None:
+        """`decode`: token ids -> text (the partial completions a pruning scorer reads)."""
+        self.engine, self.scorers, self.decode = engine, scorers, decode
 
     def generate(self, request_id: str, prompt_ids: list[int], prompt_text: str, options: SamplingOptions,
                  search: SearchParams) -> AsyncIterator[ChoiceDelta]:
@@ -52,29 +76,64 @@ class Search:
     async def _best_of_n(self, request_id: str, prompt_ids: list[int], prompt_text: str, options: SamplingOptions,
                          search: BestOfN) -> AsyncIterator[ChoiceDelta]:
         size = search.n
-        candidates = [[ChoiceOutput() for _ in range(size)] for _ in range(options.n)]
-        unfinished = [size] * options.n
+        picks = [_Candidates([ChoiceOutput() for _ in range(size)]) for _ in range(options.n)]
         async for delta in self.engine.generate(request_id, prompt_ids, replace(options, n=options.n * size)):
             pick, index = divmod(delta.index, size)
-            candidates[pick][index].add(delta)
+            group = picks[pick]
+            group.outputs[index].add(delta)
+            if search.prune is not None and group.next_checkpoint:
+                await self._prune(request_id, pick, group, search, prompt_text, prompt_ids)
             if delta.finish_reason is None:
                 continue
-            unfinished[pick] -= 1
-            if unfinished[pick] == 0:
-                group = candidates[pick]
-                scores, kept = await self._keep(search, prompt_text, prompt_ids,
-                                                [Completion(c.text, tuple(c.token_ids)) for c in group],
-                                                selection_generator(options.seed, pick))
-                chosen = group[kept]
-                yield _kept_delta(pick, chosen, options, chosen.finish_reason, chosen.guidance,
-                                  SearchReport(score=scores[kept], candidate_scores=tuple(scores), selected=kept))
+            group.finished += 1
+            if group.finished < size:
+                continue
+            unpruned = [c for c in range(size) if c not in group.pruned]
+            scores, kept = await self._keep(search, prompt_text, prompt_ids,
+                                            [Completion(group.outputs[c].text, tuple(group.outputs[c].token_ids))
+                                             for c in unpruned], selection_generator(options.seed, pick))
+            by_candidate: list[float | None] = [None] * size
+            for c, score in zip(unpruned, scores):
+                by_candidate[c] = score
+            chosen = group.outputs[unpruned[kept]]
+            yield _kept_delta(pick, chosen, options, chosen.finish_reason, chosen.guidance,
+                              SearchReport(score=scores[kept], candidate_scores=tuple(by_candidate),
+                                           selected=unpruned[kept], generated_tokens=group.generated_tokens(),
+                                           checkpoints=None if search.prune is None else tuple(group.checkpoints)))
+
+    async def _prune(self, request_id: str, pick: int, group: _Candidates, search: BestOfN, prompt_text: str,
+                     prompt_ids: list[int]) -> None:
+        """Run every checkpoint of `group` that its live candidates have reached (module docstring)."""
+        prune: Prune = search.prune
+        while group.next_checkpoint:
+            live, length = group.live(), group.next_checkpoint * prune.every
+            if any(len(group.outputs[c].token_ids) < length for c in live):
+                return  # not reached yet
+            count = min(int(len(live) * prune.fraction), search.n - len(group.pruned) - prune.min_keep)
+            if count <= 0:
+                group.next_checkpoint = 0  # live candidates only get fewer: no later checkpoint prunes
+                return
+            group.next_checkpoint += 1
+            partial = [group.outputs[c].token_ids[:length] for c in live]
+            scorer = self.scorers[prune.scorer]
+            began = time.perf_counter()
+            scores = await asyncio.to_thread(scorer.score, prompt_text, prompt_ids,
+                                             [Completion(self.decode(ids), tuple(ids)) for ids in partial])
+            observe_search("prune", scorer.name, scores, time.perf_counter() - began)
+            ranked = sorted(range(len(live)), key=lambda i: (scores[i], -live[i]))  # lowest first; ties: later
+            pruned = tuple(sorted(live[i] for i in ranked[:count]))
+            group.pruned.update(pruned)
+            group.checkpoints.append(Checkpoint(tokens=length, scored=tuple(live), scores=tuple(scores),
+                                                pruned=pruned))
+            PRUNED_CANDIDATES.inc(len(pruned))
+            await asyncio.gather(*(self.engine.abort(request_id, pick * search.n + c) for c in pruned))
 
     async def _blockwise_choice(self, request_id: str, pick: int, prompt_ids: list[int], prompt_text: str,
                                 options: SamplingOptions, search: Blockwise) -> AsyncIterator[ChoiceDelta]:
         size, rounds = search.candidates, math.ceil(options.max_tokens / search.block_tokens)
         kept_ids: list[int] = []
         kept_text = ""
-        kl, steps = 0.0, 0
+        kl, steps, generated = 0.0, 0, 0
         round_scores: list[tuple[float, ...]] = []
         kept_indexes: list[int] = []
         for round_ in range(rounds):
@@ -85,6 +144,7 @@ class Search:
             block = [ChoiceOutput() for _ in range(size)]
             async for delta in self.engine.generate(f"{request_id}-b{round_}", prompt_ids + kept_ids, block_options):
                 block[delta.index].add(delta)
+            generated += sum(len(c.token_ids) for c in block)
             scores, kept = await self._keep(
                 search, prompt_text, prompt_ids,
                 [Completion(kept_text + c.text, (*kept_ids, *c.token_ids)) for c in block],
@@ -102,7 +162,7 @@ class Search:
                 pick, chosen, options, ("stop" if stopped else "length") if done else None,
                 GuidanceReport(kl=kl, steps=steps) if done and options.guidance else None,
                 SearchReport(score=scores[kept], candidate_scores=tuple(round_scores),
-                             selected=tuple(kept_indexes)) if done else None,
+                             selected=tuple(kept_indexes), generated_tokens=generated) if done else None,
                 first=round_ == 0,  # later blocks' prompts hold the kept tokens too
             )
             if done:

@@ -58,15 +58,18 @@ class Services:
 
     def check_search_fits(self, search: SearchParams | None, prompt_tokens: int, max_tokens: int,
                           param: str) -> None:
-        """A model scorer must fit the prompt and the longest completion; 400 naming `param` otherwise."""
+        """A model scorer (and a pruning one) must fit the prompt and the longest completion; 400 naming
+        `param` otherwise."""
         if search is None:
             return
-        limit = self.scorers[search.scorer].max_length
-        if limit is not None and prompt_tokens + max_tokens > limit:
-            raise InvalidRequest(
-                f"The scorer {search.scorer!r} scores at most {limit} tokens; this request may need "
-                f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} for the completion).",
-                param=param)
+        prune = getattr(search, "prune", None)
+        for scorer in (search.scorer, *([prune.scorer] if prune else [])):
+            limit = self.scorers[scorer].max_length
+            if limit is not None and prompt_tokens + max_tokens > limit:
+                raise InvalidRequest(
+                    f"The scorer {scorer!r} scores at most {limit} tokens; this request may need "
+                    f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} for the completion).",
+                    param=param)
 
     def resolve_search(self, entry: dict | None) -> SearchParams | None:
         """A request's validated search spec (None when it asks for none)."""
@@ -75,7 +78,7 @@ class Services:
         settings = self.settings
         limits = SearchLimits(settings.max_search_candidates, settings.max_block_tokens)
         try:
-            return parse_search(entry, self.scorers.names(), limits)
+            return parse_search(entry, self.scorers.names(), limits, prefix_scorers=self.scorers.prefix_names())
         except GuidanceError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 

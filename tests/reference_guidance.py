@@ -60,13 +60,20 @@ def value_offset(kind: str, rule: str, score: torch.Tensor, strength: float, ato
     return strength * float(score)
 
 
+def entropy_at_temperature(logits: torch.Tensor, temperature: float) -> float:
+    """H(softmax(l / T)) = -sum_y p(y) log p(y) in nats; greedy (T = 0) at T = 1."""
+    p = torch.softmax(logits.double() / (temperature if temperature >= 1e-5 else 1.0), -1)
+    return float(-(p[p > 0] * p[p > 0].log()).sum().detach())
+
+
 def guided_offsets(logits: torch.Tensor, guides: dict[str, ReferenceGuide], guidance: list[dict],
-                   ids: list[int]) -> torch.Tensor:
-    """The summed offsets d(s, y) of all entries for prefix `ids` with base logits `logits` [V] (float64)."""
+                   ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """The summed offsets d(s, y) of all entries for prefix `ids` with base logits `logits` [V] (float64);
+    an entry with `min_entropy` above the base entropy at `temperature` adds nothing."""
     offsets = torch.zeros_like(logits)
     for entry in guidance:
         guide, rule, strength = guides[entry["model"]], entry["type"], entry["strength"]
-        if strength == 0:
+        if strength == 0 or entropy_at_temperature(logits, temperature) < entry.get("min_entropy", 0.0):
             continue
         kind, scoring, atoms = guide.head["type"], guide.head["scoring"], guide.head.get("atoms")
         default_k = 20 if rule in ("qsharp", "cd") else -1
@@ -121,8 +128,21 @@ def guided_kl(base: LlamaForCausalLM, guides: dict[str, ReferenceGuide], guidanc
     ids, at_t, at_one = list(prompt_ids), 0.0, 0.0
     for token in output_ids:
         logits = base(torch.tensor([ids])).logits[0, -1].double()
-        offsets = guided_offsets(logits, guides, guidance, ids)
+        offsets = guided_offsets(logits, guides, guidance, ids, temperature)
         at_t += kl_at_temperature(logits, offsets, temperature)
         at_one += kl_at_temperature(logits, offsets, 1.0)
         ids.append(token)
     return at_t, at_one
+
+
+@torch.no_grad()
+def steered_steps(base: LlamaForCausalLM, guidance: list[dict], prompt_ids: list[int], output_ids: list[int],
+                  temperature: float) -> int:
+    """The positions of a completion where some entry steered: strength > 0 and the base entropy at
+    `temperature` at least the entry's `min_entropy` (every position of ungated guidance)."""
+    ids, steps = list(prompt_ids), 0
+    for token in output_ids:
+        entropy = entropy_at_temperature(base(torch.tensor([ids])).logits[0, -1], temperature)
+        steps += any(e["strength"] > 0 and entropy >= e.get("min_entropy", 0.0) for e in guidance)
+        ids.append(token)
+    return steps

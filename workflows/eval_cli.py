@@ -59,11 +59,15 @@ def _at_least(low: float, kind: type) -> Callable[[str], Any]:
     return _argument_type(parse)
 
 
-def _top_p(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise ValueError(f"must be in (0, 1], got {text}")
-    return value
+def _share(include_one: bool) -> Callable[[str], Any]:
+    """A number in (0, 1], or in (0, 1) when `include_one` is False, as an argparse type."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (0 < value <= 1 if include_one else 0 < value < 1):
+            raise ValueError(f"must be in (0, {'1]' if include_one else '1)'}, got {text}")
+        return value
+
+    return _argument_type(parse)
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +93,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                        help="K, samples per prompt [default: %(default)s]")
     group.add_argument("--temperature", type=_at_least(0, float), default=0.8,
                        help="sampling temperature [default: %(default)s, the Q-sharp paper's]")
-    group.add_argument("--top-p", type=_argument_type(_top_p), default=0.9,
+    group.add_argument("--top-p", type=_share(include_one=True), default=0.9,
                        help="nucleus sampling [default: %(default)s, the Q-sharp paper's]")
     group.add_argument("--max-tokens", type=_at_least(1, int), default=32,
                        help="tokens per completion [default: %(default)s]")
@@ -123,13 +127,28 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                        metavar="K,K,...", help="blockwise candidates per block [default: 4]")
     group.add_argument("--block-tokens", type=_at_least(1, int), default=DEFAULT_BLOCK_TOKENS,
                        help="blockwise tokens per block [default: %(default)s]")
+    group.add_argument("--prune", metavar="SCORER",
+                       help="with --best-of-n: also run each N >= 2 pruned by this guide model (search.prune)")
+    group.add_argument("--prune-every", type=_at_least(1, int), default=8,
+                       help="pruning checkpoint every this many generated tokens [default: %(default)s]")
+    group.add_argument("--prune-fraction", type=_share(include_one=False), default=0.5,
+                       help="share of the live candidates pruned at a checkpoint [default: %(default)s]")
+    group.add_argument("--prune-min-keep", type=_at_least(1, int), default=1,
+                       help="candidates never pruned below this many [default: %(default)s]")
+    group.add_argument("--min-entropy", type=_argument_type(parse_strengths), default=(), metavar="H,H,...",
+                       help="also run each per-step configuration gated at these base entropies (nats)")
 
 
 def _configs(args: argparse.Namespace) -> list[EvalConfig]:
     """The base, the flags' sweep, then the --configs file's; ConfigError on a name used twice."""
+    if args.prune is not None and not args.best_of_n:
+        raise ConfigError("--prune prunes best-of-N: give --best-of-n SCORER too")
+    prune = None if args.prune is None else {"scorer": args.prune, "every": args.prune_every,
+                                              "fraction": args.prune_fraction, "min_keep": args.prune_min_keep}
     sweep = Sweep(guided={m: tuple(getattr(args, m)) for m in GUIDED_METHODS}, strengths=args.strengths,
                   best_of_n=tuple(args.best_of_n), ns=args.n, blockwise=tuple(args.blockwise),
-                  block_candidates=args.block_candidates, block_tokens=args.block_tokens)
+                  block_candidates=args.block_candidates, block_tokens=args.block_tokens, prune=prune,
+                  min_entropies=tuple(h for h in args.min_entropy if h > 0))
     configs = [BASE, *sweep_configs(sweep), *(read_config_file(args.configs) if args.configs else [])]
     check_unique(configs)
     return configs
@@ -205,7 +224,8 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
         "eval", help="pass@1 and KL of guidance and search, through a server",
         description="Sample every prompt K times under the base and each configuration (fixed seeds, the same\n"
         "for every configuration), score with a verifier, and write results.csv, results.md, results.json,\n"
-        "samples.jsonl and reward_vs_kl.png (pass@1 against mean KL to the base, one curve per method)\n"
+        "samples.jsonl, reward_vs_kl.png (pass@1 against mean KL to the base, one curve per method) and\n"
+        "pass_vs_compute.png (pass@1 against generated tokens and wall seconds per sample)\n"
         "to --out. KL: the server's exact report for per-step guidance; log N - (N-1)/N for best-of-N;\n"
         "not estimated for blockwise selection (docs/eval.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -7,18 +7,40 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """One pruning checkpoint of best-of-N: the generated length the live candidates were scored
+    at, their indexes, their partial-sequence scores, and the indexes aborted."""
+
+    tokens: int
+    scored: tuple[int, ...]
+    scores: tuple[float, ...]
+    pruned: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "scored": list(self.scored), "scores": list(self.scores),
+                "pruned": list(self.pruned)}
+
+
+@dataclass(frozen=True)
 class SearchReport:
-    """best_of_n: the scores of the N candidates and the index kept. blockwise: per block,
-    the scores of its candidates and the index kept. `score` is the kept candidate's
-    (for blockwise, the last block's: the score of the whole completion)."""
+    """best_of_n: the scores of the N candidates (None for a pruned one) and the index kept, and with
+    `prune` its checkpoints. blockwise: per block, the scores of its candidates and the index kept.
+    `score` is the kept candidate's (for blockwise, the last block's: the score of the whole
+    completion). `generated_tokens` counts the tokens of every candidate, kept, discarded or pruned:
+    the search's generation cost."""
 
     score: float
-    candidate_scores: tuple[float, ...] | tuple[tuple[float, ...], ...]
+    candidate_scores: tuple[float | None, ...] | tuple[tuple[float, ...], ...]
     selected: int | tuple[int, ...]
+    generated_tokens: int
+    checkpoints: tuple[Checkpoint, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         def plain(value):
             return [plain(v) for v in value] if isinstance(value, tuple) else value
 
-        return {"score": self.score, "candidate_scores": plain(self.candidate_scores),
-                "selected": plain(self.selected)}
+        report = {"score": self.score, "candidate_scores": plain(self.candidate_scores),
+                  "selected": plain(self.selected), "generated_tokens": self.generated_tokens}
+        if self.checkpoints is not None:
+            report["checkpoints"] = [c.as_dict() for c in self.checkpoints]
+        return report

@@ -113,3 +113,8 @@ class ScorerCatalog:
 
     def names(self) -> list[str]:
         return sorted(self._scorers)
+
+    def prefix_names(self) -> list[str]:
+        """Scorers that read token ids, so score a partial sequence as well as a whole one (the guide
+        models; a verifier judges a finished answer)."""
+        return sorted(name for name, scorer in self._scorers.items() if isinstance(scorer, ModelScorer))

@@ -1,6 +1,8 @@
 """A request's `search` object: parsed, bounded by the operator's caps, checked against the scorers.
 
     {"type": "best_of_n", "n": 8, "scorer": "demo-reward", "temperature": 0.0}
+    {"type": "best_of_n", "n": 32, "scorer": "demo-reward",
+     "prune": {"scorer": "demo-value-hist", "every": 16, "fraction": 0.5, "min_keep": 2}}
     {"type": "blockwise", "candidates": 4, "block_tokens": 8, "scorer": "demo-prefix", "temperature": 0.0}
 
 `temperature` is the selection temperature: 0 keeps the best-scored candidate, a positive
@@ -39,11 +41,26 @@ class _SearchParams(BaseModel):
         return getattr(self, self.candidates_field)
 
 
+class Prune(BaseModel):
+    """Early rejection of best-of-N candidates: after every `every` generated tokens, the live
+    candidates' partial sequences (their first `every * checkpoint` tokens) are scored by
+    `scorer` and the lowest `floor(live * fraction)` are aborted, never leaving fewer than
+    `min_keep` candidates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    scorer: str = Field(min_length=1, description="A guide model that scores partial sequences (a value head).")
+    every: int = Field(ge=1, description="Generated tokens between checkpoints.")
+    fraction: float = Field(gt=0.0, lt=1.0, description="Share of the live candidates aborted at a checkpoint.")
+    min_keep: int = Field(default=1, ge=1, description="Candidates never pruned below this many.")
+
+
 class BestOfN(_SearchParams):
     """Sample `n` completions, score each whole completion, keep one."""
 
     type: Literal["best_of_n"]
     n: int = Field(ge=1, description="Candidates sampled per choice.")
+    prune: Prune | None = Field(default=None, description="Abort the weakest candidates early (Prune).")
 
     candidates_field = "n"
 
@@ -68,9 +85,10 @@ class SearchLimits:
     max_block_tokens: int
 
 
-def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param: str = "search") -> SearchParams:
-    """Validate a request's `search` object against the configured scorer names; GuidanceError naming
-    the first bad field."""
+def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param: str = "search",
+                 prefix_scorers: Sequence[str] = ()) -> SearchParams:
+    """Validate a request's `search` object against the configured scorer names (`prefix_scorers`:
+    those that can score partial sequences, for `prune`); GuidanceError naming the first bad field."""
     if not isinstance(entry, dict):
         raise GuidanceError("search must be an object", param)
     kind = entry.get("type")
@@ -91,4 +109,13 @@ def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param
     if spec.scorer not in scorers:
         raise GuidanceError(
             f"Unknown scorer {spec.scorer!r}; configured: {', '.join(scorers) or 'none'}", f"{param}.scorer")
+    prune = getattr(spec, "prune", None)
+    if prune is not None:
+        if prune.scorer not in prefix_scorers:
+            raise GuidanceError(
+                f"{param}.prune.scorer must be a guide model that scores partial sequences; {prune.scorer!r} is not "
+                f"one (configured: {', '.join(prefix_scorers) or 'none'})", f"{param}.prune.scorer")
+        if prune.min_keep > spec.n:
+            raise GuidanceError(f"{param}.prune.min_keep must be at most n ({spec.n}), got {prune.min_keep}",
+                                f"{param}.prune.min_keep")
     return spec

@@ -124,7 +124,7 @@ class GenerationServing(ABC):
         if prepared.reports:
             response["guidance"] = {"entries": [g.describe() for g in prepared.guidance]}
             if prepared.search is not None:
-                response["guidance"]["search"] = prepared.search.model_dump()
+                response["guidance"]["search"] = prepared.search.model_dump(exclude_none=True)
         return response
 
     def _chunk(self, body: SamplingRequest, request_id: str, created: int, choices: list[dict]) -> dict:

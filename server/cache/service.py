@@ -55,6 +55,8 @@ class ResponseCache:
         if search is not None:
             # A model scorer is identified by its weights; a verifier (code) by its name.
             identity["scorer"] = {"name": search.scorer, "revision": self._guide_revisions.get(search.scorer)}
+            if (prune := getattr(search, "prune", None)) is not None:
+                identity["prune_scorer"] = {"name": prune.scorer, "revision": self._guide_revisions[prune.scorer]}
         return cache_key(self.namespace, identity, endpoint, body.model_dump(mode="json"))
 
     async def lookup(self, key: str) -> dict | None:

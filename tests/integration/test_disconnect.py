@@ -5,12 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import assert_stopped_early, post_and_leave_once_running
+from tests.conftest import assert_stopped_early, post_and_leave
 
 pytestmark = pytest.mark.engine
 
-# Long enough that the request still runs when the client leaves, however busy the machine: 16 choices x
-# 500 tokens, each step guided by the demo value model (slower steps), so several seconds on a fast machine.
+# Long enough that the request still runs when the client leaves (after a second), however busy the machine:
+# 16 choices x 500 tokens, each step guided by the demo value model (slower steps), so about 6 s on a fast machine.
 LONG = {"prompt": "1+1=", "max_tokens": 500, "temperature": 1.0, "ignore_eos": True, "n": 16,
         "guidance": [{"type": "qsharp", "model": "demo-value", "strength": 1.0}]}
 FULL_TOKENS = 16 * 500
@@ -33,5 +33,7 @@ def test_non_streaming_disconnect_aborts_engine_request(server, model_name, path
     body = {"model": model_name, **LONG}
     if path.endswith("chat/completions"):
         body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
-    assert (outcome := post_and_leave_once_running(server, path, body, running=1)) is None, outcome
+    aborted_before = server.metric("alignserve_requests_total", outcome="aborted")
+    assert (outcome := post_and_leave(server, path, body)) is None, outcome
     assert_stopped_early(server, tokens_before, FULL_TOKENS)
+    assert server.metric("alignserve_requests_total", outcome="aborted") == aborted_before + 1

@@ -18,7 +18,7 @@ from models.runtime import build_head, save_head
 from models.demo.build import demo_base_dir
 from models.demo.task import sample_problems
 from tests.conftest import start_server, stop_server
-from tests.reference_guidance import ReferenceGuide, guided_greedy, guided_kl
+from tests.reference_guidance import ReferenceGuide, guided_greedy, guided_kl, steered_steps
 
 pytestmark = pytest.mark.engine
 
@@ -81,6 +81,7 @@ def http(guided):
         yield client
 
 PROMPT = "234+567="
+GATE = 0.5  # nats: the demo base is sure of some digits of these prompts and unsure of others
 GUIDANCES = {
     "qsharp": [{"type": "qsharp", "model": "demo-value", "strength": 4.0}],
     "qsharp-hist": [{"type": "qsharp", "model": "demo-value-hist", "strength": 4.0, "top_k": 8}],
@@ -89,6 +90,8 @@ GUIDANCES = {
     "genarm": [{"type": "genarm", "model": "demo-genarm", "strength": 1.0}],
     "composed": [{"type": "qsharp", "model": "demo-value", "strength": 2.0, "top_k": 10},
                  {"type": "genarm", "model": "demo-genarm", "strength": 0.5}],
+    "gated": [{"type": "qsharp", "model": "demo-value-hist", "strength": 4.0, "top_k": 8, "min_entropy": GATE},
+              {"type": "arm", "model": "demo-arm", "strength": 2.0, "min_entropy": 2 * GATE}],
 }
 
 
@@ -135,13 +138,39 @@ def test_guidance_reports_kl_and_steps(openai_client, model_name):
         report = choice.model_extra["guidance"]
         assert report["steps"] == 6 and report["kl"] > 0
     assert result.model_extra["guidance"] == {"entries": [
-        {"type": "qsharp", "model": "demo-value", "strength": 2.0, "top_k": 10},
-        {"type": "genarm", "model": "demo-genarm", "strength": 0.5, "top_k": -1}]}
+        {"type": "qsharp", "model": "demo-value", "strength": 2.0, "top_k": 10, "min_entropy": 0.0},
+        {"type": "genarm", "model": "demo-genarm", "strength": 0.5, "top_k": -1, "min_entropy": 0.0}]}
+
+
+def test_entropy_gate_steers_only_uncertain_positions(openai_client, model_name, reference):
+    """`steps` counts the positions where some entry's gate was open (as the reference loop counts
+    them), and `min_entropy: 0` is ungated guidance token for token. The KL of gated guidance is
+    checked against the reference in test_reported_kl_is_the_reference_kl_at_the_sampling_temperature."""
+    base, tokenizer, _ = reference
+    steered, tokens = 0, 0
+    for prompt in [p.prompt for p in sample_problems(6, seed=5)]:
+        choice = complete(openai_client, model_name, GUIDANCES["gated"], prompt=prompt, max_tokens=8,
+                          temperature=1.0, seed=9).choices[0]
+        output_ids = tokenizer.encode(choice.text, add_special_tokens=False)
+        if choice.finish_reason == "stop":
+            output_ids.append(tokenizer.eos_token_id)  # sampled, guided, and not in the text
+        expected = steered_steps(base, GUIDANCES["gated"], tokenizer.encode(prompt), output_ids, 1.0)
+        assert choice.model_extra["guidance"]["steps"] == expected, prompt
+        steered, tokens = steered + expected, tokens + len(output_ids)
+    assert 0 < steered < tokens  # the gate both opened and closed on these prompts
+    ungated = [{k: v for k, v in e.items() if k != "min_entropy"} for e in GUIDANCES["gated"]]
+    at_zero = [{**e, "min_entropy": 0} for e in GUIDANCES["gated"]]
+    for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 5, "n": 3}):
+        plain = complete(openai_client, model_name, ungated, prompt=PROMPT, max_tokens=10, **kwargs)
+        zero = complete(openai_client, model_name, at_zero, prompt=PROMPT, max_tokens=10, **kwargs)
+        assert [(c.text, c.model_extra["guidance"]) for c in zero.choices] == \
+            [(c.text, c.model_extra["guidance"]) for c in plain.choices]
 
 
 @pytest.mark.parametrize(
     ("name", "temperature", "top_p"),
-    [("composed", 0.6, 1.0), ("composed", 1.7, 0.9), ("qsharp-hist", 0.5, 1.0), ("composed", 0.0, 1.0)],
+    [("composed", 0.6, 1.0), ("composed", 1.7, 0.9), ("qsharp-hist", 0.5, 1.0), ("composed", 0.0, 1.0),
+     ("gated", 0.7, 1.0)],
 )
 def test_reported_kl_is_the_reference_kl_at_the_sampling_temperature(openai_client, model_name, reference,
                                                                       name, temperature, top_p):
@@ -157,7 +186,8 @@ def test_reported_kl_is_the_reference_kl_at_the_sampling_temperature(openai_clie
         output_ids = tokenizer.encode(choice.text, add_special_tokens=False)
         if choice.finish_reason == "stop":
             output_ids.append(tokenizer.eos_token_id)  # sampled, guided, and not in the text
-        assert report["steps"] == len(output_ids), (choice.text, choice.finish_reason)
+        assert report["steps"] == steered_steps(base, GUIDANCES[name], prompt_ids, output_ids, temperature), \
+            (choice.text, choice.finish_reason)
         at_t, at_one = guided_kl(base, guides, GUIDANCES[name], prompt_ids, output_ids, temperature)
         assert report["kl"] == pytest.approx(at_t, rel=2e-3, abs=1e-5), (choice.text, at_one)
         if temperature > 0:
@@ -222,6 +252,7 @@ def test_mixed_batch_gives_each_request_its_solo_output(guided, openai_client, m
         ([{"type": "arm", "model": "demo-arm", "strength": 1}, {"type": "arm", "model": "demo-value", "strength": 1}],
          "guidance[1].model"),
         ([{"type": "cd", "model": "demo-prefix", "strength": 1, "top_k": -1}], "guidance[0].top_k"),
+        ([{"type": "cd", "model": "demo-prefix", "strength": 1, "min_entropy": -1}], "guidance[0].min_entropy"),
         ([{"type": "qsharp", "model": "demo-value", "strength": 1}] * 5, "guidance"),
         ("qsharp", "guidance"),
         ([3], "guidance[0]"),

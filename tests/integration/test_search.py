@@ -12,7 +12,7 @@ from openai import AsyncOpenAI
 
 from guidance.verifiers import get_verifier
 from models.demo.task import sample_problems
-from tests.conftest import assert_stopped_early, post_and_leave_once_running
+from tests.conftest import assert_stopped_early, post_and_leave
 
 pytestmark = pytest.mark.engine
 
@@ -216,8 +216,7 @@ def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, 
                 assert next(lines).startswith("data: ")  # the role chunk, long before any pick
                 assert server.wait_unfinished(lambda count: count == 32) == 32  # 4 picks x 8 candidates running
         else:
-            assert (outcome := post_and_leave_once_running(server, "/v1/chat/completions", body, running=32)) is None, \
-                outcome
+            assert (outcome := post_and_leave(server, "/v1/chat/completions", body)) is None, outcome
     assert_stopped_early(server, tokens_before, 4 * 8 * 500)
 
 
@@ -235,3 +234,47 @@ def test_best_of_n_prefills_the_prompt_once(http, model_name):
     assert metric("vllm:prefix_cache_queries_total") - queries == 8 * prompt_tokens
     shared = (metric("vllm:prefix_cache_hits_total") - hits) / 7  # per candidate after the first
     assert prompt_tokens - 256 < shared <= prompt_tokens  # every full KV block of the prompt
+
+
+PRUNE = {"scorer": "demo-value-hist", "every": 4, "fraction": 0.5, "min_keep": 2}
+
+
+def test_pruned_best_of_n_aborts_the_weakest_candidates_at_each_checkpoint(server, http, model_name):
+    assert server.wait_unfinished(lambda count: count == 0) == 0
+    pruned_before = server.metric("alignserve_search_pruned_candidates_total")
+    body = {"model": model_name, "prompt": PROMPT, "max_tokens": 40, "temperature": 1.0, "seed": 8, "n": 2,
+            "ignore_eos": True, "cache": False, "search": best_of(8, "demo-reward", prune=PRUNE)}
+    first = http.post("/v1/completions", json=body).json()
+    for choice in first["choices"]:
+        report = choice["guidance"]
+        checkpoints = report["checkpoints"]
+        # 8 live at 4 tokens: 4 pruned; 4 live at 8 tokens: 2 pruned; then min_keep = 2 ends the checkpoints.
+        assert [(c["tokens"], len(c["scored"]), len(c["pruned"])) for c in checkpoints] == [(4, 8, 4), (8, 4, 2)]
+        for checkpoint in checkpoints:  # the lowest-scored live candidates go
+            ranked = sorted(zip(checkpoint["scores"], checkpoint["scored"]), key=lambda p: (p[0], -p[1]))
+            assert sorted(c for _, c in ranked[:len(checkpoint["pruned"])]) == checkpoint["pruned"]
+        pruned = {c for checkpoint in checkpoints for c in checkpoint["pruned"]}
+        scores = report["candidate_scores"]
+        assert [i for i, s in enumerate(scores) if s is None] == sorted(pruned)
+        assert report["selected"] not in pruned and report["score"] == max(s for s in scores if s is not None)
+        # The 2 kept ran to 40 tokens; the 6 pruned stopped early (each past its checkpoint, short of 40).
+        assert 2 * 40 + 4 * 4 + 2 * 8 <= report["generated_tokens"] < 8 * 40
+    assert server.metric("alignserve_search_pruned_candidates_total") - pruned_before == 2 * 6
+    assert server.wait_unfinished(lambda count: count == 0) == 0
+    # Decisions are taken on exact lengths: a seeded pruned search is reproducible.
+    second = http.post("/v1/completions", json=body).json()
+    assert [(c["text"], c["guidance"]["checkpoints"], c["guidance"]["selected"]) for c in second["choices"]] == \
+        [(c["text"], c["guidance"]["checkpoints"], c["guidance"]["selected"]) for c in first["choices"]]
+
+
+@pytest.mark.parametrize(("prune", "param"), [
+    ({**PRUNE, "scorer": "demo-verifier"}, "search.prune.scorer"),
+    ({**PRUNE, "every": 0}, "search.prune.every"),
+    ({**PRUNE, "fraction": 1.5}, "search.prune.fraction"),
+    ({**PRUNE, "min_keep": 9}, "search.prune.min_keep"),
+])
+def test_bad_prune_is_400_naming_the_field(http, model_name, prune, param):
+    response = http.post("/v1/completions", json={"model": model_name, "prompt": PROMPT, "max_tokens": 4,
+                                                  "search": best_of(8, prune=prune)})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -40,6 +40,9 @@ def test_bad_input_is_refused_naming_the_flag(capsys, prompts, tmp_path):
         (["--verifier", "demo-verifier", "--guide-models", "g.json"], "--guide-models and --serve-args need --model"),
         (["--verifier", "demo-verifier", "--qsharp", "v@1", "v@1"], "'qsharp(v)@1' is used twice"),
         (["--verifier", "demo-verifier", "--configs", str(tmp_path / "missing.json")], "--configs"),
+        (["--verifier", "demo-verifier", "--prune", "v"], "--prune prunes best-of-N: give --best-of-n"),
+        (["--verifier", "demo-verifier", "--prune-fraction", "1"], "argument --prune-fraction: must be in (0, 1)"),
+        (["--verifier", "demo-verifier", "--min-entropy", "-1"], "argument --min-entropy: strength -1 must be >= 0"),
     ]
     for flags, message in cases:
         code, err = run(capsys, *common, *flags)

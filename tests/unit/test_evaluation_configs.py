@@ -102,3 +102,16 @@ def test_sweep_from_flags():
     assert configs[8].extension == {"search": {"type": "blockwise", "candidates": 4, "block_tokens": 3,
                                                "scorer": "p"}}
     assert sweep_configs(Sweep()) == []
+
+
+def test_sweep_pruned_and_gated_variants():
+    prune = {"scorer": "v", "every": 8, "fraction": 0.5, "min_keep": 1}
+    configs = sweep_configs(Sweep(guided={"qsharp": (GuideModel("v", (2.0,)),)}, best_of_n=("verifier",),
+                                  ns=(1, 8), prune=prune, min_entropies=(0.5,)))
+    assert [(c.name, c.method) for c in configs] == [
+        ("qsharp(v)@2", "qsharp(v)"), ("qsharp(v)@2 H>=0.5", "qsharp(v) H>=0.5"),
+        ("best-of-1(verifier)", "best-of-n(verifier)"), ("best-of-8(verifier)", "best-of-n(verifier)"),
+        ("best-of-8(verifier) pruned(v)", "best-of-n(verifier) pruned(v)")]  # pruning best-of-1 is plain best-of-1
+    assert configs[1].extension == {"guidance": [{"type": "qsharp", "model": "v", "strength": 2.0,
+                                                  "min_entropy": 0.5}]}
+    assert configs[4].extension == {"search": {"type": "best_of_n", "n": 8, "scorer": "verifier", "prune": prune}}

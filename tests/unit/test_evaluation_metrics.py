@@ -19,9 +19,11 @@ from workflows.evaluation.metrics import (
 from workflows.evaluation.samples import Sample
 
 
-def sample(prompt: int, j: int, reward: float, answer=None, kl: float = 0.0, tokens: int = 4) -> Sample:
+def sample(prompt: int, j: int, reward: float, answer=None, kl: float = 0.0, tokens: int = 4,
+           steps: int | None = None, generated: int | None = None) -> Sample:
     return Sample(prompt_index=prompt, prompt_id=str(prompt), sample=j, seed=j, text="", reward=reward,
-                  answer=answer, kl=kl, steps=tokens if kl else 0, completion_tokens=tokens)
+                  answer=answer, kl=kl, steps=(tokens if kl else 0) if steps is None else steps,
+                  completion_tokens=tokens, generated_tokens=generated)
 
 
 QSHARP = EvalConfig("q@4", "qsharp", 4.0, guidance=({"type": "qsharp", "model": "v", "strength": 4.0},))
@@ -107,3 +109,15 @@ def test_summarize_blockwise_does_not_invent_a_kl():
     assert plain.mean_kl is None and plain.kl_per_token is None and not plain.kl_complete
     guided = summarize(GUIDED_BLOCKWISE, [sample(0, 0, 1.0, kl=0.25)], 1.0, with_majority=False)
     assert guided.mean_kl == pytest.approx(0.25) and not guided.kl_complete
+
+
+def test_summarize_counts_generated_tokens_and_steered_positions():
+    pruned = EvalConfig("bo4p", "best-of-n pruned", 4.0, search={**BO4.search, "prune": {"scorer": "v", "every": 2,
+                                                                                         "fraction": 0.5}})
+    row = summarize(pruned, [sample(0, 0, 1.0, tokens=5, generated=11), sample(0, 1, 0.0, tokens=5, generated=13)],
+                    1.0, with_majority=False)
+    assert row.generated_tokens_per_sample == 12.0 and row.steered_fraction is None
+    assert row.mean_kl == pytest.approx(math.log(4)) and row.kl_source == "log N bound"  # keeps one of N
+    gated = summarize(QSHARP, [sample(0, 0, 1.0, kl=0.2, tokens=4, steps=1), sample(1, 0, 1.0, kl=0.1, tokens=6,
+                                                                                   steps=4)], 1.0, with_majority=False)
+    assert gated.steered_fraction == pytest.approx(5 / 10) and gated.generated_tokens_per_sample == 5.0

@@ -7,7 +7,7 @@ import json
 
 from workflows.evaluation.configs import BASE, EvalConfig
 from workflows.evaluation.metrics import ResultRow
-from workflows.evaluation.plot import plot_reward_vs_kl
+from workflows.evaluation.plot import plot_pass_vs_compute, plot_reward_vs_kl
 from workflows.evaluation.reports import CSV_COLUMNS, RunInfo, markdown_report, markdown_table, write_csv, write_json
 
 
@@ -17,7 +17,8 @@ def row(config: str, method: str, strength, pass_at_1: float, mean_kl, kl_source
                      pass_at_1=pass_at_1, maj_at_k=None if method == "bw" else 0.5, mean_kl=mean_kl,
                      kl_source=kl_source, kl_per_token=None if mean_kl is None else mean_kl / 8,
                      reported_kl=mean_kl or 0.0, kl_complete=complete, tokens=64, tokens_counted=counted,
-                     seconds=1.25)
+                     seconds=1.25, generated_tokens_per_sample=8.0 * (strength or 1) if counted != "all generated"
+                     else 8.0, steered_fraction=0.75 if method == "qsharp" else None)
 
 
 ROWS = [
@@ -46,11 +47,12 @@ def test_csv_has_every_column_and_empty_cells_for_none(tmp_path):
 def test_markdown_table_rows():
     lines = markdown_table(ROWS).splitlines()
     assert lines[0] == ("| config | method | strength | pass@1 | maj@k | mean KL | KL source | KL/token | tokens "
-                        "| seconds |")
-    assert lines[2] == "| base | base |  | 0.500 | 0.500 | 0.000 | reported | 0.0000 | 64 | 1.2 |"
+                        "| generated/sample | steered | seconds |")
+    assert lines[2] == "| base | base |  | 0.500 | 0.500 | 0.000 | reported | 0.0000 | 64 | 8.0 | n/a | 1.2 |"
+    assert lines[3] == "| q@1 | qsharp | 1 | 0.600 | 0.500 | 0.100 | reported | 0.0125 | 64 | 8.0 | 0.75 | 1.2 |"
     assert lines[5] == ("| bo4 | best-of-n | 4 | 0.875 | 0.500 | 0.636 | log N - (N-1)/N bound | 0.0795 | 64 "
-                        "| 1.2 |")
-    assert lines[6] == "| bw | bw | 4 | 0.700 | n/a | n/a | selection KL not estimated | n/a | 64 | 1.2 |"
+                        "| 32.0 | n/a | 1.2 |")
+    assert lines[6] == "| bw | bw | 4 | 0.700 | n/a | n/a | selection KL not estimated | n/a | 64 | 32.0 | n/a | 1.2 |"
 
 
 def test_markdown_report_header_and_notes():
@@ -77,6 +79,7 @@ def test_json(tmp_path):
     assert body["results"][1]["pass_at_1"] == 0.6 and body["results"][0]["strength"] is None
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_plots_write_pngs(tmp_path):
     plot_reward_vs_kl(ROWS, tmp_path / "p.png", "title")
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    plot_pass_vs_compute(ROWS, tmp_path / "c.png", "title")
+    assert (tmp_path / "p.png").read_bytes()[:4] == (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -57,11 +57,19 @@ def reference_kl(logits: torch.Tensor, offsets: torch.Tensor, temperature: float
     return float((log_q.exp() * (log_q - log_p)).sum())
 
 
-def reference_offsets(models, catalog, guidance, tokens: list[int], logits: torch.Tensor) -> torch.Tensor:
-    """Offsets for one row by full recompute of the guide models over `tokens`."""
+def reference_entropy(logits: torch.Tensor, temperature: float = 1.0) -> float:
+    """H(softmax(l / T)) of one row from the definition; greedy (T = 0) at T = 1."""
+    p = torch.softmax(logits.double() / (temperature if temperature >= 1e-5 else 1.0), -1)
+    return float(-(p * p.log()).sum())
+
+
+def reference_offsets(models, catalog, guidance, tokens: list[int], logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Offsets for one row by full recompute of the guide models over `tokens`; an entry whose
+    `min_entropy` is above the base entropy at `temperature` adds nothing."""
     total = torch.zeros(V)
     for entry in guidance:
-        if entry.params.strength == 0:
+        if entry.params.strength == 0 or reference_entropy(logits, temperature) < entry.params.min_entropy:
             continue
         model, info = models[entry.params.model], catalog[entry.params.model]
         atoms = torch.tensor(info.atoms) if info.atoms else None
@@ -88,23 +96,31 @@ SPECS = {
     "arm+genarm": [{"type": "arm", "model": "arm", "strength": 0.7},
                    {"type": "genarm", "model": "rlm", "strength": 0.5, "top_k": 10}],
     "zero": [{"type": "qsharp", "model": "value", "strength": 0.0}],
+    "gated": [{"type": "qsharp", "model": "hist", "strength": 2.0, "top_k": 4, "min_entropy": 3.0}],
+    "gated+arm": [{"type": "cd", "model": "prefix", "strength": 1.5, "top_k": 6, "min_entropy": 3.5},
+                  {"type": "arm", "model": "arm", "strength": 0.7, "min_entropy": 2.0}],
+    "hist+cd@0": [{"type": "qsharp", "model": "hist", "strength": 2.0, "top_k": 4, "min_entropy": 0},
+                  {"type": "cd", "model": "prefix", "strength": 1.5, "top_k": 6, "min_entropy": 0.0}],
 }
 
 
 class FakeEngine:
     """Drives a batch like vLLM does: rows, live output lists, greedy sampling on guided logits."""
 
-    def __init__(self, batch: GuidanceBatch, catalog, models, seed: int = 0) -> None:
+    def __init__(self, batch: GuidanceBatch, catalog, models, seed: int = 0, spread: bool = False) -> None:
         self.batch, self.catalog, self.models = batch, catalog, models
         self.rows: dict[int, dict] = {}
         self.generator = torch.Generator().manual_seed(seed)
+        self.spread = spread  # rows from peaked to flat: base entropies spread over (0, log V)
         self.expected_kl: dict[str, float] = {}
+        self.expected_steps: dict[str, int] = {}
 
     def add(self, row: int, key: str, spec: str, prompt: list[int], temperature: float = 1.0) -> None:
         guidance = parse_guidance(SPECS[spec], self.catalog)
         request = {"key": key, "guidance": guidance, "prompt": prompt, "output": [], "temperature": temperature}
         self.rows[row] = request
         self.expected_kl[key] = 0.0
+        self.expected_steps[key] = 0
         self.batch.add(row, key, guidance, prompt, request["output"], temperature=temperature)
 
     def remove(self, row: int) -> None:
@@ -122,12 +138,17 @@ class FakeEngine:
     def step(self) -> None:
         size = max(self.rows) + 1
         logits = torch.randn(size, V, generator=self.generator)
+        if self.spread:
+            logits *= torch.rand(size, 1, generator=self.generator) * 6
         expected = logits.clone()
         for row, request in self.rows.items():
             d = reference_offsets(self.models, self.catalog, request["guidance"],
-                                  request["prompt"] + request["output"], logits[row])
+                                  request["prompt"] + request["output"], logits[row], request["temperature"])
             expected[row] = logits[row] + d
             self.expected_kl[request["key"]] += reference_kl(logits[row], d, request["temperature"])
+            self.expected_steps[request["key"]] += any(
+                e.params.strength > 0 and reference_entropy(logits[row], request["temperature"]) >= e.params.min_entropy
+                for e in request["guidance"])
         out = self.batch.apply(logits.clone())
         assert torch.allclose(out, expected, atol=1e-4), (out - expected).abs().max()
         for row, request in self.rows.items():
@@ -265,3 +286,43 @@ def test_bfloat16_guide_models_steer_like_float32(catalog, models):
     offsets = {name: out - logits for name, out in outputs.items()}
     scale = offsets["float32"].abs().max()
     assert (offsets["bfloat16"] - offsets["float32"]).abs().max() <= 0.05 * scale + 0.05
+
+
+def test_entropy_gate_steers_and_scores_only_uncertain_positions(catalog, models):
+    """Gated entries add offsets only where the base entropy reaches their bound; the KL stays
+    exact, `steps` counts the steered positions, and a V-type head scores only the open rows."""
+    batch = GuidanceBatch(models, catalog, max_requests=4, max_len=64)
+    scored_rows = []
+    score_candidates = models["hist"].score_candidates
+
+    def counting(slots, candidates):
+        scored_rows.append(len(slots))
+        return score_candidates(slots, candidates)
+
+    models["hist"].score_candidates = counting
+    engine = FakeEngine(batch, catalog, models, seed=11, spread=True)
+    engine.add(0, "gated", "gated", [1, 5, 9], temperature=0.7)
+    engine.add(1, "composed", "gated+arm", [1, 7])
+    engine.add(2, "ungated", "hist+cd", [1, 3, 3])
+    for _ in range(12):
+        engine.step()
+    reports = batch.collect(["gated", "composed", "ungated"])
+    for key, report in reports.items():
+        assert report.kl == pytest.approx(engine.expected_kl[key], rel=1e-4, abs=1e-6), key
+        assert report.steps == engine.expected_steps[key], key
+    assert 0 < reports["gated"].steps < 12 and 0 < reports["composed"].steps < 12  # the gates opened and closed
+    assert reports["ungated"].steps == 12
+    # hist scores the open steps of "gated" and every step of "ungated", nothing more
+    assert sum(scored_rows) == reports["gated"].steps + 12
+
+
+def test_min_entropy_zero_is_ungated_guidance(catalog, models):
+    outcomes = []
+    for spec in ("hist+cd", "hist+cd@0"):
+        batch = GuidanceBatch(models, catalog, max_requests=2, max_len=64)
+        engine = FakeEngine(batch, catalog, models, seed=4, spread=True)
+        engine.add(0, "k", spec, [1, 2, 3])
+        for _ in range(8):
+            engine.step()
+        outcomes.append((engine.rows[0]["output"], batch.collect(["k"])["k"]))
+    assert outcomes[0] == outcomes[1]

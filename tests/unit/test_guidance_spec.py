@@ -37,7 +37,8 @@ def test_valid_entries_resolve_defaults():
         {"type": "genarm", "model": "rlm", "strength": 0.5, "top_k": -1},
     ], CATALOG)
     assert [(r.module.name, r.top_k) for r in resolved] == [("qsharp", 20), ("cd", 5), ("arm", -1), ("genarm", -1)]
-    assert resolved[0].describe() == {"type": "qsharp", "model": "value", "strength": 4.0, "top_k": 20}
+    assert resolved[0].describe() == {"type": "qsharp", "model": "value", "strength": 4.0, "top_k": 20,
+                                      "min_entropy": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -50,6 +51,12 @@ def test_valid_entries_resolve_defaults():
         ([{"type": "qsharp", "model": "value"}], "guidance[0].strength", "Missing"),
         ([{"type": "qsharp", "model": "value", "strength": 1, "eta": 2}], "guidance[0].eta", "Unrecognized"),
         ([{"type": "qsharp", "model": "value", "strength": 1, "top_k": 0}], "guidance[0].top_k", "top_k"),
+        ([{"type": "qsharp", "model": "value", "strength": 1, "min_entropy": -0.5}], "guidance[0].min_entropy",
+         "greater than or equal to 0"),
+        ([{"type": "qsharp", "model": "value", "strength": 1, "min_entropy": float("nan")}],
+         "guidance[0].min_entropy", "finite"),
+        ([{"type": "cd", "model": "prefix", "strength": 1, "min_entropy": "high"}], "guidance[0].min_entropy",
+         "number"),
         ([{"type": "cd", "model": "value", "strength": 1}, {"type": "qsharp", "model": "prefix", "strength": 1}],
          "guidance[1].model", "expected"),
         ([{"type": "cd", "model": "prefix", "strength": 1, "top_k": -1}], "guidance[0].top_k", "top_k"),

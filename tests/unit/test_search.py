@@ -19,11 +19,17 @@ from models.demo.tokenizer import format_prompt
 from models.runtime.sequence import SequenceScorer
 
 LIMITS = SearchLimits(max_candidates=8, max_block_tokens=16)
-SCORERS = ["demo-verifier", "rm"]
+SCORERS = ["demo-verifier", "rm", "value"]
+PREFIX_SCORERS = ["rm", "value"]  # guide models: they score partial sequences too
 
 
 def parse(entry):
-    return parse_search(entry, SCORERS, LIMITS)
+    return parse_search(entry, SCORERS, LIMITS, prefix_scorers=PREFIX_SCORERS)
+
+
+def pruned(**prune):
+    return {"type": "best_of_n", "n": 8, "scorer": "demo-verifier",
+            "prune": {"scorer": "value", "every": 16, "fraction": 0.5, **prune}}
 
 
 # Spec
@@ -34,6 +40,10 @@ def test_valid_specs():
     block = parse({"type": "blockwise", "candidates": 4, "block_tokens": 16, "scorer": "demo-verifier",
                    "temperature": 0.5})
     assert isinstance(block, Blockwise) and (block.candidates_per_pick, block.block_tokens) == (4, 16)
+    assert best.prune is None
+    prune = parse(pruned(min_keep=2)).prune
+    assert (prune.scorer, prune.every, prune.fraction, prune.min_keep) == ("value", 16, 0.5, 2)
+    assert parse(pruned()).prune.min_keep == 1
 
 
 @pytest.mark.parametrize(("entry", "param"), [
@@ -51,6 +61,18 @@ def test_valid_specs():
     ({"type": "blockwise", "candidates": 9, "block_tokens": 4, "scorer": "rm"}, "search.candidates"),
     ({"type": "blockwise", "candidates": 2, "block_tokens": 17, "scorer": "rm"}, "search.block_tokens"),
     ({"type": "blockwise", "candidates": 2, "scorer": "rm"}, "search.block_tokens"),
+    (pruned(scorer="demo-verifier"), "search.prune.scorer"),  # a verifier judges finished answers only
+    (pruned(scorer="nope"), "search.prune.scorer"),
+    (pruned(every=0), "search.prune.every"),
+    (pruned(fraction=0), "search.prune.fraction"),
+    (pruned(fraction=1), "search.prune.fraction"),
+    (pruned(fraction=float("nan")), "search.prune.fraction"),
+    (pruned(min_keep=0), "search.prune.min_keep"),
+    (pruned(min_keep=9), "search.prune.min_keep"),
+    (pruned(keep=2), "search.prune.keep"),
+    ({**pruned(), "prune": 0.5}, "search.prune"),
+    ({"type": "blockwise", "candidates": 2, "block_tokens": 4, "scorer": "rm",
+      "prune": {"scorer": "value", "every": 4, "fraction": 0.5}}, "search.prune"),
 ])
 def test_invalid_specs_name_the_field(entry, param):
     with pytest.raises(GuidanceError) as info:
@@ -59,7 +81,7 @@ def test_invalid_specs_name_the_field(entry, param):
 
 
 def test_unknown_scorer_lists_the_configured_ones():
-    with pytest.raises(GuidanceError, match="configured: demo-verifier, rm"):
+    with pytest.raises(GuidanceError, match="configured: demo-verifier, rm, value"):
         parse({"type": "best_of_n", "n": 2, "scorer": "demo-value"})
 
 
@@ -110,10 +132,11 @@ def test_selection_needs_a_vector_of_scores(bad):
 
 
 def test_report_as_json():
-    best = SearchReport(score=1.0, candidate_scores=(0.0, 1.0), selected=1)
-    assert best.as_dict() == {"score": 1.0, "candidate_scores": [0.0, 1.0], "selected": 1}
-    blocks = SearchReport(score=0.5, candidate_scores=((0.1, 0.5), (0.5, 0.2)), selected=(1, 0))
-    assert blocks.as_dict() == {"score": 0.5, "candidate_scores": [[0.1, 0.5], [0.5, 0.2]], "selected": [1, 0]}
+    best = SearchReport(score=1.0, candidate_scores=(0.0, 1.0), selected=1, generated_tokens=12)
+    assert best.as_dict() == {"score": 1.0, "candidate_scores": [0.0, 1.0], "selected": 1, "generated_tokens": 12}
+    blocks = SearchReport(score=0.5, candidate_scores=((0.1, 0.5), (0.5, 0.2)), selected=(1, 0), generated_tokens=8)
+    assert blocks.as_dict() == {"score": 0.5, "candidate_scores": [[0.1, 0.5], [0.5, 0.2]], "selected": [1, 0],
+                                "generated_tokens": 8}
 
 
 # Scorers

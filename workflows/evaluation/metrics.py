@@ -18,7 +18,13 @@
   * blockwise: the reported KL of its per-step guidance only, if it has any; the KL of the
     block selection is not estimated (no estimate is invented: ``mean_kl`` is None when
     there is nothing reported).
+  * pruned best-of-N: log N, the bound for any rule that keeps one of N samples (the kept one
+    is the best of the unpruned, not of all N, so log N - (N-1)/N does not apply).
 - KL per token = sum_ij KL_ij / sum_ij T_ij, with T_ij the completion's tokens.
+- generated tokens per sample: the tokens the server generated for a sample, every candidate
+  of a search included (the search report's ``generated_tokens``): the compute it cost.
+- steered fraction (per-step guidance): sum_ij steps_ij / sum_ij T_ij, the share of tokens an
+  entry steered (below 1 with entropy-gated entries, ``min_entropy``).
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ def selection_kl(config: EvalConfig) -> tuple[float | None, str | None]:
     if search is None:
         return 0.0, None
     if search["type"] == "best_of_n":
-        if search.get("temperature", 0.0) > 0:
+        if search.get("temperature", 0.0) > 0 or search.get("prune") is not None:
             return math.log(search["n"]), SOFT_BON_BOUND
         return best_of_n_kl(search["n"]), BON_BOUND
     return None, SELECTION_NOT_ESTIMATED
@@ -113,6 +119,8 @@ class ResultRow:
     tokens: int
     tokens_counted: str
     seconds: float
+    generated_tokens_per_sample: float
+    steered_fraction: float | None  # None without per-step guidance
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,4 +143,7 @@ def summarize(config: EvalConfig, samples: Sequence[Sample], seconds: float, wit
         kl_per_token=None if mean_kl is None or tokens == 0 else mean_kl * len(samples) / tokens,
         reported_kl=reported, kl_complete=selection is not None, tokens=tokens,
         tokens_counted=TOKENS_ALL if config.search is None else TOKENS_KEPT, seconds=seconds,
+        generated_tokens_per_sample=sum(s.completion_tokens if s.generated_tokens is None else s.generated_tokens
+                                        for s in samples) / len(samples),
+        steered_fraction=sum(s.steps for s in samples) / tokens if config.guidance and tokens else None,
     )

@@ -16,20 +16,21 @@ from tqdm.auto import tqdm
 from guidance.verifiers import answer_extractor, get_verifier
 from workflows.evaluation.configs import EvalConfig
 from workflows.evaluation.metrics import ResultRow, summarize
-from workflows.evaluation.plot import plot_reward_vs_kl
+from workflows.evaluation.plot import plot_pass_vs_compute, plot_reward_vs_kl
 from workflows.evaluation.reports import RunInfo, markdown_report, write_csv, write_json, write_samples
 from workflows.evaluation.runner import EvalRequestError, Runner, SamplingSettings
 from workflows.evaluation.samples import Sample
 from workflows.prompt_file import PromptRecord
 
-RESULT_FILES = ("results.csv", "results.md", "results.json", "samples.jsonl", "reward_vs_kl.png")
+RESULT_FILES = ("results.csv", "results.md", "results.json", "samples.jsonl", "reward_vs_kl.png", "pass_vs_compute.png")
 # Run settings that must match for a resumed run to reuse earlier results (the command may differ).
 RESUME_KEYS = ("model", "prompts_file", "prompts", "verifier", "samples", "temperature", "top_p", "max_tokens", "seed")
 
 
-def finished_results(out: Path, info: RunInfo) -> dict[str, tuple[dict, ResultRow, list[Sample]]]:
-    """Configurations an earlier run in ``out`` finished: ``{name: (config JSON, row, samples)}``;
-    ValueError naming the setting when that run sampled differently."""
+def finished_results(out: Path, info: RunInfo) -> dict[str, tuple[dict, float, list[Sample]]]:
+    """Configurations an earlier run in ``out`` finished: ``{name: (config JSON, seconds, samples)}``
+    (the metrics are recomputed from the samples); ValueError naming the setting when that run
+    sampled differently."""
     results_file, samples_file = out / "results.json", out / "samples.jsonl"
     if not results_file.is_file():
         return {}
@@ -43,7 +44,7 @@ def finished_results(out: Path, info: RunInfo) -> dict[str, tuple[dict, ResultRo
         body = json.loads(line)
         samples.setdefault(body.pop("config"), []).append(Sample(**body))
     configs = {c["name"]: c for c in earlier["configs"]}
-    return {row["config"]: (configs[row["config"]], ResultRow(**row), samples[row["config"]])
+    return {row["config"]: (configs[row["config"]], row["seconds"], samples[row["config"]])
             for row in earlier["results"]}
 
 
@@ -65,9 +66,10 @@ def write_results(out: Path, rows: Sequence[ResultRow], configs: Sequence[EvalCo
     (out / "results.md").write_text(markdown_report(rows, info))
     write_json(rows, configs, info, out / "results.json")
     write_samples(samples, out / "samples.jsonl")
-    plot_reward_vs_kl(rows, out / "reward_vs_kl.png",
-                      f"{info.model} on {Path(info.prompts_file).name} ({info.verifier}), K={info.samples}, "
-                      f"T={info.temperature:g}, top_p={info.top_p:g}")
+    title = (f"{info.model} on {Path(info.prompts_file).name} ({info.verifier}), K={info.samples}, "
+             f"T={info.temperature:g}, top_p={info.top_p:g}")
+    plot_reward_vs_kl(rows, out / "reward_vs_kl.png", title)
+    plot_pass_vs_compute(rows, out / "pass_vs_compute.png", title)
 
 
 async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[EvalConfig],
@@ -91,8 +93,8 @@ async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[
             for config in configs:
                 bar.set_description(config.name)
                 if config.name in reused:
-                    _, row, samples[config.name] = earlier[config.name]
-                    rows.append(row)
+                    _, seconds, samples[config.name] = earlier[config.name]
+                    rows.append(summarize(config, samples[config.name], seconds, with_majority=extractor is not None))
                     bar.update(len(records) * settings.samples)
                 else:
                     began = time.perf_counter()

@@ -1,4 +1,7 @@
-"""reward_vs_kl.png: pass@1 against mean KL to the base, one curve per method.
+"""reward_vs_kl.png: pass@1 against mean KL to the base, one curve per method; and
+pass_vs_compute.png: pass@1 against generated tokens per sample (every candidate of a search,
+pruned ones up to their abort) and against wall seconds per sample (the configuration's run
+time over its samples, all configurations at the same concurrency on the same server).
 
 Points of a curve are joined in order of strength and labelled with it (the guidance
 strength, N for best-of-N, candidates per block for blockwise); the base is a star at KL 0.
@@ -49,5 +52,41 @@ def plot_reward_vs_kl(rows: Sequence[ResultRow], path: Path, title: str) -> None
     if unplotted:
         figure.text(0.01, 0.01, "KL not estimated, not plotted: " + ", ".join(unplotted), fontsize=7)
     figure.tight_layout(rect=(0, 0.03 if unplotted else 0, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _curves(rows: Sequence[ResultRow]) -> dict[str, list[ResultRow]]:
+    """Rows by method, each curve in order of strength."""
+    curves: dict[str, list[ResultRow]] = {}
+    for row in rows:
+        curves.setdefault(row.method, []).append(row)
+    for points in curves.values():
+        points.sort(key=lambda r: (r.strength is None, r.strength or 0.0))
+    return curves
+
+
+def plot_pass_vs_compute(rows: Sequence[ResultRow], path: Path, title: str) -> None:
+    figure, panels = plt.subplots(1, 2, figsize=(12, 5))
+    costs = (("generated tokens per sample", lambda r: r.generated_tokens_per_sample),
+             ("wall seconds per sample", lambda r: r.seconds / (r.prompts * r.samples_per_prompt)))
+    for axes, (label, cost) in zip(panels, costs):
+        for method, points in _curves(rows).items():
+            if method == BASE_NAME:
+                axes.scatter([cost(points[0])], [points[0].pass_at_1], marker="*", s=180, color="black", zorder=3,
+                             label="base")
+                continue
+            line, = axes.plot([cost(r) for r in points], [r.pass_at_1 for r in points], marker="o", label=method)
+            for r in points:
+                if r.strength is not None:
+                    axes.annotate(f"{r.strength:g}", (cost(r), r.pass_at_1), textcoords="offset points",
+                                  xytext=(4, 4), fontsize=8, color=line.get_color())
+        axes.set_xscale("log")
+        axes.set_xlabel(f"{label} (log scale)")
+        axes.set_ylabel("pass@1")
+        axes.grid(alpha=0.3)
+    panels[0].legend(fontsize=7, loc="best")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

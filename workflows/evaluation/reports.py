@@ -28,13 +28,13 @@ from workflows.evaluation.samples import Sample
 
 CSV_COLUMNS = [f.name for f in fields(ResultRow)]
 MARKDOWN_COLUMNS = ["config", "method", "strength", "pass@1", "maj@k", "mean KL", "KL source", "KL/token",
-                    "tokens", "seconds"]
+                    "tokens", "generated/sample", "steered", "seconds"]
 KL_NOTES = {
     REPORTED: "the server's `guidance.kl`: exact per-token KL(guided || base) at the sampling temperature, "
               "summed over the completion (0 for the base)",
     BON_BOUND: "best-of-N: log N - (N-1)/N nats, the analytic estimate (Stiennon et al. 2020), an upper bound "
                "(Beirami et al. 2024)",
-    SOFT_BON_BOUND: "soft best-of-N: log N nats, a bound for any rule that keeps one of N samples",
+    SOFT_BON_BOUND: "soft or pruned best-of-N: log N nats, a bound for any rule that keeps one of N samples",
     SELECTION_NOT_ESTIMATED: "blockwise: the KL of the block selection is not estimated; mean KL is the "
                              "reported per-step KL only, n/a without per-step guidance",
 }
@@ -81,7 +81,8 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     lines = ["| " + " | ".join(MARKDOWN_COLUMNS) + " |", "|" + "---|" * len(MARKDOWN_COLUMNS)]
     for r in rows:
         cells = [r.config, r.method, _strength(r.strength), _cell(r.pass_at_1), _cell(r.maj_at_k),
-                 _cell(r.mean_kl), r.kl_source, _cell(r.kl_per_token, 4), str(r.tokens), f"{r.seconds:.1f}"]
+                 _cell(r.mean_kl), r.kl_source, _cell(r.kl_per_token, 4), str(r.tokens),
+                 f"{r.generated_tokens_per_sample:.1f}", _cell(r.steered_fraction, 2), f"{r.seconds:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -103,7 +104,8 @@ def markdown_report(rows: Sequence[ResultRow], info: RunInfo) -> str:
     notes += [f"- {name}: {text}" for name, text in KL_NOTES.items() if name in sources]
     if any(r.tokens_counted == TOKENS_KEPT for r in rows):
         notes.append("- tokens of search configurations count the kept completions only (the server's "
-                     "`usage.completion_tokens`); the N or K candidates generated cost more.")
+                     "`usage.completion_tokens`); generated/sample counts every candidate generated, "
+                     "pruned ones up to where they were aborted.")
     return "\n".join(header) + "\n" + markdown_table(rows) + "\n" + "\n".join(notes) + "\n"
 
 

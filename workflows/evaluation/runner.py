@@ -132,7 +132,7 @@ class Runner:
                       reward=float(self.verifier(verifier_prompt(record), text)),
                       answer=None if self.extractor is None else self.extractor(text),
                       kl=float(report["kl"]), steps=int(report["steps"]), completion_tokens=int(tokens),
-                      score=report.get("score"))
+                      score=report.get("score"), generated_tokens=int(report.get("generated_tokens", tokens)))
 
     async def check(self, configs: Sequence[EvalConfig]) -> None:
         """One request per configuration (sample 0 of the first prompt), so that a configuration the

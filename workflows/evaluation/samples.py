@@ -20,6 +20,7 @@ class Sample:
     steps: int  # the response's guidance.steps
     completion_tokens: int  # the response's usage.completion_tokens
     score: float | None = None  # a search's score of the kept completion
+    generated_tokens: int | None = None  # every candidate's tokens for a search (its report), else the completion's
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

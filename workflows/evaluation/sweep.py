@@ -4,10 +4,13 @@
     --arm my-arm@0.25,0.5,1                                     a model's own strengths (after '@')
     --best-of-n alignserve-verifier my-value --n 1,2,4,8,16     best-of-N, one config per N
     --blockwise my-prefix --block-candidates 4 --block-tokens 4 blockwise CD, one config per candidate count
+    --prune my-value --prune-every 8 --prune-fraction 0.5       also pruned best-of-N, per scorer and N >= 2
+    --min-entropy 0.5,1                                         also entropy-gated variants of per-step configs
 
 Each guide model or scorer is one curve (``method``): ``qsharp(my-value)``, ``best-of-n(my-value)``,
 ``blockwise(my-prefix)``; the strength of a point is the guidance strength, N, or the
-candidates per block.
+candidates per block. Pruned best-of-N is a curve of its own, ``best-of-n(my-value) pruned(v)``,
+and so is each gate, ``qsharp(my-value) H>=0.5``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Sweep:
     blockwise: tuple[str, ...] = ()  # scorers
     block_candidates: tuple[int, ...] = DEFAULT_BLOCK_CANDIDATES
     block_tokens: int = DEFAULT_BLOCK_TOKENS
+    prune: dict | None = None  # best-of-N's `prune` object, for the pruned variants
+    min_entropies: tuple[float, ...] = ()  # gates of the per-step variants
 
 
 def parse_strengths(text: str) -> tuple[float, ...]:
@@ -79,20 +84,27 @@ def parse_guide_model(text: str) -> GuideModel:
     return GuideModel(model, parse_strengths(strengths) if at else None)
 
 
-def _guided(method: str, guide: GuideModel, default: tuple[float, ...]) -> list[EvalConfig]:
+def _guided(method: str, guide: GuideModel, default: tuple[float, ...], min_entropy: float) -> list[EvalConfig]:
+    gate, suffix = ({"min_entropy": min_entropy}, f" H>={min_entropy:g}") if min_entropy else ({}, "")
     label = f"{method}({guide.model})"
-    return [EvalConfig(name=f"{label}@{strength:g}", method=label, strength=strength,
-                       guidance=({"type": method, "model": guide.model, "strength": strength},))
+    return [EvalConfig(name=f"{label}@{strength:g}{suffix}", method=label + suffix, strength=strength,
+                       guidance=({"type": method, "model": guide.model, "strength": strength, **gate},))
             for strength in (guide.strengths or default)]
 
 
 def sweep_configs(sweep: Sweep) -> list[EvalConfig]:
     """The configurations of ``sweep``, per-step methods first, then best-of-N, then blockwise."""
     configs = [config for method in GUIDED_METHODS for guide in sweep.guided.get(method, ())
-               for config in _guided(method, guide, sweep.strengths)]
+               for gate in (0.0, *sweep.min_entropies) for config in _guided(method, guide, sweep.strengths, gate)]
     configs += [EvalConfig(name=f"best-of-{n}({scorer})", method=f"best-of-n({scorer})", strength=float(n),
                            search={"type": "best_of_n", "n": n, "scorer": scorer})
                 for scorer in sweep.best_of_n for n in sweep.ns]
+    if sweep.prune is not None:
+        label = f"pruned({sweep.prune['scorer']})"
+        configs += [EvalConfig(name=f"best-of-{n}({scorer}) {label}", method=f"best-of-n({scorer}) {label}",
+                               strength=float(n), search={"type": "best_of_n", "n": n, "scorer": scorer,
+                                                          "prune": dict(sweep.prune)})
+                    for scorer in sweep.best_of_n for n in sweep.ns if n >= 2]
     configs += [EvalConfig(name=f"blockwise-{k}x{sweep.block_tokens}({scorer})", method=f"blockwise({scorer})",
                            strength=float(k), search={"type": "blockwise", "candidates": k,
                                                       "block_tokens": sweep.block_tokens, "scorer": scorer})
