@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from guidance.catalog import GuideCatalog
+from guidance.kv_budget import GUIDE_KV_BLOCK_SIZE
 from guidance.divergence import GREEDY_TEMPERATURE, candidate_mask, kl_guided_to_base
 from guidance.module import WHOLE_VOCABULARY
 from guidance.spec import ResolvedGuidance
@@ -105,12 +106,16 @@ class GuidanceBatch:
         max_requests: int,
         max_len: int,
         device: torch.device | str = "cpu",
+        kv_blocks: Mapping[str, int] | None = None,
     ) -> None:
+        """`kv_blocks`: KV-cache blocks per guide model (guidance.kv_budget); a model without an entry
+        holds `max_requests` sequences of `max_len` tokens."""
         self._models = dict(models)
         self._catalog = catalog
         self._device = torch.device(device)
-        for model in self._models.values():
-            model.setup_cache(max_requests, max_len)
+        for name, model in self._models.items():
+            model.setup_cache(max_requests, max_len, num_blocks=(kv_blocks or {}).get(name),
+                              block_size=GUIDE_KV_BLOCK_SIZE)
         # Final hidden state of the last token each slot has seen, per guide model: [slots, H], in the
         # model's dtype (its head reads it); scores are turned to float32 before any offset math.
         self._last_hidden = {
@@ -230,13 +235,12 @@ class GuidanceBatch:
 
         Rows with nothing unseen (a long prompt whose prefill the engine spreads over several
         steps) are left out; their last hidden state is still current."""
-        slots = [q.slots[name] for q, _ in fresh]
-        slot_index = torch.tensor(slots, device=self._device)
+        slots = [q.slots[name] for q, _ in fresh]  # host ints: the paged cache grows rows on the host
         if all(len(tokens) == 1 for _, tokens in fresh):
-            hidden = model.step(slot_index, torch.tensor([t[0] for _, t in fresh], device=self._device))
+            hidden = model.step(slots, torch.tensor([t[0] for _, t in fresh], device=self._device))
         else:
             hidden = model.prefill(slots, [torch.tensor(t, device=self._device) for _, t in fresh])
-        self._last_hidden[name][slot_index] = hidden
+        self._last_hidden[name][model.cache.index(slots)] = hidden
 
     @staticmethod
     def _groups(requests: list[_Request]) -> dict[tuple[str, str], _Group]:
@@ -257,10 +261,11 @@ class GuidanceBatch:
         index = torch.tensor(group.rows, device=base.device)
         strength = torch.tensor([[e.params.strength] for e in group.entries], device=base.device)  # [b, 1]
         top_k = [vocab if e.top_k == WHOLE_VOCABULARY else min(e.top_k, vocab) for e in group.entries]
-        slots = torch.tensor([requests[i].slots[model_name] for i in group.rows], device=self._device)
+        slots = [requests[i].slots[model_name] for i in group.rows]
 
         if info.scoring == "q":
-            scores = module.token_scores(model.score_next(self._last_hidden[model_name][slots]).float())  # [b, V(, m)]
+            hidden = self._last_hidden[model_name][model.cache.index(slots)]
+            scores = module.token_scores(model.score_next(hidden).float())  # [b, V(, m)]
             if min(top_k) == vocab:
                 offsets.index_add_(0, index, module.offsets(scores, strength, info.head_type, atoms))
                 return

@@ -7,9 +7,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 
+from guidance.adapters.vllm import resolve_guide_dtype
 from guidance.catalog import GuideCatalog
+from guidance.kv_budget import guide_kv_capacity
 from guidance.loading import check_tokenizers
 from guidance.search.scorers import ScorerCatalog
 from server.api.chat.router import router as chat_router
@@ -48,6 +51,9 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer = PromptRenderer.load(settings.model)
         catalog = GuideCatalog.from_paths(settings.guide_model_paths())
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the worker runs the guides
+        lifecycle.budget_guide_kv(guide_kv_capacity(catalog, settings.guide_kv_cache_space_gib,
+                                                    resolve_guide_dtype(settings.guide_dtype, device)))
         check_tokenizers(settings.model, catalog)
         scorers = ScorerCatalog.load(catalog)
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name())

@@ -289,7 +289,7 @@ def engine_args(settings: Settings, catalog: GuideCatalog) -> AsyncEngineArgs:
         GuidanceLogitsProcessor.catalog = catalog
         guided = dict(
             logits_processors=[GuidanceLogitsProcessor],
-            additional_config=guidance_engine_config(catalog, settings.guide_dtype),
+            additional_config=guidance_engine_config(catalog, settings.guide_dtype, settings.guide_kv_cache_space_gib),
             worker_extension_cls=WORKER_EXTENSION,
             # The guide models must see each sampled token before the next step; async
             # scheduling hands processors placeholder ids instead.

@@ -1,4 +1,5 @@
-"""Admission and shutdown: backpressure on the engine queue, and draining on SIGTERM.
+"""Admission and shutdown: backpressure on the engine queue and on the guide models' KV
+budget, and draining on SIGTERM.
 
 Draining: `/ready` answers 503 and new generation requests get 503 while the
 requests already admitted finish (up to the drain timeout); then the server exits.
@@ -10,34 +11,48 @@ import asyncio
 import logging
 import time
 
+from collections import Counter
+from collections.abc import Mapping
+
 from server.errors import ServiceUnavailable, TooManyRequests
-from server.metrics import DRAINING
+from server.metrics import DRAINING, GUIDE_KV_BLOCKS, GUIDE_KV_BLOCKS_HELD, GUIDE_KV_REJECTED
 
 logger = logging.getLogger(__name__)
 
 
 class Lifecycle:
-    """Counts admitted requests and the engine requests they hold.
+    """Counts admitted requests, the engine requests they hold and, under a guide-KV budget,
+    the blocks of each guide model's KV cache they may fill (guidance.kv_budget).
 
-    Admission and the reservation of engine requests happen in one synchronous step,
-    so requests that arrive together cannot all pass the bound before any is counted.
+    Admission and the reservation of engine requests and blocks happen in one synchronous
+    step, so requests that arrive together cannot all pass the bound before any is counted.
     """
 
     def __init__(self, max_waiting_requests: int, retry_after_s: int) -> None:
         self.max_waiting_requests = max_waiting_requests
         self.retry_after_s = retry_after_s
+        self.guide_kv_blocks: dict[str, int] = {}  # capacity per budgeted guide model (none: unbudgeted)
+        self.guide_blocks_held: Counter[str] = Counter()
         self.draining = False
         self.in_flight = 0  # admitted HTTP generation requests not yet answered
         self.engine_requests = 0  # engine requests those admitted requests hold
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def admit(self, engine_requests: int, capacity: int) -> None:
-        """Admit a request needing `engine_requests`, or refuse it: 503 while draining, 429
-        when the engine's queue would exceed its bound.
+    def budget_guide_kv(self, blocks: Mapping[str, int]) -> None:
+        """Bound admission by each guide model's KV blocks (guidance.kv_budget.guide_kv_capacity)."""
+        self.guide_kv_blocks = dict(blocks)
+        for name, capacity in blocks.items():
+            GUIDE_KV_BLOCKS.labels(name).set(capacity)
+
+    def admit(self, engine_requests: int, capacity: int, guide_blocks: Mapping[str, int] | None = None) -> None:
+        """Admit a request needing `engine_requests` (and up to `guide_blocks` blocks of guide
+        models' KV caches), or refuse it: 503 while draining, 429 when the engine's queue would
+        exceed its bound or a budgeted guide model's blocks would run out.
 
         The engine runs at most `capacity` requests at once; the rest of those held by
-        admitted requests wait. An admitted request must be `release`d exactly once.
+        admitted requests wait. An admitted request must be `release`d exactly once, with
+        the same arguments.
         """
         if self.draining:
             raise ServiceUnavailable("The server is shutting down.", code="draining")
@@ -46,11 +61,26 @@ class Lifecycle:
             raise TooManyRequests(
                 f"The server is overloaded ({waiting} requests would wait, over the bound of "
                 f"{self.max_waiting_requests}); retry later.", retry_after_s=self.retry_after_s)
+        blocks = {name: n for name, n in (guide_blocks or {}).items() if name in self.guide_kv_blocks}
+        for name, n in blocks.items():
+            if self.guide_blocks_held[name] + n > self.guide_kv_blocks[name]:
+                GUIDE_KV_REJECTED.labels(name).inc()
+                raise TooManyRequests(
+                    f"The KV cache of guide model {name!r} is full ({self.guide_blocks_held[name]} of "
+                    f"{self.guide_kv_blocks[name]} blocks held; this request may need {n}); retry later.",
+                    retry_after_s=self.retry_after_s)
+        for name, n in blocks.items():
+            self.guide_blocks_held[name] += n
+            GUIDE_KV_BLOCKS_HELD.labels(name).set(self.guide_blocks_held[name])
         self.engine_requests += engine_requests
         self.in_flight += 1
         self._idle.clear()
 
-    def release(self, engine_requests: int) -> None:
+    def release(self, engine_requests: int, guide_blocks: Mapping[str, int] | None = None) -> None:
+        for name, n in (guide_blocks or {}).items():
+            if name in self.guide_kv_blocks:
+                self.guide_blocks_held[name] -= n
+                GUIDE_KV_BLOCKS_HELD.labels(name).set(self.guide_blocks_held[name])
         self.engine_requests -= engine_requests
         self.in_flight -= 1
         if self.in_flight == 0:

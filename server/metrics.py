@@ -50,6 +50,14 @@ SCORER_SECONDS = Histogram(
 )
 PRUNED_CANDIDATES = Counter(
     "alignserve_search_pruned_candidates_total", "Best-of-N candidates aborted early at pruning checkpoints.")
+GUIDE_KV_BLOCKS = Gauge(
+    "alignserve_guide_kv_blocks", "KV-cache blocks of each guide model under --guide-kv-cache-space-gib.", ["model"])
+GUIDE_KV_BLOCKS_HELD = Gauge(
+    "alignserve_guide_kv_blocks_held", "Guide-model KV blocks admitted requests may fill (reserved at admission).",
+    ["model"])
+GUIDE_KV_REJECTED = Counter(
+    "alignserve_guide_kv_rejected_total", "Requests refused (429) because a guide model's KV blocks were held.",
+    ["model"])
 DRAINING = Gauge("alignserve_draining", "1 while the server drains in-flight requests before exiting.")
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
+from guidance.kv_budget import GUIDE_KV_BLOCK_SIZE
 from guidance.search.scorers import ScorerCatalog
 from guidance.search.spec import SearchLimits, SearchParams, parse_search
 from guidance.spec import ResolvedGuidance, parse_guidance
@@ -38,9 +40,18 @@ class Services:
         if model != self.settings.model_name:
             raise ModelNotFound(model)
 
-    def admit(self, engine_requests: int) -> None:
-        """Backpressure and draining: raise 429 / 503 before any work is queued."""
-        self.lifecycle.admit(engine_requests, self.engine.max_num_seqs)
+    def admit(self, engine_requests: int, guide_blocks: Mapping[str, int]) -> None:
+        """Backpressure and draining: raise 429 / 503 before any work is queued; 400 for a request
+        that needs more of a guide model's KV blocks than its whole budget."""
+        for name, blocks in guide_blocks.items():
+            budget = self.lifecycle.guide_kv_blocks.get(name)
+            if budget is not None and blocks > budget:
+                raise InvalidRequest(
+                    f"This request may fill {blocks} KV-cache blocks of guide model {name!r} ({GUIDE_KV_BLOCK_SIZE} "
+                    f"tokens each: prompt + max_tokens per choice and candidate), more than its whole budget of "
+                    f"{budget} (--guide-kv-cache-space-gib); lower max_tokens, n or the search's candidates.",
+                    param="max_tokens")
+        self.lifecycle.admit(engine_requests, self.engine.max_num_seqs, guide_blocks)
 
     def check_max_tokens(self, max_tokens: int | None, param: str) -> None:
         limit = self.settings.max_tokens_limit

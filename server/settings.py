@@ -57,6 +57,10 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
         default="auto", description="Weight and activation dtype of the guide models (offsets and KL are computed "
         "in float32 either way); auto: bfloat16 on a GPU, float32 on CPU.",
     )
+    guide_kv_cache_space_gib: float | None = Field(
+        default=None, gt=0, description="Memory for each guide model's KV cache, in GiB; requests that could "
+        "overflow it wait with a 429 (docs/guidance.md). Default: every engine sequence at max_model_len.",
+    )
     tool_call_parser: str | None = Field(
         default=None,
         description="vLLM tool parser that reads tool calls from the model's output (e.g. hermes, llama3_json, "

@@ -27,12 +27,14 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from guidance.batch import GuidanceBatch, GuidanceReport
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
+from guidance.kv_budget import guide_kv_capacity
 from guidance.loading import load_guide_models
 from guidance.spec import parse_guidance
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEY = "alignserve"  # in VllmConfig.additional_config: {"guide_models": {name: path}, "guide_dtype": ...}
+# in VllmConfig.additional_config: {"guide_models": {name: path}, "guide_dtype": ..., "guide_kv_cache_space_gib": ...}
+CONFIG_KEY = "alignserve"
 GUIDANCE_ARG = "guidance"
 KEY_ARG = "guidance_key"
 REPORTS_RPC = "alignserve_guidance_reports"
@@ -42,9 +44,12 @@ TIMINGS_RPC = "alignserve_guidance_timings"
 _worker_batch: GuidanceBatch | None = None
 
 
-def engine_config(catalog: GuideCatalog, guide_dtype: str = "auto") -> dict[str, Any]:
-    """The `additional_config` entry that hands the guide-model table and their dtype to the worker."""
-    return {CONFIG_KEY: {"guide_models": catalog.paths(), "guide_dtype": guide_dtype}}
+def engine_config(catalog: GuideCatalog, guide_dtype: str = "auto",
+                  guide_kv_cache_space_gib: float | None = None) -> dict[str, Any]:
+    """The `additional_config` entry that hands the guide-model table, their dtype and their KV
+    budget to the worker."""
+    return {CONFIG_KEY: {"guide_models": catalog.paths(), "guide_dtype": guide_dtype,
+                         "guide_kv_cache_space_gib": guide_kv_cache_space_gib}}
 
 
 def resolve_guide_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -90,6 +95,7 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             max_requests=vllm_config.scheduler_config.max_num_seqs,
             max_len=vllm_config.model_config.max_model_len,
             device=device,
+            kv_blocks=guide_kv_capacity(self._catalog, config.get("guide_kv_cache_space_gib"), dtype),
         )
         _worker_batch = self._batch
         logger.info("guidance: loaded guide models %s (%s)", self._catalog.names(), dtype)

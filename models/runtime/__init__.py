@@ -1,4 +1,4 @@
-"""Guide-model runtime: a compact Llama/Qwen2 decoder with a slot-indexed KV cache and guide heads.
+"""Guide-model runtime: a compact Llama/Qwen2 decoder with a paged, slot-indexed KV cache and guide heads.
 
 Pure torch (no vLLM): it runs next to the base model inside the engine's worker, one
 batched incremental forward per generated token over all guided rows.
@@ -22,7 +22,7 @@ from models.runtime.heads import (
     load_head,
     save_head,
 )
-from models.runtime.kv_cache import SlotKVCache, SlotsExhaustedError
+from models.runtime.kv_cache import BlocksExhaustedError, PagedKVCache, SlotsExhaustedError
 from models.runtime.loader import CheckpointError, load_decoder
 from models.runtime.sequence import SequenceScorer
 
@@ -31,6 +31,7 @@ __all__ = [
     "VALUE_HEAD_TYPES",
     "ARMHead",
     "BernoulliHead",
+    "BlocksExhaustedError",
     "CheckpointError",
     "Decoder",
     "DecoderConfig",
@@ -39,10 +40,10 @@ __all__ = [
     "GuideModel",
     "HistogramHead",
     "LMHead",
+    "PagedKVCache",
     "RewardHead",
     "RopeConfig",
     "SequenceScorer",
-    "SlotKVCache",
     "SlotsExhaustedError",
     "build_head",
     "expected_value",

@@ -9,16 +9,21 @@
 Module names mirror Hugging Face's (``embed_tokens``, ``layers.N.self_attn.q_proj``,
 ...) so checkpoints load with no renaming beyond the ``model.`` prefix.
 
-Four entry points share one layer stack and differ only in which keys/values the
-new queries attend to (the ``KVFn`` passed down) and in the mask:
+Four entry points share one layer stack and differ only in what the new queries
+attend to (the ``LayerAttend`` passed down):
 
 - ``forward``: full causal pass, no cache (training, reference).
 - ``prefill``: append prompts to cache slots (batched, padded).
 - ``step``: append ONE token per row, each row at its own position (hot path).
 - ``score_candidates``: k candidate next tokens per row, read-only on the cache (hot path).
 
-The hot paths (``step``, ``score_candidates``) have static shapes (they attend over
-the whole ``max_len`` window, masked) and no host syncs.
+The cache is paged (``PagedKVCache``). The hot paths (``step``, ``score_candidates``)
+attend over the batch's longest live length rounded up to a bucket (``cache.window``),
+sized from the cache's host copy of the lengths, so their cost follows the tokens
+cached, not ``max_len``, and they make no device -> host sync. Each new query attends
+to its row's cached prefix and to its own key/value with one softmax
+(``attend_prefix_and_self``): the prefix is gathered once per layer and never
+concatenated with the new keys.
 """
 
 from __future__ import annotations
@@ -31,12 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.runtime.config import DecoderConfig, RopeConfig
-from models.runtime.kv_cache import SlotKVCache
+from models.runtime.kv_cache import PagedKVCache
 
-LayerKV = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-"""(new keys, new values ``[B, kv_heads, T, D]``) -> keys, values attended to ``[B, kv_heads, K, D]``."""
-KVFn = Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]]
-"""``LayerKV`` for every layer: (layer index, new keys, new values) -> keys, values attended to."""
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(queries ``[B, heads, T, D]``, new keys, values ``[B, kv_heads, T, D]``, RoPE applied) -> ``[B, heads, T, D]``."""
+LayerAttend = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+"""``Attend`` for every layer: (layer index, queries, new keys, new values) -> attention output."""
 
 
 class RMSNorm(nn.Module):
@@ -77,6 +82,67 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def attend_causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v, each kv head serving heads / kv_heads query heads (GQA).
+
+    q ``[B, heads, T, D]``; k, v ``[B, kv_heads, K, D]``; mask ``[B or 1, 1, T, K]`` (True = attend).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_prefix_and_self(
+    q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_mask: Tensor, k_self: Tensor, v_self: Tensor
+) -> Tensor:
+    """Query t attends to the cached prefix and to its own new key only, with one softmax.
+
+    With s_j = q.k_j / sqrt(D) over prefix positions j (-inf where ``prefix_mask`` is False) and
+    s_* = q.k_self / sqrt(D), m = max(max_j s_j, s_*):
+
+        y = (sum_j e^(s_j - m) v_j + e^(s_* - m) v_self) / (sum_j e^(s_j - m) + e^(s_* - m))
+
+    i.e. softmax over [prefix..., self] without concatenating the prefix with the new keys and
+    values (no copy of the prefix per layer). The heads / kv_heads query heads that share a kv
+    head are folded into the rows of one matmul, so the prefix is never repeated for GQA.
+
+    Args:
+        q: ``[B, heads, T, D]``. k_prefix, v_prefix: ``[B, kv_heads, L, D]``. prefix_mask: ``[B, L]``.
+        k_self, v_self: ``[B, kv_heads, T, D]`` (RoPE applied at each query's position).
+    Returns:
+        ``[B, heads, T, D]``.
+    """
+    B, H, T, D = q.shape
+    G, R = k_prefix.shape[1], H // k_prefix.shape[1]
+    scale = D**-0.5
+    q = q.reshape(B, G, R * T, D)  # query head h reads kv head h // R, as in HF's repeat_kv
+    s = (q @ k_prefix.transpose(-1, -2)).float() * scale  # [B, G, R*T, L]
+    s = s.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
+    s_self = (q.view(B, G, R, T, D) * k_self[:, :, None]).sum(-1).float().view(B, G, R * T, 1) * scale
+    m = torch.maximum(s.amax(-1, keepdim=True), s_self)  # finite, as s_self is, even for an empty prefix
+    p, p_self = (s - m).exp(), (s_self - m).exp()
+    num = (p.to(v_prefix.dtype) @ v_prefix).float()  # [B, G, R*T, D]
+    num = num + (p_self.view(B, G, R, T, 1) * v_self[:, :, None].float()).view(B, G, R * T, D)
+    y = num / (p.sum(-1, keepdim=True) + p_self)
+    return y.to(q.dtype).view(B, H, T, D)
+
+
+def host_slots(slots: Sequence[int] | Tensor) -> list[int]:
+    """Slot ids as host ints (a tensor is read back: free on CPU, a sync on an accelerator)."""
+    return slots.tolist() if isinstance(slots, Tensor) else [int(s) for s in slots]
+
+
+def cached_prefix(cache: PagedKVCache, slots: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """What the hot paths attend to: the first L = ``cache.window(longest length)`` positions of each slot.
+
+    L comes from the host lengths (no sync). Returns device tensors: slot index ``[B]``, lengths
+    = next positions ``[B]``, blocks ``[B, L / block_size]`` (for ``cache.read``), prefix mask ``[B, L]``.
+    """
+    index = cache.index(slots)
+    pos = cache.lengths[index]
+    L = cache.window(max(cache.length(s) for s in slots))
+    blocks = cache.block_table[index, : L // cache.block_size]
+    return index, pos, blocks, torch.arange(L, device=pos.device) < pos[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
@@ -86,16 +152,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.attention_out_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: LayerKV) -> Tensor:
-        """x ``[B, T, H]``, mask ``[B, 1, T, K]`` (True = attend) -> ``[B, T, H]``."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        """x ``[B, T, H]`` -> ``[B, T, H]``; ``attend`` decides which keys/values the queries see."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = kv(k, v)
-        # softmax(q k^T / sqrt(D) + mask) v; each kv head serves n_heads / n_kv_heads query heads (GQA).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        y = attend(q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -119,8 +183,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: LayerKV) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -140,19 +204,35 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         elif lm_head:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.cache: SlotKVCache | None = None
+        self.cache: PagedKVCache | None = None
 
     # ----------------------------------------------------------------- setup
 
-    def setup_cache(self, num_slots: int, max_len: int) -> SlotKVCache:
-        """Allocate the slot cache on the model's device and dtype (replaces any previous one)."""
+    def setup_cache(
+        self, num_slots: int, max_len: int, num_blocks: int | None = None, block_size: int = 16
+    ) -> PagedKVCache:
+        """Allocate the paged cache on the model's device and dtype (replaces any previous one).
+
+        ``num_blocks=None`` holds every slot at ``max_len`` (the worst case); fewer blocks
+        (``blocks_in_budget``) cap the memory, and a prefill or step that would need more
+        raises ``BlocksExhaustedError`` before changing anything.
+        """
         c, w = self.config, self.embed_tokens.weight
-        self.cache = SlotKVCache(
-            c.num_hidden_layers, num_slots, c.num_key_value_heads, max_len, c.head_dim, dtype=w.dtype, device=w.device
+        self.cache = PagedKVCache(
+            c.num_hidden_layers, num_slots, c.num_key_value_heads, max_len, c.head_dim,
+            num_blocks=num_blocks, block_size=block_size, dtype=w.dtype, device=w.device,
         )
         return self.cache
 
-    def require_cache(self) -> SlotKVCache:
+    def blocks_in_budget(self, budget_bytes: int, block_size: int = 16) -> int:
+        """Cache blocks of this model (its layers, kv heads, head dim, dtype) that fit in ``budget_bytes``."""
+        c = self.config
+        return PagedKVCache.blocks_in_budget(
+            budget_bytes, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size,
+            self.embed_tokens.weight.dtype,
+        )
+
+    def require_cache(self) -> PagedKVCache:
         if self.cache is None:
             raise RuntimeError("no KV cache: call setup_cache(num_slots, max_len) first")
         return self.cache
@@ -170,15 +250,15 @@ class Decoder(nn.Module):
 
     # ----------------------------------------------------------------- core
 
-    def _run(self, tokens: Tensor, positions: Tensor, mask: Tensor, kv: KVFn) -> Tensor:
-        """tokens, positions ``[B, T]``; mask ``[B or 1, 1, T, K]`` -> final-norm hidden ``[B, T, H]``."""
+    def _run(self, tokens: Tensor, positions: Tensor, attend: LayerAttend) -> Tensor:
+        """tokens, positions ``[B, T]`` -> final-norm hidden ``[B, T, H]``."""
         x = self.embed_tokens(tokens)
         # Angles pos * theta_i in float32, duplicated over both halves of the head dim.
         freqs = positions.unsqueeze(-1).float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, lambda k, v, i=i: kv(i, k, v))
+            x = layer(x, cos, sin, lambda q, k, v, i=i: attend(i, q, k, v))
         return self.norm(x)
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -186,7 +266,7 @@ class Decoder(nn.Module):
         T = input_ids.shape[1]
         positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()[None, None]
-        return self._run(input_ids, positions, causal, lambda i, k, v: (k, v))
+        return self._run(input_ids, positions, lambda i, q, k, v: attend_causal(q, k, v, causal))
 
     # ----------------------------------------------------------------- cached paths
 
@@ -194,92 +274,105 @@ class Decoder(nn.Module):
     def prefill(self, slots: Sequence[int], token_ids: Sequence[Tensor]) -> Tensor:
         """Append ``token_ids[b]`` (1-D, lengths may differ) to slot ``slots[b]``, all rows in one padded pass.
 
-        A slot may already hold tokens: the new ones continue at its current length.
-        Not sync-free (capacity check, ragged indexing): it runs when requests join, not per token.
+        A slot may already hold tokens: the new ones continue at its current length. The new
+        keys/values are written to the slot's blocks, then each query attends causally to
+        its slot's first ``cache.window(longest end)`` positions.
+        Not sync-free (ragged indexing): it runs when requests join, not per token.
 
+        Raises:
+            ValueError: bad arguments, a slot not allocated or listed twice, or past ``max_len``.
+            BlocksExhaustedError: too few free blocks. Either way nothing has changed.
         Returns:
             final-norm hidden state of each row's last new token, ``[B, H]``.
         """
         cache = self.require_cache()
         if len(slots) != len(token_ids) or not slots:
             raise ValueError(f"need one token sequence per slot, got {len(slots)} slots and {len(token_ids)} sequences")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"duplicate slots in prefill: {list(slots)}")
-        for s in slots:
-            if not cache.is_allocated(s):
-                raise ValueError(f"KV-cache slot {s} is not allocated")
+        slots = [int(s) for s in slots]
         dev = cache.device
         seqs = [torch.as_tensor(t, dtype=torch.long).reshape(-1).to(dev) for t in token_ids]
         n_host = [len(t) for t in seqs]
-        slot_t = torch.tensor(list(slots), device=dev)
-        start = cache.lengths[slot_t]  # [B]
-        ends = [s + n for s, n in zip(start.tolist(), n_host)]
-        for s, n, end in zip(slots, n_host, ends):
+        for s, n in zip(slots, n_host):
             if n == 0:
                 raise ValueError(f"empty token sequence for slot {s}")
-            if end > cache.max_len:
-                raise ValueError(f"slot {s} would hold {end} tokens, over the cache max_len={cache.max_len}")
+        cache.reserve(slots, n_host)
+        start_host = [cache.length(s) for s in slots]
+        slot_t = cache.index(slots)
         tokens = nn.utils.rnn.pad_sequence(seqs, batch_first=True)  # [B, T], padded with 0
         n = torch.tensor(n_host, device=dev)
         t = torch.arange(tokens.shape[1], device=dev)
-        positions = start[:, None] + t  # [B, T]
+        positions = torch.tensor(start_host, device=dev)[:, None] + t  # [B, T]
         valid = t < n[:, None]  # [B, T]: real tokens (padding is neither written nor returned)
-        K = max(ends)
+        K = cache.window(max(s + k for s, k in zip(start_host, n_host)))
+        blocks = cache.block_table[slot_t, : K // cache.block_size]  # [B, K / block_size]
         # query at position p attends to cached keys 0..p of its own slot
         mask = (torch.arange(K, device=dev) <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, K]
-        w_slots, w_pos = slot_t[:, None].expand_as(tokens)[valid], positions[valid]  # [N]
+        where = cache.locate(slot_t[:, None].expand_as(tokens)[valid], positions[valid])  # [N] each
 
-        def kv(i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            cache.write(i, w_slots, w_pos, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid])
-            return cache.read(i, slot_t, K)
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            cache.write(i, where, k.transpose(1, 2)[valid], v.transpose(1, 2)[valid])
+            return attend_causal(q, *cache.read(i, blocks), mask)
 
-        hidden = self._run(tokens, positions, mask, kv)
-        cache.lengths[slot_t] = start + n
+        hidden = self._run(tokens, positions, attend)
+        cache.advance(slots, n_host)
         return hidden[torch.arange(len(seqs), device=dev), n - 1]
 
     @torch.no_grad()
-    def step(self, slots: Tensor, token_ids: Tensor) -> Tensor:
+    def step(self, slots: Sequence[int] | Tensor, token_ids: Tensor) -> Tensor:
         """Append one token per row at that row's own position (its slot's length).
 
+        The token attends to its slot's cached prefix (the first ``cache.window(longest
+        length)`` positions, masked to the slot's length) and to itself
+        (``attend_prefix_and_self``); its key/value are then stored for later steps.
+
         Args:
-            slots: ``[B]`` long, distinct allocated slots on the cache device.
-            token_ids: ``[B]`` long. Callers keep every slot below ``max_len`` (not checked: no host sync).
+            slots: ``[B]`` distinct allocated slots, best a host sequence of ints. A tensor is read
+                back to the host (``tolist``: free on CPU, a sync on an accelerator) because
+                growing the slots' blocks is host bookkeeping.
+            token_ids: ``[B]`` long, on the cache device.
+        Raises:
+            ValueError, BlocksExhaustedError: as ``cache.reserve``, before anything changes.
         Returns:
             final-norm hidden ``[B, H]`` of the appended tokens.
         """
         cache = self.require_cache()
-        pos = cache.lengths[slots]  # [B]
-        mask = (torch.arange(cache.max_len, device=pos.device) <= pos[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        host = host_slots(slots)
+        ones = [1] * len(host)
+        cache.reserve(host, ones)
+        index, pos, blocks, prefix = cached_prefix(cache, host)
+        where = cache.locate(index, pos)
 
-        def kv(i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            cache.write(i, slots, pos, k[:, :, 0], v[:, :, 0])
-            return cache.read(i, slots)
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            y = attend_prefix_and_self(q, *cache.read(i, blocks), prefix, k, v)
+            cache.write(i, where, k[:, :, 0], v[:, :, 0])
+            return y
 
-        hidden = self._run(token_ids[:, None], pos[:, None], mask, kv)
-        cache.lengths[slots] = pos + 1
+        hidden = self._run(token_ids[:, None], pos[:, None], attend)
+        cache.advance(host, ones)
         return hidden[:, 0]
 
     @torch.no_grad()
-    def score_candidates(self, slots: Tensor, candidates: Tensor) -> Tensor:
+    def score_candidates(self, slots: Sequence[int] | Tensor, candidates: Tensor) -> Tensor:
         """Hidden states of k candidate next tokens per row, without touching the cache ("V-type").
 
         Every candidate sits at the row's next position and attends to the row's cached
-        prefix and to itself only, never to the other candidates.
+        prefix (the first ``cache.window(longest length)`` positions, masked) and to itself
+        only, never to the other candidates (``attend_prefix_and_self``).
 
         Args:
-            slots: ``[B]`` long, allocated slots. candidates: ``[B, k]`` long token ids.
+            slots: ``[B]`` allocated slots, best a host sequence of ints (a tensor is read back, as in ``step``).
+            candidates: ``[B, k]`` long token ids on the cache device.
         Returns:
             final-norm hidden ``[B, k, H]``.
         """
         cache = self.require_cache()
+        host = host_slots(slots)
+        for s in host:
+            cache.check_allocated(s)
         B, k = candidates.shape
-        pos = cache.lengths[slots]  # [B]
-        prefix = torch.arange(cache.max_len, device=pos.device) < pos[:, None]  # [B, L]
-        own = torch.eye(k, dtype=torch.bool, device=pos.device)  # candidate j sees candidate j only
-        mask = torch.cat((prefix[:, None, :].expand(B, k, -1), own.expand(B, k, k)), dim=-1)[:, None]  # [B,1,k,L+k]
+        _, pos, blocks, prefix = cached_prefix(cache, host)
 
-        def kv(i: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-            k_old, v_old = cache.read(i, slots)
-            return torch.cat((k_old, k_new), dim=2), torch.cat((v_old, v_new), dim=2)
+        def attend(i: int, q: Tensor, k_new: Tensor, v_new: Tensor) -> Tensor:
+            return attend_prefix_and_self(q, *cache.read(i, blocks), prefix, k_new, v_new)
 
-        return self._run(candidates, pos[:, None].expand(B, k), mask, kv)
+        return self._run(candidates, pos[:, None].expand(B, k), attend)

@@ -6,7 +6,8 @@ Per generated token the caller does one batched incremental forward:
     V-type:  step(slots, last_tokens); scores = score_candidates(slots, cand)  [B, k(, m)]
 
 When a request joins, ``prefill`` its prompt into a fresh slot (``cache.allocate()``);
-when it leaves, ``cache.free(slot)``.
+when it leaves, ``cache.free(slot)``. The cache is paged: ``cache.can_grow(slots, new_tokens)``
+says beforehand whether a prefill or step fits in the free blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from models.runtime.decoder import Decoder
 from models.runtime.heads import GuideHead, load_head
-from models.runtime.kv_cache import SlotKVCache
+from models.runtime.kv_cache import PagedKVCache
 from models.runtime.loader import load_decoder
 
 
@@ -41,18 +42,25 @@ class GuideModel(nn.Module):
         return self.head.scoring
 
     @property
-    def cache(self) -> SlotKVCache:
+    def cache(self) -> PagedKVCache:
         return self.backbone.require_cache()
 
-    def setup_cache(self, num_slots: int, max_len: int) -> SlotKVCache:
-        return self.backbone.setup_cache(num_slots, max_len)
+    def setup_cache(
+        self, num_slots: int, max_len: int, num_blocks: int | None = None, block_size: int = 16
+    ) -> PagedKVCache:
+        """Paged cache for the backbone (see ``Decoder.setup_cache``; ``blocks_in_budget`` sizes ``num_blocks``)."""
+        return self.backbone.setup_cache(num_slots, max_len, num_blocks, block_size)
+
+    def blocks_in_budget(self, budget_bytes: int, block_size: int = 16) -> int:
+        """Backbone cache blocks that fit in ``budget_bytes``."""
+        return self.backbone.blocks_in_budget(budget_bytes, block_size)
 
     def prefill(self, slots: Sequence[int], token_ids: Sequence[Tensor]) -> Tensor:
         """Append prompts to slots; hidden of each row's last token ``[B, H]``."""
         return self.backbone.prefill(slots, token_ids)
 
-    def step(self, slots: Tensor, token_ids: Tensor) -> Tensor:
-        """Append one token per row (``[B]``, ``[B]``); hidden ``[B, H]``."""
+    def step(self, slots: Sequence[int] | Tensor, token_ids: Tensor) -> Tensor:
+        """Append one token per row (``[B]``, ``[B]``; slots best as host ints); hidden ``[B, H]``."""
         return self.backbone.step(slots, token_ids)
 
     @torch.no_grad()
@@ -63,8 +71,8 @@ class GuideModel(nn.Module):
         return self.head(hidden, self._output_embedding())
 
     @torch.no_grad()
-    def score_candidates(self, slots: Tensor, candidates: Tensor) -> Tensor:
-        """V-type: slots ``[B]``, candidates ``[B, k]`` -> ``[B, k]`` (``[B, k, m]`` for histograms).
+    def score_candidates(self, slots: Sequence[int] | Tensor, candidates: Tensor) -> Tensor:
+        """V-type: slots ``[B]`` (best host ints), candidates ``[B, k]`` -> ``[B, k]`` (``[B, k, m]`` for histograms).
 
         The cache is not modified."""
         if self.scoring != "v":

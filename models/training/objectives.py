@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.runtime.decoder import Decoder
+from models.runtime.decoder import Decoder, attend_causal
 from models.runtime.heads import GuideHead, expected_value
 from models.training.loop import FitConfig, fit
 from models.training.rollouts import Rollouts
@@ -54,7 +54,7 @@ def run_blocks(decoder: Decoder, x: Tensor, first: int, last: int) -> Tensor:
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
     for layer in decoder.layers[first:last]:
-        x = layer(x, cos, sin, causal, lambda k, v: (k, v))
+        x = layer(x, cos, sin, lambda q, k, v: attend_causal(q, k, v, causal))
     return x
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from guidance.kv_budget import request_blocks
 from guidance.search.spec import SearchParams
 from guidance.spec import ResolvedGuidance
 from server.api.choices import ChoiceCollector, usage
@@ -52,6 +53,14 @@ class Prepared:
         """Engine requests the request runs at once (a search runs its candidates together)."""
         per_choice = 1 if self.search is None else self.search.candidates_per_pick
         return sum(p.options.n for p in self.prompts) * per_choice
+
+    @property
+    def guide_blocks(self) -> dict[str, int]:
+        """Blocks of each guide model's KV cache its engine requests may fill (guidance.kv_budget)."""
+        models = sorted({g.params.model for g in self.guidance if g.params.strength > 0})
+        per_choice = 1 if self.search is None else self.search.candidates_per_pick
+        return request_blocks(models, [(p.options.n * per_choice, len(p.token_ids) + p.options.max_tokens)
+                                       for p in self.prompts])
 
     @property
     def reports(self) -> bool:
@@ -189,15 +198,16 @@ class GenerationServing(ABC):
                 return EventStream(self.replay(body, prepared, cached))
             request_id, created = self._new_id()
             return JSONResponse({**cached, "id": request_id, "created": created})
-        engine_requests = prepared.engine_requests
-        services.admit(engine_requests)
+        engine_requests, guide_blocks = prepared.engine_requests, prepared.guide_blocks
+        services.admit(engine_requests, guide_blocks)
         lifecycle = services.lifecycle
         if body.stream:
-            return EventStream(self.stream(body, prepared, cache_key), lambda: lifecycle.release(engine_requests))
+            return EventStream(self.stream(body, prepared, cache_key),
+                               lambda: lifecycle.release(engine_requests, guide_blocks))
         try:
             result = await cancel_on_disconnect(request, self.complete(body, prepared))
         finally:
-            lifecycle.release(engine_requests)
+            lifecycle.release(engine_requests, guide_blocks)
         if result is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         if cache_key is not None:

@@ -24,6 +24,23 @@ def test_admission_reserves_engine_requests_and_bounds_the_waiting():
     assert (lifecycle.in_flight, lifecycle.engine_requests) == (2, 6)
 
 
+def test_guide_kv_budget_holds_blocks_from_admission_to_release():
+    lifecycle = Lifecycle(max_waiting_requests=100, retry_after_s=3)
+    lifecycle.budget_guide_kv({"value": 10, "prefix": 4})
+    lifecycle.admit(1, capacity=4, guide_blocks={"value": 6, "reward": 99})  # an unbudgeted model holds nothing
+    with pytest.raises(TooManyRequests, match=r"guide model 'value' is full \(6 of 10 blocks held; this request may "
+                                              r"need 5\)") as info:
+        lifecycle.admit(1, capacity=4, guide_blocks={"value": 5, "prefix": 1})
+    assert info.value.headers == {"Retry-After": "3"}
+    # A refusal holds nothing, not even the blocks of the models that had room.
+    assert (lifecycle.in_flight, lifecycle.engine_requests) == (1, 1)
+    assert lifecycle.guide_blocks_held == {"value": 6}
+    lifecycle.admit(1, capacity=4, guide_blocks={"value": 4, "prefix": 4})  # exactly full
+    lifecycle.release(1, guide_blocks={"value": 6, "reward": 99})
+    lifecycle.admit(1, capacity=4, guide_blocks={"value": 6})
+    assert lifecycle.guide_blocks_held == {"value": 10, "prefix": 4}
+
+
 def test_requests_arriving_together_cannot_all_pass_the_bound():
     """Each admission counts at once, before the engine has seen any of them."""
     lifecycle = Lifecycle(max_waiting_requests=4, retry_after_s=1)

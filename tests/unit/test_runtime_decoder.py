@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from models.runtime import CheckpointError, Decoder, DecoderConfig, SlotKVCache, SlotsExhaustedError, load_decoder
+from models.runtime import CheckpointError, Decoder, DecoderConfig, PagedKVCache, SlotsExhaustedError, load_decoder
 from models.runtime.decoder import rope_inv_freq
 
 ATOL = 1e-4
@@ -178,27 +178,28 @@ def test_hot_paths_make_no_host_syncs(pair: tuple[torch.nn.Module, Decoder], mon
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, sync)
-    dec.step(torch.tensor(slots), torch.tensor([5, 6]))
-    dec.score_candidates(torch.tensor(slots), torch.tensor([[1, 2], [3, 4]]))
+    dec.step(slots, torch.tensor([5, 6]))
+    dec.score_candidates(slots, torch.tensor([[1, 2], [3, 4]]))
 
 
 def test_slot_allocator() -> None:
-    cache = SlotKVCache(num_layers=1, num_slots=2, num_kv_heads=1, max_len=4, head_dim=2)
-    assert cache.kv.shape == (1, 2, 2, 1, 4, 2)
+    cache = PagedKVCache(num_layers=1, num_slots=2, num_kv_heads=1, max_len=4, head_dim=2, block_size=2)
+    assert cache.kv.shape == (1, 2, 4, 1, 2, 2), "worst case: 2 slots x 2 blocks of 2 tokens"
     a, b = cache.allocate(), cache.allocate()
     assert (a, b) == (0, 1) and cache.num_free == 0
     with pytest.raises(SlotsExhaustedError, match="all 2"):
         cache.allocate()
-    cache.lengths[b] = 3
+    cache.reserve([b], [3])
+    cache.advance([b], [3])
+    assert cache.length(b) == cache.lengths[b] == 3 and cache.num_free_blocks == 2
     cache.reset(b)
-    assert cache.lengths[b] == 0 and cache.is_allocated(b)
+    assert cache.lengths[b] == cache.length(b) == 0 and cache.is_allocated(b) and cache.num_free_blocks == 4
     cache.free(a)
     with pytest.raises(ValueError, match="slot 0 is not allocated"):
         cache.free(a)
     with pytest.raises(ValueError, match="not allocated"):
         cache.reset(a)
-    cache.lengths[a] = 2
-    assert cache.allocate() == a and cache.lengths[a] == 0, "a reused slot starts empty"
+    assert cache.allocate() == a and cache.length(a) == cache.lengths[a] == 0, "a reused slot starts empty"
 
 
 def test_prefill_errors(pair: tuple[torch.nn.Module, Decoder]) -> None:
