@@ -224,7 +224,8 @@ class GuidanceBatch:
                 steered[i] = True
         position = torch.tensor([len(q.output_ids) for q in requests], device=self._device)
         self._kl_at[stat, position] = kl_guided_to_base(base, offsets, temperature).to(self._device)
-        self._steered_at[stat, position] = torch.tensor(steered, dtype=torch.float32, device=self._device)
+        self._steered_at[stat, position] = 1.0 if entropy is None else torch.tensor(
+            steered, dtype=torch.float32, device=self._device)  # ungated: every row is steered
         logits[row_index] = (base + offsets).to(logits.dtype)
         self.timings.observe(time.perf_counter() - began)
         return logits
