@@ -115,11 +115,8 @@ class Search:
                 return
             group.next_checkpoint += 1
             partial = [group.outputs[c].token_ids[:length] for c in live]
-            scorer = self.scorers[prune.scorer]
-            began = time.perf_counter()
-            scores = await asyncio.to_thread(scorer.score, prompt_text, prompt_ids,
-                                             [Completion(self.decode(ids), tuple(ids)) for ids in partial])
-            observe_search("prune", scorer.name, scores, time.perf_counter() - began)
+            scores = await self._score(prune.scorer, "prune", prompt_text, prompt_ids,
+                                       [Completion(self.decode(ids), tuple(ids)) for ids in partial])
             ranked = sorted(range(len(live)), key=lambda i: (scores[i], -live[i]))  # lowest first; ties: later
             pruned = tuple(sorted(live[i] for i in ranked[:count]))
             group.pruned.update(pruned)
@@ -170,13 +167,19 @@ class Search:
 
     async def _keep(self, search: SearchParams, prompt_text: str, prompt_ids: list[int],
                     completions: list[Completion], generator: torch.Generator) -> tuple[list[float], int]:
-        """Score candidates off the event loop (a model scorer runs a forward) and pick one:
-        (scores, index kept)."""
-        scorer: Scorer = self.scorers[search.scorer]
+        """Score candidates and pick one: (scores, index kept)."""
+        scores = await self._score(search.scorer, search.type, prompt_text, prompt_ids, completions)
+        return scores, select(torch.tensor(scores), search.temperature, generator)
+
+    async def _score(self, name: str, search_type: str, prompt_text: str, prompt_ids: list[int],
+                     completions: list[Completion]) -> list[float]:
+        """Scores by scorer `name`, off the event loop (a model scorer runs a forward), observed
+        under `search_type` ("prune" for pruning checkpoints)."""
+        scorer: Scorer = self.scorers[name]
         began = time.perf_counter()
         scores = await asyncio.to_thread(scorer.score, prompt_text, prompt_ids, completions)
-        observe_search(search.type, scorer.name, scores, time.perf_counter() - began)
-        return scores, select(torch.tensor(scores), search.temperature, generator)
+        observe_search(search_type, scorer.name, scores, time.perf_counter() - began)
+        return scores
 
 
 def _kept_delta(pick: int, chosen: ChoiceOutput, options: SamplingOptions, finish_reason: str | None,
