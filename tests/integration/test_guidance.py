@@ -163,8 +163,11 @@ def test_entropy_gate_steers_only_uncertain_positions(openai_client, model_name,
     for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 5, "n": 3}):
         plain = complete(openai_client, model_name, ungated, prompt=PROMPT, max_tokens=10, **kwargs)
         zero = complete(openai_client, model_name, at_zero, prompt=PROMPT, max_tokens=10, **kwargs)
-        assert [(c.text, c.model_extra["guidance"]) for c in zero.choices] == \
-            [(c.text, c.model_extra["guidance"]) for c in plain.choices]
+        assert [(c.text, c.model_extra["guidance"]["steps"]) for c in zero.choices] == \
+            [(c.text, c.model_extra["guidance"]["steps"]) for c in plain.choices]
+        # The KL of rows batched in another order differs in float rounding only.
+        assert [c.model_extra["guidance"]["kl"] for c in zero.choices] == \
+            pytest.approx([c.model_extra["guidance"]["kl"] for c in plain.choices], rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ it may fill are free; otherwise 429 before the engine sees it (own server, a bud
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -42,27 +44,31 @@ def test_the_budget_is_exposed(budgeted):
 
 
 def test_guided_requests_wait_with_429_while_the_blocks_are_held(budgeted):
+    """Requests that arrive together: each guided one may fill 7 of the 8 blocks, so while one runs
+    the others are refused; a one-block request, unguided requests and another guide model fit."""
     rejected = budgeted.metric("alignserve_guide_kv_rejected_total", model="demo-value")
     with httpx.Client(base_url=budgeted.base_url, timeout=120) as http:
         seven_blocks, one_block = 7 * 16 - prompt_tokens(http), 16 - prompt_tokens(http)
-        # prompt + completion fill 7 of the 8 blocks, held while the stream is open.
-        with http.stream("POST", "/v1/completions", json=body(seven_blocks, stream=True, guidance=GUIDED)) as first:
-            lines = first.iter_lines()
-            assert next(lines).startswith("data: ")
-            assert budgeted.metric("alignserve_guide_kv_blocks_held", model="demo-value") == 7
-            refused = http.post("/v1/completions", json=body(2 * 16, guidance=GUIDED))
-            assert refused.status_code == 429, refused.text
-            assert refused.headers["retry-after"] and "guide model 'demo-value' is full" in refused.text
-            # Fits in the block left; unguided requests and other guide models are not bounded by it.
-            assert http.post("/v1/completions", json=body(one_block, guidance=GUIDED)).status_code == 200
-            assert http.post("/v1/completions", json=body(90)).status_code == 200
-            other = [{"type": "qsharp", "model": "demo-value-hist", "strength": 1.0, "top_k": 4}]
-            assert http.post("/v1/completions", json=body(90, guidance=other)).status_code == 200
-            assert budgeted.metric("alignserve_guide_kv_rejected_total", model="demo-value") == rejected + 1
-        assert budgeted.wait_unfinished(lambda count: count == 0) == 0
-        assert budgeted.metric("alignserve_guide_kv_blocks_held", model="demo-value") == 0
-        answered = http.post("/v1/completions", json=body(seven_blocks, guidance=GUIDED)).json()
-        assert answered["choices"][0]["guidance"]["steps"] == seven_blocks
+    other = [{"type": "qsharp", "model": "demo-value-hist", "strength": 1.0, "top_k": 4}]
+    bodies = [body(seven_blocks, guidance=GUIDED) for _ in range(4)] + [
+        body(one_block, guidance=GUIDED), body(seven_blocks), body(seven_blocks, guidance=other)]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=budgeted.base_url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(run())  # the 4 arrive within milliseconds; each runs for 100 guided steps
+    big = [r.status_code for r in responses[:4]]
+    assert 200 in big and 429 in big, big
+    assert [r.status_code for r in responses[4:]] == [200, 200, 200], [r.text for r in responses[4:]]
+    refused = next(r for r in responses[:4] if r.status_code == 429)
+    assert refused.headers["retry-after"] and "guide model 'demo-value' is full" in refused.text
+    assert all(r.json()["choices"][0]["guidance"]["steps"] == seven_blocks for r in responses[:4]
+               if r.status_code == 200)
+    assert budgeted.metric("alignserve_guide_kv_rejected_total", model="demo-value") == rejected + big.count(429)
+    assert budgeted.metric("alignserve_guide_kv_blocks_held", model="demo-value") == 0  # all answered: all freed
+    with httpx.Client(base_url=budgeted.base_url, timeout=120) as http:
+        assert http.post("/v1/completions", json=body(seven_blocks, guidance=GUIDED)).status_code == 200
 
 
 def test_a_request_over_the_whole_budget_is_400(budgeted):
