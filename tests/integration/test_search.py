@@ -242,7 +242,8 @@ PRUNE = {"scorer": "demo-value-hist", "every": 4, "fraction": 0.5, "min_keep": 2
 def test_pruned_best_of_n_aborts_the_weakest_candidates_at_each_checkpoint(server, http, model_name):
     assert server.wait_unfinished(lambda count: count == 0) == 0
     pruned_before = server.metric("alignserve_search_pruned_candidates_total")
-    body = {"model": model_name, "prompt": PROMPT, "max_tokens": 40, "temperature": 1.0, "seed": 8, "n": 2,
+    # 200 tokens: a pruned candidate's abort has far longer than its checkpoint's scoring to take effect.
+    body = {"model": model_name, "prompt": PROMPT, "max_tokens": 200, "temperature": 1.0, "seed": 8, "n": 2,
             "ignore_eos": True, "cache": False, "search": best_of(8, "demo-reward", prune=PRUNE)}
     first = http.post("/v1/completions", json=body).json()
     for choice in first["choices"]:
@@ -257,8 +258,8 @@ def test_pruned_best_of_n_aborts_the_weakest_candidates_at_each_checkpoint(serve
         scores = report["candidate_scores"]
         assert [i for i, s in enumerate(scores) if s is None] == sorted(pruned)
         assert report["selected"] not in pruned and report["score"] == max(s for s in scores if s is not None)
-        # The 2 kept ran to 40 tokens; the 6 pruned stopped early (each past its checkpoint, short of 40).
-        assert 2 * 40 + 4 * 4 + 2 * 8 <= report["generated_tokens"] < 8 * 40
+        # The 2 kept ran to 200 tokens; the 6 pruned stopped early (each past its checkpoint, short of 200).
+        assert 2 * 200 + 4 * 4 + 2 * 8 <= report["generated_tokens"] < 8 * 200
     assert server.metric("alignserve_search_pruned_candidates_total") - pruned_before == 2 * 6
     assert server.wait_unfinished(lambda count: count == 0) == 0
     # Decisions are taken on exact lengths: a seeded pruned search is reproducible.
