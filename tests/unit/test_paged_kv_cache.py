@@ -9,6 +9,7 @@ import torch
 
 from models.runtime import BlocksExhaustedError, Decoder, DecoderConfig, PagedKVCache, SlotsExhaustedError
 from models.runtime.decoder import attend_causal, attend_prefix_and_self
+from tests.host_syncs import forbid_host_syncs
 
 ATOL = 1e-5
 VOCAB = 100
@@ -306,11 +307,7 @@ def test_hot_paths_make_no_host_syncs_while_taking_blocks(monkeypatch: pytest.Mo
     slots = [cache.allocate(), cache.allocate()]
     dec.prefill(slots, [torch.tensor([1, 2, 3]), torch.tensor([4])])
 
-    def sync(*_: object) -> None:
-        raise AssertionError("host sync in a per-token path")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
+    forbid_host_syncs(monkeypatch)
     for token in range(3):
         dec.step(slots, torch.tensor([5, token]))
         dec.score_candidates(slots, torch.tensor([[1, 2], [3, 4]]))

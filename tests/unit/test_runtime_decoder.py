@@ -14,6 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from models.runtime import CheckpointError, Decoder, DecoderConfig, PagedKVCache, SlotsExhaustedError, load_decoder
 from models.runtime.decoder import rope_inv_freq
+from tests.host_syncs import forbid_host_syncs
 
 ATOL = 1e-4
 TINY = dict(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
@@ -173,11 +174,7 @@ def test_hot_paths_make_no_host_syncs(pair: tuple[torch.nn.Module, Decoder], mon
     slots = [cache.allocate(), cache.allocate()]
     dec.prefill(slots, [torch.tensor([1, 2, 3]), torch.tensor([4])])
 
-    def sync(*_: object) -> None:
-        raise AssertionError("host sync in a per-token path")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, sync)
+    forbid_host_syncs(monkeypatch)
     dec.step(slots, torch.tensor([5, 6]))
     dec.score_candidates(slots, torch.tensor([[1, 2], [3, 4]]))
 
