@@ -38,6 +38,7 @@ COPY server/ server/
 COPY guidance/ guidance/
 COPY models/ models/
 COPY workflows/ workflows/
+COPY bench/ bench/
 # The pip cache mount keeps downloaded wheels (GBs for CUDA) across rebuilds of changed sources.
 # Our sources are byte-compiled here, as the root filesystem may be read-only at run time.
 # chmod: COPY keeps the context's file modes, and checkpoints saved locally (demo build) are

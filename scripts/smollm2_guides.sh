@@ -5,7 +5,7 @@
 #   bash scripts/smollm2_guides.sh [OUT]        (default OUT: runs/smollm2)
 #
 # Writes OUT/base (the converted model), OUT/prompts/{train,heldout}.jsonl and OUT/guides/
-# (rollouts, guide models value-r1, value-r2, prefix, arm, genarm and guides.json). Each step
+# (rollouts, guide models value-r1, value-r2, value-q, prefix, arm, genarm and guides.json). Each step
 # whose output exists is skipped, so an interrupted run continues where it stopped.
 # Serve them:  alignserve serve --model OUT/base --guide-models OUT/guides/guides.json
 set -euo pipefail
@@ -34,3 +34,8 @@ for kind in prefix arm genarm; do
     $bin train "$kind" --base "$out/base" --rollouts "$out/guides/rollouts-r1.jsonl" --out "$out/guides" \
       "${guide_flags[@]}"
 done
+# A Q-type value model (every next token scored from one forward, a 576 x 49152 head) on the round-1
+# rollouts: the other head shape the benchmark suite measures (`alignserve bench`).
+[ -f "$out/guides/value-q/guide_card.json" ] || \
+  $bin train value --base "$out/base" --rollouts "$out/guides/rollouts-r1.jsonl" --out "$out/guides" \
+    --name value-q --scoring q "${guide_flags[@]}"

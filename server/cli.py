@@ -8,9 +8,10 @@
     alignserve models smollm2 OUT                   the packaged SmolLM2-135M-Instruct, converted
     alignserve train prompts|rollouts|value|...     train guide models for a base model
     alignserve eval --prompts FILE ...              pass@1 and KL of guidance and search, through a server
+    alignserve bench [--model DIR] [--smoke] ...    the side-by-side benchmark suite (bench/results/)
 
-The CLI is the composition root: `models`, `train` and `eval` come from `workflows`
-(which sits above `server`), imported when the parser is built.
+The CLI is the composition root: `models`, `train` and `eval` come from `workflows` and
+`bench` from `bench.suite` (both sit above `server`), imported when the parser is built.
 
 Every `serve` flag is a field of `server.settings.Settings` and can also be set
 with the environment variable ALIGNSERVE_<FIELD> (flags win).
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="random seed [default: %(default)s]")
     evaluate.set_defaults(run=_demo_eval)
 
+    from bench.suite.cli import add_bench_command
     from workflows.eval_cli import add_eval_command
     from workflows.models_cli import add_models_command
     from workflows.train_cli import add_train_command
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_command(commands)
     add_train_command(commands)
     add_eval_command(commands)
+    add_bench_command(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`alignserve bench`: the side-by-side benchmark suite (see `bench.suite.cli`)."""
