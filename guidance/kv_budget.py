@@ -13,6 +13,7 @@ guide model its guidance uses, so the worker never runs out mid-generation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,11 +26,46 @@ GUIDE_KV_BLOCK_SIZE = 16  # tokens per block
 GIB = 1 << 30
 
 
+def block_bytes(config: DecoderConfig, dtype: torch.dtype) -> int:
+    """Bytes of one KV block of a guide model of `config` at `dtype`, over all its layers."""
+    return PagedKVCache.bytes_per_block(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                                        GUIDE_KV_BLOCK_SIZE, dtype)
+
+
 def guide_kv_blocks(info: GuideModelInfo, budget_gib: float, dtype: torch.dtype) -> int:
     """Blocks of `info`'s KV cache that fit in `budget_gib` GiB at `dtype`."""
-    config = DecoderConfig.from_pretrained(info.path)
-    return PagedKVCache.blocks_in_budget(int(budget_gib * GIB), config.num_hidden_layers,
-                                         config.num_key_value_heads, config.head_dim, GUIDE_KV_BLOCK_SIZE, dtype)
+    return int(budget_gib * GIB) // block_bytes(DecoderConfig.from_pretrained(info.path), dtype)
+
+
+@dataclass(frozen=True)
+class GuideKVPlan:
+    """What one guide model's KV cache takes: `blocks` under the budget (None: unbudgeted), against the
+    worst case of every engine sequence at max_model_len."""
+
+    name: str
+    block_bytes: int
+    budget_blocks: int | None
+    worst_case_blocks: int
+
+    @property
+    def blocks(self) -> int:
+        return self.worst_case_blocks if self.budget_blocks is None else self.budget_blocks
+
+    def describe(self) -> str:
+        held = f"{self.blocks} blocks of {GUIDE_KV_BLOCK_SIZE} tokens, {self.blocks * self.block_bytes / GIB:.2f} GiB"
+        worst = f"{self.worst_case_blocks * self.block_bytes / GIB:.2f} GiB"
+        if self.budget_blocks is None:
+            return f"guide model {self.name}: KV cache {held} (no budget: every sequence at max_model_len)"
+        return (f"guide model {self.name}: KV cache {held} (--guide-kv-cache-space-gib); every sequence at "
+                f"max_model_len would take {worst}")
+
+
+def guide_kv_plan(name: str, config: DecoderConfig, dtype: torch.dtype, budget_gib: float | None,
+                  max_num_seqs: int, max_model_len: int) -> GuideKVPlan:
+    """The KV cache the worker allocates for guide model `name`, from the settings alone."""
+    size = block_bytes(config, dtype)
+    budget = None if budget_gib is None else int(budget_gib * GIB) // size
+    return GuideKVPlan(name, size, budget, max_num_seqs * blocks_for(max_model_len))
 
 
 def guide_kv_capacity(catalog: GuideCatalog, budget_gib: float | None, dtype: torch.dtype) -> dict[str, int]:
@@ -49,3 +85,10 @@ def request_blocks(models: Sequence[str], sequences: Sequence[tuple[int, int]]) 
     """Blocks of each guide model in `models` that engine requests of (count, tokens) may fill."""
     blocks = sum(count * blocks_for(tokens) for count, tokens in sequences)
     return {name: blocks for name in models} if blocks else {}
+
+
+def guide_kv_plans(catalog: GuideCatalog, dtype: torch.dtype, budget_gib: float | None, max_num_seqs: int,
+                   max_model_len: int) -> list[GuideKVPlan]:
+    """The plan of every per-step guide model of `catalog` (printed at start-up)."""
+    return [guide_kv_plan(name, DecoderConfig.from_pretrained(catalog[name].path), dtype, budget_gib, max_num_seqs,
+                          max_model_len) for name in step_model_names(catalog)]

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from guidance.adapters.vllm import resolve_guide_dtype
 from guidance.catalog import GuideCatalog
-from guidance.kv_budget import guide_kv_capacity
+from guidance.kv_budget import guide_kv_capacity, guide_kv_plans
 from guidance.loading import check_tokenizers
 from guidance.search.scorers import ScorerCatalog
 from server.api.chat.router import router as chat_router
@@ -52,12 +52,15 @@ def create_app(
         renderer = PromptRenderer.load(settings.model)
         catalog = GuideCatalog.from_paths(settings.guide_model_paths())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the worker runs the guides
-        lifecycle.budget_guide_kv(guide_kv_capacity(catalog, settings.guide_kv_cache_space_gib,
-                                                    resolve_guide_dtype(settings.guide_dtype, device)))
+        guide_dtype = resolve_guide_dtype(settings.guide_dtype, device)
+        lifecycle.budget_guide_kv(guide_kv_capacity(catalog, settings.guide_kv_cache_space_gib, guide_dtype))
         check_tokenizers(settings.model, catalog)
         scorers = ScorerCatalog.load(catalog)
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name())
         engine = start_engine(settings, catalog)
+        for plan in guide_kv_plans(catalog, guide_dtype, settings.guide_kv_cache_space_gib, engine.max_num_seqs,
+                                   engine.max_model_len):
+            logger.info(plan.describe())
         tools = ToolCalling.load(settings.tool_call_parser, settings.enable_auto_tool_choice, renderer.tokenizer)
         search = Search(engine, scorers, renderer.decode)
         app.state.services = Services(settings, engine, renderer, catalog, scorers, search, lifecycle, cache, tools,

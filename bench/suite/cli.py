@@ -26,6 +26,12 @@ SMOKE = {"concurrency": [1, 2], "tokens": 8, "requests_per_client": 1, "lengths"
          "length_requests": 2, "best_of_n": [1, 2], "best_of_n_concurrency": 2, "best_of_n_requests": 2}
 
 
+# A 1B-class guide: Llama-3.2-1B's shape (16 layers, 8 KV heads of 64).
+ONE_B_GUIDE = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+               "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+               "max_position_embeddings": 131072}
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v]
@@ -100,6 +106,24 @@ def _input_len(work, model_dir: Path) -> int:
     return round(sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in work.prompts) / len(work.prompts))
 
 
+def _guide_kv_lines(log: Path) -> list[str]:
+    """The guide-KV plan alignserve printed at start-up (guidance.kv_budget.GuideKVPlan)."""
+    return [line.split("guide model ", 1)[1] for line in log.read_text(errors="replace").splitlines()
+            if "guide model " in line and "KV cache" in line]
+
+
+def one_b_guide_plan(budget_gib: float) -> dict:
+    """The guide KV memory of a 1B-class guide (Llama-3.2-1B's shape, bfloat16) for 256 sequences at
+    max_model_len 8192, under `budget_gib`: what the server would print at start-up."""
+    import torch
+
+    from guidance.kv_budget import GIB, guide_kv_plan
+    from models.runtime.config import DecoderConfig
+
+    plan = guide_kv_plan("1B-class", DecoderConfig.from_dict(ONE_B_GUIDE), torch.bfloat16, budget_gib, max_num_seqs=256, max_model_len=8192)
+    return {"line": plan.describe(), "gib": plan.blocks * plan.block_bytes / GIB, "budget_gib": budget_gib}
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from bench.servers import start, stop
     from bench.suite import sections
@@ -158,6 +182,8 @@ def run_bench(args: argparse.Namespace) -> int:
                                                           args.best_of_n_concurrency, args.tokens, _log)
         finally:
             stop(process)
+        results["guide_kv"] = {"startup": _guide_kv_lines(log_dir / "alignserve.log"),
+                               "one_b_guide": one_b_guide_plan(args.guide_kv_cache_space_gib)}
     if "passthrough" in chosen:
         process, url, start_s = start("vllm", model_dir, max_model_len, log_dir, (), served, args.kv_cache_space_gib)
         _log(f"vllm healthy after {start_s:.1f} s")

@@ -56,6 +56,10 @@ def targets(results: dict) -> list[dict]:
         found.append(_target("best-of-8 / best-of-1 p50 latency, c=1", value, f"<= {BEST_OF_8_TARGET}",
                              value <= BEST_OF_8_TARGET))
     found += _hf_target(results)
+    one_b = results.get("guide_kv", {}).get("one_b_guide")
+    if one_b:
+        found.append(_target("guide KV of a 1B-class guide, 256 sequences at max_model_len 8192 (GiB)", one_b["gib"],
+                             f"<= budget {one_b['budget_gib']:g}", one_b["gib"] <= one_b["budget_gib"]))
     return found
 
 
@@ -129,6 +133,11 @@ def markdown(results: dict) -> str:
                   f"{setup['hf_threads']} thread(s) (the vLLM CPU worker also runs on one core).", ""]
         lines += _table(["implementation", "load", "c", "tokens/s"],
                         [[r["implementation"], r["load"], r["concurrency"], r["tokens_per_s"]] for r in results["hf"]])
+    if results.get("guide_kv"):
+        lines += ["## Guide KV memory", "", "Printed by alignserve at start-up:", ""]
+        lines += [f"- {line}" for line in results["guide_kv"]["startup"]]
+        lines += ["", f"A 1B-class guide (Llama-3.2-1B's shape, bfloat16), 256 sequences at max_model_len 8192: "
+                      f"{results['guide_kv']['one_b_guide']['line']}", ""]
     lines += ["## Targets", ""]
     lines += _table(["target", "measured", "goal", "met"],
                     [[t["target"], t["value"], t["goal"], {True: "yes", False: "**no**", None: ""}[t["met"]]]

@@ -41,6 +41,8 @@ def prompt_tokens(http: httpx.Client) -> int:
 def test_the_budget_is_exposed(budgeted):
     assert budgeted.metric("alignserve_guide_kv_blocks", model="demo-value") == 8
     assert budgeted.metric("alignserve_guide_kv_blocks_held", model="demo-value") == 0
+    assert "guide model demo-value: KV cache 8 blocks of 16 tokens, 0.00 GiB (--guide-kv-cache-space-gib)" \
+        in budgeted.log()
 
 
 def test_guided_requests_wait_with_429_while_the_blocks_are_held(budgeted):
