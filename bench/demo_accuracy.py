@@ -25,11 +25,18 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serving_throughput import GUIDANCE  # noqa: E402
 from bench.servers import MODEL_NAME, start, stop  # noqa: E402
 from guidance.verifiers import get_verifier  # noqa: E402
 from models.demo.build import demo_base_dir  # noqa: E402
 from models.demo.task import held_out_problems  # noqa: E402
+
+GUIDANCE = {
+    "qsharp": [{"type": "qsharp", "model": "demo-value", "strength": 4.0}],
+    "qsharp-hist": [{"type": "qsharp", "model": "demo-value-hist", "strength": 4.0}],
+    "cd": [{"type": "cd", "model": "demo-prefix", "strength": 4.0}],
+    "arm": [{"type": "arm", "model": "demo-arm", "strength": 2.0}],
+    "genarm": [{"type": "genarm", "model": "demo-genarm", "strength": 1.0}],
+}
 
 SEARCH = {
     "bo4-verifier": {"type": "best_of_n", "n": 4, "scorer": "demo-verifier"},
