@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI
 
 from guidance.adapters.vllm import resolve_guide_dtype
@@ -51,13 +50,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer = PromptRenderer.load(settings.model)
         catalog = GuideCatalog.from_paths(settings.guide_model_paths())
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the worker runs the guides
-        guide_dtype = resolve_guide_dtype(settings.guide_dtype, device)
-        lifecycle.budget_guide_kv(guide_kv_capacity(catalog, settings.guide_kv_cache_space_gib, guide_dtype))
         check_tokenizers(settings.model, catalog)
         scorers = ScorerCatalog.load(catalog)
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name())
         engine = start_engine(settings, catalog)
+        # The worker sizes the guide caches by the same budget and dtype (guidance.adapters.vllm).
+        guide_dtype = resolve_guide_dtype(settings.guide_dtype, engine.model_dtype)
+        lifecycle.budget_guide_kv(guide_kv_capacity(catalog, settings.guide_kv_cache_space_gib, guide_dtype))
         for plan in guide_kv_plans(catalog, guide_dtype, settings.guide_kv_cache_space_gib, engine.max_num_seqs,
                                    engine.max_model_len):
             logger.info(plan.describe())

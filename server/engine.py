@@ -157,6 +157,7 @@ class Engine:
         self._llm = llm
         self.max_model_len = max_model_len
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
+        self.model_dtype = llm.model_config.dtype  # what the base model runs in ("auto" resolved by vLLM)
         self.start_seconds = start_seconds
         self._guided = guided
         # The worker whose samples vLLM returns (first tensor rank of the last pipeline stage): its

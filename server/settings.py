@@ -55,7 +55,7 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     )
     guide_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weight and activation dtype of the guide models (offsets and KL are computed "
-        "in float32 either way); auto: bfloat16 on a GPU, float32 on CPU.",
+        "in float32 either way); auto: the dtype the engine runs the base model in (--dtype).",
     )
     guide_kv_cache_space_gib: float | None = Field(
         default=None, gt=0, description="Memory for each guide model's KV cache, in GiB; requests that could "

@@ -52,11 +52,11 @@ def engine_config(catalog: GuideCatalog, guide_dtype: str = "auto",
                          "guide_kv_cache_space_gib": guide_kv_cache_space_gib}}
 
 
-def resolve_guide_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The guide models' dtype: `name`, or for "auto" bfloat16 on a GPU and float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def resolve_guide_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The guide models' dtype: `name`, or for "auto" the dtype the engine runs the base model in
+    (`model_dtype`; vLLM's own "auto": bfloat16 on a GPU, and on a CPU with bfloat16 instructions,
+    where matrix products run several times faster than in float32)."""
+    return model_dtype if name == "auto" else getattr(torch, name)
 
 
 class GuidanceLogitsProcessor(LogitsProcessor):
@@ -88,7 +88,7 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             logger.info("guidance: pipeline stage %d does not sample; no guide models loaded",
                         get_pp_group().rank_in_group)
             return
-        dtype = resolve_guide_dtype(config.get("guide_dtype", "auto"), torch.device(device))
+        dtype = resolve_guide_dtype(config.get("guide_dtype", "auto"), vllm_config.model_config.dtype)
         models = load_guide_models(self._catalog, dtype=dtype, device=device)
         self._batch = GuidanceBatch(
             models, self._catalog,

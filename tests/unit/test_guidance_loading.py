@@ -51,7 +51,7 @@ def test_smaller_vocabulary_is_refused(tmp_path):
         check_tokenizers(base, GuideCatalog({"g": guide(other, len(tokenizer) - 1)}))
 
 
-def test_guide_dtype_reaches_the_worker_and_auto_follows_the_device():
+def test_guide_dtype_reaches_the_worker_and_auto_follows_the_base_model():
     import torch
 
     from guidance.adapters.vllm import CONFIG_KEY, engine_config, resolve_guide_dtype
@@ -60,8 +60,8 @@ def test_guide_dtype_reaches_the_worker_and_auto_follows_the_device():
     from server.settings import Settings
 
     assert engine_config(GuideCatalog({}), "bfloat16")[CONFIG_KEY]["guide_dtype"] == "bfloat16"
-    assert resolve_guide_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_guide_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert resolve_guide_dtype("float16", torch.device("cpu")) == torch.float16
+    assert resolve_guide_dtype("auto", torch.float32) == torch.float32
+    assert resolve_guide_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_guide_dtype("float16", torch.bfloat16) == torch.float16
     args = engine_args(Settings(guide_dtype="bfloat16"), GuideCatalog.from_paths(Settings().guide_model_paths()))
     assert args.additional_config[CONFIG_KEY]["guide_dtype"] == "bfloat16"
