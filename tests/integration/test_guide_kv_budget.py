@@ -12,8 +12,8 @@ from tests.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.engine
 
-# The demo guide models hold 64 KiB per block of 16 tokens (4 layers x 2 x 2 KV heads x 16 x 64 x 4 bytes):
-# 8 blocks are 512 KiB.
+# The demo guide models in float32 hold 64 KiB per block of 16 tokens (4 layers x 2 x 2 KV heads x 16 x 64 x
+# 4 bytes): 8 blocks are 512 KiB.
 BUDGET_GIB = 8 * 65536 / 2**30
 GUIDED = [{"type": "qsharp", "model": "demo-value", "strength": 1.0}]
 
@@ -21,7 +21,7 @@ GUIDED = [{"type": "qsharp", "model": "demo-value", "strength": 1.0}]
 @pytest.fixture(scope="module")
 def budgeted(tmp_path_factory):
     server = start_server(tmp_path_factory.mktemp("budget") / "server.log",
-                          "--guide-kv-cache-space-gib", repr(BUDGET_GIB))
+                          "--guide-kv-cache-space-gib", repr(BUDGET_GIB), "--guide-dtype", "float32")
     yield server
     stop_server(server)
 
