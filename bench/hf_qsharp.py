@@ -63,10 +63,11 @@ class HFGuide:
         return getattr(self.head, "atoms", None)
 
 
-def load_hf_guide(guide_dir: Path, device: str = "cpu") -> HFGuide:
-    """`AutoModel` (no LM head: value heads read the hidden states) + `guide_head.json`/`head.safetensors`."""
-    backbone = AutoModel.from_pretrained(guide_dir, dtype=torch.float32).to(device).eval()
-    head = load_head(guide_dir, backbone.config.hidden_size, backbone.config.vocab_size, device=device)
+def load_hf_guide(guide_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HFGuide:
+    """`AutoModel` (no LM head: value heads read the hidden states) + `guide_head.json`/`head.safetensors`,
+    both in `dtype`."""
+    backbone = AutoModel.from_pretrained(guide_dir, dtype=dtype).to(device).eval()
+    head = load_head(guide_dir, backbone.config.hidden_size, backbone.config.vocab_size, device=device).to(dtype)
     if head.type not in QSHARP.head_types:
         raise ValueError(f"{guide_dir}: a {head.type!r} head cannot guide qsharp; it needs {QSHARP.head_types}")
     return HFGuide(backbone, head)
@@ -180,12 +181,13 @@ def generate_batch(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gu
 
 def measure_hf(base_dir: Path, guide_dir: Path | None, prompts: list[str], batch_size: int, max_tokens: int,
                strength: float = 4.0, top_k: int = 20, temperature: float = 1.0, seed: int = 0,
-               threads: int | None = 1, device: str = "cpu") -> HFMeasurement:
+               threads: int | None = 1, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HFMeasurement:
     """Generate `max_tokens` tokens for every prompt, in consecutive batches of `batch_size` (the last may
     be smaller), guided by `guide_dir` or unguided; totals over the timed `generate` calls.
 
     A 2-token `generate` on the first batch warms up first (untimed). `threads`: torch intra-op
     threads (1 is comparable with vLLM's single-threaded CPU worker; None leaves torch's default).
+    `dtype`: of both models' weights and activations (compare at the dtype the server runs).
     """
     if batch_size < 1 or max_tokens < 1 or not prompts:
         raise ValueError(f"need batch_size >= 1, max_tokens >= 1 and prompts; got {batch_size}, {max_tokens}, "
@@ -193,12 +195,12 @@ def measure_hf(base_dir: Path, guide_dir: Path | None, prompts: list[str], batch
     if threads is not None:
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(base_dir, padding_side="left")
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
     guide = None
     if guide_dir is not None:
         if AutoTokenizer.from_pretrained(guide_dir).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"the tokenizers of {guide_dir} and {base_dir} differ")
-        guide = load_hf_guide(guide_dir, device)
+        guide = load_hf_guide(guide_dir, device, dtype)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     generate_batch(base, tokenizer, guide, batches[0], 2, strength, top_k, temperature)
     torch.manual_seed(seed)
@@ -240,10 +242,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads; 0 leaves torch's default")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     prompts = read_prompts(args.prompts, AutoTokenizer.from_pretrained(args.base), args.requests)
     result = measure_hf(args.base, args.guide, prompts, args.batch_size, args.tokens, args.strength, args.top_k,
-                        args.temperature, args.seed, args.threads or None, args.device)
+                        args.temperature, args.seed, args.threads or None, args.device, getattr(torch, args.dtype))
     mode = f"guided by {args.guide} (strength {args.strength}, top_k {args.top_k})" if args.guide else "unguided"
     print(f"HF generate, {mode}: {result.requests} requests x {args.tokens} tokens, batch {args.batch_size}, "
           f"threads {args.threads or 'default'}")

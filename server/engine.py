@@ -175,8 +175,9 @@ class Engine:
         elapsed = time.perf_counter() - began
         max_len = llm.model_config.max_model_len
         parallel = vllm_config.parallel_config
-        logger.info("engine started in %.1f s (max_model_len=%d, tensor_parallel_size=%d, pipeline_parallel_size=%d, "
-                    "guide models: %s)", elapsed, max_len, parallel.tensor_parallel_size,
+        logger.info("engine started in %.1f s (max_model_len=%d, dtype=%s, tensor_parallel_size=%d, "
+                    "pipeline_parallel_size=%d, guide models: %s)", elapsed, max_len,
+                    str(llm.model_config.dtype).removeprefix("torch."), parallel.tensor_parallel_size,
                     parallel.pipeline_parallel_size, ", ".join(catalog.names()) or "none")
         return cls(llm, max_len, elapsed, guided=bool(args.logits_processors),
                    reply_rank=parallel.world_size - parallel.tensor_parallel_size)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import time
@@ -106,6 +107,14 @@ def _input_len(work, model_dir: Path) -> int:
     return round(sum(len(tokenizer(p, add_special_tokens=False).input_ids) for p in work.prompts) / len(work.prompts))
 
 
+def engine_dtype(log: Path) -> str:
+    """The dtype alignserve's engine runs the base model in, from its start-up line (server.engine)."""
+    found = re.search(r"engine started in .*dtype=(\w+)", log.read_text(errors="replace"))
+    if found is None:
+        raise RuntimeError(f"no 'engine started' line with the dtype in {log}")
+    return found.group(1)
+
+
 def _guide_kv_lines(log: Path) -> list[str]:
     """The guide-KV plan alignserve printed at start-up (guidance.kv_budget.GuideKVPlan)."""
     return [line.split("guide model ", 1)[1] for line in log.read_text(errors="replace").splitlines()
@@ -184,6 +193,7 @@ def run_bench(args: argparse.Namespace) -> int:
             stop(process)
         results["guide_kv"] = {"startup": _guide_kv_lines(log_dir / "alignserve.log"),
                                "one_b_guide": one_b_guide_plan(args.guide_kv_cache_space_gib)}
+        results["setup"]["dtype"] = engine_dtype(log_dir / "alignserve.log")
     if "passthrough" in chosen:
         process, url, start_s = start("vllm", model_dir, max_model_len, log_dir, (), served, args.kv_cache_space_gib)
         _log(f"vllm healthy after {start_s:.1f} s")
@@ -195,7 +205,8 @@ def run_bench(args: argparse.Namespace) -> int:
             stop(process)
     if "hf" in chosen:
         results["hf"] = sections.hf_baseline(work, work.loads[0], args.concurrency, args.requests_per_client,
-                                             args.tokens, args.hf_threads, _log)
+                                             args.tokens, args.hf_threads, results["setup"].get("dtype", "float32"),
+                                             _log)
     results["targets"] = targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(markdown(results) + "\n")

@@ -130,7 +130,8 @@ def markdown(results: dict) -> str:
     if results.get("hf"):
         lines += ["## Against the usual implementation: Hugging Face `generate` + a value-model logits processor",
                   "", "Batched per call (batch = c), in the benchmark's process on "
-                  f"{setup['hf_threads']} thread(s) (the vLLM CPU worker also runs on one core).", ""]
+                  f"{setup['hf_threads']} thread(s) (the vLLM CPU worker also runs on one core), both models in "
+                  f"{setup.get('dtype', 'float32')} like the server's.", ""]
         lines += _table(["implementation", "load", "c", "tokens/s"],
                         [[r["implementation"], r["load"], r["concurrency"], r["tokens_per_s"]] for r in results["hf"]])
     if results.get("guide_kv"):

@@ -115,9 +115,12 @@ def best_of_n(url: str, work: Workload, ns: Sequence[int], requests: int, throug
 
 
 def hf_baseline(work: Workload, guided: GuidedLoad, levels: Sequence[int], requests_per_client: int, tokens: int,
-                threads: int, log: Log) -> list[dict]:
+                threads: int, dtype: str, log: Log) -> list[dict]:
     """Hugging Face `generate`, unguided and with the Q-sharp-style logits processor running
-    `guided`'s guide model, batched per call (batch = concurrency), on the same prompts."""
+    `guided`'s guide model, batched per call (batch = concurrency), on the same prompts, with both
+    models in `dtype` (the one the server ran)."""
+    import torch
+
     from bench.hf_qsharp import measure_hf
     from bench.suite.workload import STRENGTH
 
@@ -129,7 +132,8 @@ def hf_baseline(work: Workload, guided: GuidedLoad, levels: Sequence[int], reque
         for label, directory in ((UNGUIDED, None), (guided.label, guide_dir)):
             log(f"hf c={concurrency}: {label}")
             measured = measure_hf(work.model_dir, directory, prompts, batch_size=concurrency, max_tokens=tokens,
-                                  strength=STRENGTH, top_k=guided.top_k, temperature=1.0, seed=0, threads=threads)
+                                  strength=STRENGTH, top_k=guided.top_k, temperature=1.0, seed=0, threads=threads,
+                                  dtype=getattr(torch, dtype))
             rows.append({"implementation": "hf generate", "load": label, "concurrency": concurrency,
                          "requests": len(prompts), "output_tokens": measured.output_tokens,
                          "seconds": round(measured.seconds, 3), "tokens_per_s": round(measured.tokens_per_s, 2)})
