@@ -56,9 +56,10 @@ def create_app(
         engine = start_engine(settings, catalog)
         # The worker sizes the guide caches by the same budget and dtype (guidance.adapters.vllm).
         guide_dtype = resolve_guide_dtype(settings.guide_dtype, engine.model_dtype)
-        lifecycle.budget_guide_kv(guide_kv_capacity(catalog, settings.guide_kv_cache_space_gib, guide_dtype))
-        for plan in guide_kv_plans(catalog, guide_dtype, settings.guide_kv_cache_space_gib, engine.max_num_seqs,
-                                   engine.max_model_len):
+        plans = guide_kv_plans(catalog, guide_dtype, settings.guide_kv_cache_space_gib, engine.max_num_seqs,
+                               engine.max_model_len)
+        lifecycle.budget_guide_kv(guide_kv_capacity(plans))
+        for plan in plans:
             logger.info(plan.describe())
         tools = ToolCalling.load(settings.tool_call_parser, settings.enable_auto_tool_choice, renderer.tokenizer)
         search = Search(engine, scorers, renderer.decode)

@@ -27,7 +27,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from guidance.batch import GuidanceBatch, GuidanceReport
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
-from guidance.kv_budget import guide_kv_capacity
+from guidance.kv_budget import guide_kv_capacity, guide_kv_plans
 from guidance.loading import load_guide_models
 from guidance.spec import parse_guidance
 
@@ -95,7 +95,9 @@ class GuidanceLogitsProcessor(LogitsProcessor):
             max_requests=vllm_config.scheduler_config.max_num_seqs,
             max_len=vllm_config.model_config.max_model_len,
             device=device,
-            kv_blocks=guide_kv_capacity(self._catalog, config.get("guide_kv_cache_space_gib"), dtype),
+            kv_blocks=guide_kv_capacity(guide_kv_plans(
+                self._catalog, dtype, config.get("guide_kv_cache_space_gib"), vllm_config.scheduler_config.max_num_seqs,
+                vllm_config.model_config.max_model_len)),
         )
         _worker_batch = self._batch
         logger.info("guidance: loaded guide models %s (%s)", self._catalog.names(), dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from bench.suite.cli import ONE_B_GUIDE
-from guidance.kv_budget import GIB, guide_kv_plan
+from guidance.kv_budget import GIB, guide_kv_capacity, guide_kv_plan
 from models.runtime.config import DecoderConfig
 
 ONE_B = DecoderConfig.from_dict(ONE_B_GUIDE)
@@ -24,3 +24,12 @@ def test_without_a_budget_the_cache_holds_every_sequence_at_max_model_len():
     plan = guide_kv_plan("guide-1b", ONE_B, torch.bfloat16, None, max_num_seqs=4, max_model_len=100)
     assert plan.blocks == 4 * 7  # ceil(100 / 16) blocks per sequence
     assert "no budget" in plan.describe()
+
+
+def test_a_budget_past_the_worst_case_is_capped_and_admits_without_checks():
+    plan = guide_kv_plan("guide-1b", ONE_B, torch.bfloat16, 4.0, max_num_seqs=4, max_model_len=100)
+    assert not plan.budgeted and plan.blocks == 4 * 7
+    assert "within --guide-kv-cache-space-gib" in plan.describe()
+    budgeted = guide_kv_plan("other", ONE_B, torch.bfloat16, 1 / 1024, max_num_seqs=4, max_model_len=100)
+    assert budgeted.budgeted and budgeted.blocks == 2  # 1 MiB of 512 KiB blocks
+    assert guide_kv_capacity([plan, budgeted]) == {"other": 2}
