@@ -20,13 +20,29 @@ base distribution at the row's temperature has entropy H = -sum_y p(y) log p(y) 
 elsewhere it adds no offset and its head scores nothing (the guide model still reads every
 token). The KL stays exact (0 at an unsteered position), and a report's `steps` counts the
 positions some entry steered, recorded per output position like the KL.
+
+Per step `apply` builds nothing that the step does not change. What depends only on which
+request sits in which row (row and stat indices, temperatures, the (guide model, module) groups
+with their strengths, top-k and slots, the entropy gates) is a `guidance.batch_layout.Layout`, built by the first
+`apply` after an `add`, `remove` or `move`. The engine's new tokens, host lists, become one tensor
+per guide model per step; each row's output position is kept on the device and moved by one per
+step while every row is fed exactly its one new token (read from the output lists otherwise).
+
+Offsets stay sparse where they can: a group that steers k candidates per row (V-type scoring, or
+a Q-type entry with top_k below the vocabulary; k up to `batch_layout.MAX_SPARSE_CANDIDATES`) takes them from
+one top-K of the base logits per step, K the largest such k. So each group's candidates are a
+prefix of every row's top-K, and offsets of several entries on one token add up in one column
+of a ``[G, K]`` grid: the grid is added to the logits at those K tokens, and the exact KL comes
+from `guidance.divergence.split_at_candidates` (one pass over the vocabulary, shared with the
+entropy gate). Rows that some group steers at every token (or at more candidates) get dense
+offsets ``[Gd, V]``, their grid included, and the reference `kl_guided_to_base`.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,9 +50,9 @@ import torch
 from torch import Tensor
 
 from guidance.catalog import GuideCatalog
+from guidance.divergence import GREEDY_TEMPERATURE, candidate_mask, kl_guided_to_base, split_at_candidates
 from guidance.kv_budget import GUIDE_KV_BLOCK_SIZE
-from guidance.divergence import GREEDY_TEMPERATURE, candidate_mask, kl_guided_to_base
-from guidance.module import WHOLE_VOCABULARY
+from guidance.batch_layout import Feed, Group, Layout, build_layout
 from guidance.spec import ResolvedGuidance
 from models.runtime.guide import GuideModel
 
@@ -89,14 +105,6 @@ class _Request:
         return list(self.prompt_ids[self.fed:]) + list(self.output_ids)
 
 
-@dataclass
-class _Group:
-    """Rows that use one module with one guide model this step."""
-
-    rows: list[int] = field(default_factory=list)  # positions among the guided rows
-    entries: list[ResolvedGuidance] = field(default_factory=list)
-
-
 class GuidanceBatch:
     def __init__(
         self,
@@ -132,6 +140,7 @@ class GuidanceBatch:
         self._temperature = torch.ones(max_requests, device=self._device)  # sampling temperature by stat row
         self._free_stats = list(range(max_requests - 1, -1, -1))
         self._rows: dict[int, _Request] = {}
+        self._layout: Layout | None = None  # None: the rows changed since it was built
         self._uncollected: OrderedDict[str, tuple[Tensor | float, Tensor | int]] = OrderedDict()
         self.timings = StepTimings()
 
@@ -166,11 +175,13 @@ class GuidanceBatch:
             carried_kl=carried_kl,
             carried_steps=carried_steps,
         )
+        self._layout = None
 
     def remove(self, row: int) -> None:
         request = self._rows.pop(row, None)
         if request is None:
             return
+        self._layout = None
         for name, slot in request.slots.items():
             self._models[name].cache.free(slot)
         if not request.collected:
@@ -184,100 +195,129 @@ class GuidanceBatch:
         if swap:
             if (other := self._rows.pop(target, None)) is not None:
                 self._rows[source] = other
+                self._layout = None
         else:
             self.remove(target)
         if moving is not None:
             self._rows[target] = moving
+            self._layout = None
 
     # Per step.
 
     @torch.no_grad()
     def apply(self, logits: Tensor) -> Tensor:
-        """Add every guided row's offsets to its logits ``[rows, V]`` in place; record its KL at
-        the row's sampling temperature."""
+        """Add every guided row's offsets to its logits ``[rows, V]`` (on the batch's device) in place;
+        record its KL at the row's sampling temperature."""
         if not self._rows:
             return logits
         began = time.perf_counter()
-        rows = list(self._rows)
-        requests = [self._rows[r] for r in rows]
-        unseen = {id(q): q.new_tokens() for q in requests}
-        for name, model in self._models.items():
-            fresh = [(q, unseen[id(q)]) for q in requests if name in q.slots and unseen[id(q)]]
-            if fresh:
-                self._feed(name, model, fresh)
-        for q in requests:
-            q.fed = len(q.prompt_ids) + len(q.output_ids)
-        row_index = torch.tensor(rows, device=logits.device)
-        base = logits[row_index].float()  # [G, V]
-        offsets = torch.zeros_like(base)
-        stat = torch.tensor([q.stat for q in requests], device=self._device)
-        temperature = self._temperature[stat].to(base.device)  # [G]
-        entropy = _entropy(base, temperature) if any(e.params.min_entropy > 0 for q in requests
-                                                     for e in q.guidance) else None
-        steered = [False] * len(requests)
-        for (model_name, _), group in self._groups(requests).items():
-            if entropy is not None:
-                group = _open_rows(group, entropy)
-            if group.rows:
-                self._add_offsets(offsets, base, requests, model_name, group)
-            for i in group.rows:
-                steered[i] = True
-        position = torch.tensor([len(q.output_ids) for q in requests], device=self._device)
-        self._kl_at[stat, position] = kl_guided_to_base(base, offsets, temperature).to(self._device)
-        self._steered_at[stat, position] = 1.0 if entropy is None else torch.tensor(
-            steered, dtype=torch.float32, device=self._device)  # ungated: every row is steered
-        logits[row_index] = (base + offsets).to(logits.dtype)
+        if self._layout is None or self._layout.vocab != logits.shape[-1]:
+            self._layout = build_layout(self._rows, self._models, self._temperature, logits.shape[-1], self._device)
+        layout = self._layout
+        position = self._feed(layout)
+        base = logits[layout.take].float()  # [G, V]; may be a view of `logits`: all reads come before the writes
+        # Sorted, so every sparse group's candidates are a prefix of each row's top-K.
+        top = torch.topk(base, layout.max_k) if layout.max_k or layout.gates else None
+        split = split_at_candidates(base, top.indices, layout.temperature) if layout.split else None
+        entropy = split.entropy() if layout.gates else None
+        # The one host read: which gated entries are open, so that closed ones score nothing.
+        opened = (entropy[layout.gates.rows] >= layout.gates.bounds).tolist() if layout.gates else []
+        grid, dense = self._group_offsets(layout, base, top, opened)
+        kl = split.kl(grid) if split is not None else base.new_zeros(len(layout.requests))  # [G]
+        if dense is not None:
+            rows = layout.dense_rows
+            if layout.max_k:  # a dense row's KL needs all of its offsets, the grid's too
+                dense.scatter_add_(1, top.indices[rows], grid[rows])
+            dense_base = base[rows]
+            kl.index_copy_(0, rows, kl_guided_to_base(dense_base, dense, layout.temperature[rows]))
+            dense = (dense_base + dense).to(logits.dtype)  # the dense rows' guided logits
+        self._kl_at[layout.stat, position] = kl
+        self._steered_at[layout.stat, position] = 1.0 if entropy is None else (  # ungated: every row is steered
+            (layout.gates.row_bound == 0) | (entropy >= layout.gates.row_bound)).float()
+        if layout.max_k:
+            logits.index_put_((layout.row_index[:, None], top.indices), (top.values + grid).to(logits.dtype))
+        if dense is not None:
+            logits.index_copy_(0, layout.dense_take, dense)
         self.timings.observe(time.perf_counter() - began)
         return logits
 
-    def _feed(self, name: str, model: GuideModel, fresh: list[tuple[_Request, list[int]]]) -> None:
-        """Append each row's unseen tokens to its guide cache: one `step` when every row has one
-        new token (the steady state), else one `prefill` (requests joining or resuming).
+    def _group_offsets(self, layout: Layout, base: Tensor, top: torch.return_types.topk | None,
+                       opened: list[bool]) -> tuple[Tensor, Tensor | None]:
+        """Every group's offsets, but for the entries whose entropy gate is closed (`opened`: one flag per
+        gated entry): sparse groups' on the candidate grid ``[G, K]``, at each row's `top` K tokens,
+        dense groups' over the vocabulary ``[Gd, V]`` of the dense rows (None without dense rows)."""
+        grid = base.new_zeros(len(layout.requests), layout.max_k)
+        dense = None if layout.dense_rows is None else base.new_zeros(len(layout.dense_rows), layout.vocab)
+        for group in layout.groups:
+            if group.gate is not None:
+                kept = [i for i, (is_open, bound) in enumerate(zip(opened[group.gate], group.bounds))
+                        if is_open or bound == 0]
+                if not kept:
+                    continue
+                group = group if len(kept) == len(group.rows) else group.subset(kept)
+            if group.sparse:
+                candidates = top.indices[group.index, :group.max_k]
+                grid[:, :group.max_k].index_add_(0, group.index, self._offsets(group, candidates, group.valid))
+            else:
+                dense.index_add_(0, group.dense_index, self._dense_offsets(group, base))
+        return grid, dense
+
+    def _feed(self, layout: Layout) -> Tensor:
+        """Append every row's unseen tokens to its guide caches; each row's output position ``[G]``."""
+        unseen = [q.new_tokens() for q in layout.requests]
+        for name, feed in layout.feeds.items():
+            self._feed_model(name, feed, [unseen[i] for i in feed.members])
+        for q in layout.requests:
+            q.fed = len(q.prompt_ids) + len(q.output_ids)
+        # The position is len(output_ids) = fed - len(prompt_ids): one more when a row was fed one token.
+        if layout.position is not None and all(len(tokens) == 1 for tokens in unseen):
+            layout.position += 1
+        else:  # a new layout, a prefill (join, rejoin), or a row with nothing new (a prompt chunk)
+            layout.position = torch.tensor([len(q.output_ids) for q in layout.requests], device=self._device)
+        return layout.position
+
+    def _feed_model(self, name: str, feed: Feed, unseen: list[list[int]]) -> None:
+        """Append the unseen tokens of one guide model's rows to its cache: one `step` when each
+        row has one new token (the steady state), else one `prefill` (requests joining or resuming).
 
         Rows with nothing unseen (a long prompt whose prefill the engine spreads over several
         steps) are left out; their last hidden state is still current."""
-        slots = [q.slots[name] for q, _ in fresh]  # host ints: the paged cache grows rows on the host
-        if all(len(tokens) == 1 for _, tokens in fresh):
-            hidden = model.step(slots, torch.tensor([t[0] for _, t in fresh], device=self._device))
+        model = self._models[name]
+        fresh = [i for i, tokens in enumerate(unseen) if tokens]
+        if not fresh:
+            return
+        every = len(fresh) == len(unseen)
+        slots = feed.slots if every else [feed.slots[i] for i in fresh]
+        tokens = [unseen[i] for i in fresh]
+        if all(len(t) == 1 for t in tokens):
+            # The engine hands its new tokens over as host lists: one tensor of them per step is inherent.
+            hidden = model.step(slots, torch.tensor([t[0] for t in tokens], device=self._device))
         else:
-            hidden = model.prefill(slots, [torch.tensor(t, device=self._device) for _, t in fresh])
-        self._last_hidden[name][model.cache.index(slots)] = hidden
+            hidden = model.prefill(slots, [torch.tensor(t, device=self._device) for t in tokens])
+        self._last_hidden[name][feed.slot_index if every else model.cache.index(slots)] = hidden
 
-    @staticmethod
-    def _groups(requests: list[_Request]) -> dict[tuple[str, str], _Group]:
-        groups: dict[tuple[str, str], _Group] = defaultdict(_Group)
-        for i, request in enumerate(requests):
-            for entry in request.guidance:
-                group = groups[(entry.params.model, entry.module.name)]
-                group.rows.append(i)
-                group.entries.append(entry)
-        return groups
-
-    def _add_offsets(self, offsets: Tensor, base: Tensor, requests: list[_Request],
-                     model_name: str, group: _Group) -> None:
-        """offsets[rows] += d for one (guide model, module) group, ``d`` zero outside each row's candidates."""
-        model, info, atoms = self._models[model_name], self._catalog[model_name], self._atoms[model_name]
-        module = group.entries[0].module
-        vocab = base.shape[-1]
-        index = torch.tensor(group.rows, device=base.device)
-        strength = torch.tensor([[e.params.strength] for e in group.entries], device=base.device)  # [b, 1]
-        top_k = [vocab if e.top_k == WHOLE_VOCABULARY else min(e.top_k, vocab) for e in group.entries]
-        slots = [requests[i].slots[model_name] for i in group.rows]
-
-        if info.scoring == "q":
-            hidden = self._last_hidden[model_name][model.cache.index(slots)]
-            scores = module.token_scores(model.score_next(hidden).float())  # [b, V(, m)]
-            if min(top_k) == vocab:
-                offsets.index_add_(0, index, module.offsets(scores, strength, info.head_type, atoms))
-                return
-            candidates, valid = candidate_mask(base[index], torch.tensor(top_k, device=base.device), max(top_k))
-            gather_index = candidates if scores.dim() == 2 else candidates.unsqueeze(-1).expand(-1, -1, scores.shape[-1])
-            candidate_scores = scores.gather(1, gather_index)
+    def _offsets(self, group: Group, candidates: Tensor | None, valid: Tensor | None) -> Tensor:
+        """The group's offsets at its candidates ``[b, k]`` (0 where not `valid`), or at every token
+        ``[b, V]`` (candidates None; Q-type only)."""
+        model, info = self._models[group.model], self._catalog[group.model]
+        if info.scoring == "v":
+            scores = model.score_candidates(group.slots, candidates)  # [b, k(, m)]
         else:
-            candidates, valid = candidate_mask(base[index], torch.tensor(top_k, device=base.device), max(top_k))
-            candidate_scores = model.score_candidates(slots, candidates.to(self._device))  # [b, k(, m)]
-        d = module.offsets(candidate_scores.float(), strength, info.head_type, atoms).masked_fill(~valid, 0.0)
-        offsets.index_add_(0, index, torch.zeros_like(base[index]).scatter_(1, candidates, d))
+            hidden = self._last_hidden[group.model][group.slot_index]
+            scores = group.module.token_scores(model.score_next(hidden).float())  # [b, V(, m)]
+            if candidates is not None:
+                index = candidates if scores.dim() == 2 else candidates.unsqueeze(-1).expand(-1, -1, scores.shape[-1])
+                scores = scores.gather(1, index)
+        d = group.module.offsets(scores.float(), group.strength, info.head_type, self._atoms[group.model])
+        return d if valid is None else d.masked_fill(~valid, 0.0)
+
+    def _dense_offsets(self, group: Group, base: Tensor) -> Tensor:
+        """Offsets ``[b, V]`` of a group that steers every token, or more candidates than the grid takes."""
+        if group.whole:
+            return self._offsets(group, None, None)
+        candidates, valid = candidate_mask(base[group.index], group.top_k, group.max_k)
+        d = self._offsets(group, candidates, valid)
+        return base.new_zeros(len(group.rows), base.shape[-1]).scatter_(1, candidates, d)
 
     # Reports.
 
@@ -301,19 +341,3 @@ class GuidanceBatch:
             reports[key] = GuidanceReport(kl=float(kl), steps=int(steps))
         return reports
 
-
-def _entropy(logits: Tensor, temperature: Tensor) -> Tensor:
-    """H(softmax(l / T)) = -sum_y p(y) log p(y) per row, in nats: ``[G, V]``, ``[G]`` -> ``[G]``."""
-    log_p = torch.log_softmax(logits / temperature[:, None], dim=-1)
-    return -(log_p.exp() * log_p).nan_to_num().sum(-1)  # masked tokens (p = 0, log p = -inf) add 0
-
-
-def _open_rows(group: _Group, entropy: Tensor) -> _Group:
-    """The rows of `group` whose entry's entropy gate is open (every row of an ungated entry)."""
-    bounds = [e.params.min_entropy for e in group.entries]
-    if not any(bounds):
-        return group
-    index = torch.tensor(group.rows, device=entropy.device)
-    is_open = (entropy[index] >= torch.tensor(bounds, device=entropy.device)).tolist()  # host decision: skip work
-    kept = [i for i, keep in enumerate(is_open) if keep or bounds[i] == 0]
-    return _Group(rows=[group.rows[i] for i in kept], entries=[group.entries[i] for i in kept])

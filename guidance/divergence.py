@@ -1,6 +1,13 @@
-"""Exact per-step KL between the guided and the base next-token distributions."""
+"""Exact per-step KL between the guided and the base next-token distributions, and the base entropy.
+
+`kl_guided_to_base` takes dense offsets ``[B, V]``; it is the reference, used where every token may
+be steered. When each row's offsets sit on K candidate tokens, `split_at_candidates` reads the
+vocabulary once and `CandidateSplit.kl` computes the same KL from ``[B, K]`` tensors.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -8,6 +15,14 @@ from torch import Tensor
 # Temperatures below this are greedy decoding (vLLM's `_SAMPLING_EPS`): an argmax is sampled,
 # not a distribution, so their KL is reported at temperature 1.
 GREEDY_TEMPERATURE = 1e-5
+
+
+def _divisor(temperature: Tensor | None, logits: Tensor) -> Tensor:
+    """Each row's temperature as a ``[B, 1]`` divisor of its logits: T, or 1 for greedy rows (or None)."""
+    if temperature is None:
+        return torch.ones(logits.shape[0], 1, device=logits.device)
+    t = temperature.to(device=logits.device, dtype=torch.float32)
+    return torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t).unsqueeze(-1)
 
 
 def kl_guided_to_base(logits: Tensor, offsets: Tensor, temperature: Tensor | None = None) -> Tensor:
@@ -27,19 +42,65 @@ def kl_guided_to_base(logits: Tensor, offsets: Tensor, temperature: Tensor | Non
     log q - log p = d' - (lse(l' + d') - lse(l')), so KL = E_q[d'] - lse(l' + d') + lse(l').
     Tokens with l = -inf have q = 0 and add nothing; d = 0 gives exactly 0.
     """
-    logits = logits.float()
-    offsets = offsets.float()
-    if temperature is not None:
-        t = temperature.to(device=logits.device, dtype=logits.dtype)
-        t = torch.where(t < GREEDY_TEMPERATURE, torch.ones_like(t), t).unsqueeze(-1)  # [B, 1]
-        logits = logits / t
-        offsets = offsets / t
+    t = _divisor(temperature, logits)
+    logits = logits.float() / t
+    offsets = offsets.float() / t
     guided = logits + offsets
     log_norm_shift = torch.logsumexp(guided, dim=-1) - torch.logsumexp(logits, dim=-1)
     q = torch.softmax(guided, dim=-1)
     mean_offset = (q * offsets.masked_fill(q == 0, 0.0)).sum(dim=-1)
     # Rounding can leave a tiny negative value where q = p.
     return (mean_offset - log_norm_shift).clamp_min(0.0)
+
+
+@dataclass(frozen=True)
+class CandidateSplit:
+    """Each row's base logits at its sampling temperature, l' = l / T, split at K distinct candidate
+    tokens C: all that the KL of offsets on C and the base entropy need (see `split_at_candidates`)."""
+
+    outside: Tensor  # [B, V] l', with -inf at the candidates
+    at: Tensor  # [B, K] l' at the candidates
+    rest_log_norm: Tensor  # [B] logsumexp of l' over the tokens outside C
+    divisor: Tensor  # [B, 1] T (1 for greedy rows)
+
+    def kl(self, offsets: Tensor) -> Tensor:
+        """`kl_guided_to_base` for offsets d ``[B, K]`` at the candidates (0 at every other token): ``[B]``.
+
+        With d' = d / T and p = softmax(l'): Z = sum_y p_y e^{d'_y} = 1 + sum_c p_c (e^{d'_c} - 1) and
+        KL = sum_c p_c e^{d'_c} d'_c / Z - log Z. Computed in log space: log Z = lse(l' + d') - lse(l'),
+        each logsumexp the log-sum of the one over the tokens outside C (`rest_log_norm`, shared: d' = 0
+        there) and a K-term one, and E_q[d'] = sum_c exp(l'_c + d'_c - lse(l' + d')) d'_c. So no e^{d'}
+        overflows at large d', and Z keeps its precision when C holds nearly all of p and d' pushes it
+        away (1 - sum_c p_c would cancel). d = 0 gives exactly 0; l = -inf adds nothing (q = 0 there).
+        The ``[B, K]`` arithmetic is float64: the KL is a difference of two terms of the size of d', so
+        float32 would lose the digits of a small KL (the dense reference loses them; this costs nothing).
+        """
+        at, rest = self.at.double(), self.rest_log_norm.double()
+        d = offsets.double() / self.divisor
+        guided = at + d
+        log_norm_guided = torch.logaddexp(rest, guided.logsumexp(-1))
+        log_norm_base = torch.logaddexp(rest, at.logsumexp(-1))
+        mean_offset = ((guided - log_norm_guided.unsqueeze(-1)).exp() * d).sum(-1)
+        # Rounding can leave a tiny negative value where q = p.
+        return (mean_offset - (log_norm_guided - log_norm_base)).clamp_min(0.0).float()
+
+    def entropy(self) -> Tensor:
+        """H(softmax(l')) = -sum_y p(y) log p(y) per row, in nats: ``[B]``."""
+        log_norm = torch.logaddexp(self.rest_log_norm, self.at.logsumexp(-1)).unsqueeze(-1)
+        outside, at = self.outside - log_norm, self.at - log_norm  # log p
+        # p = 0 (log p = -inf: masked tokens, and the candidates in `outside`) adds 0
+        return -(outside.exp() * outside).nan_to_num().sum(-1) - (at.exp() * at).nan_to_num().sum(-1)
+
+
+def split_at_candidates(logits: Tensor, candidates: Tensor, temperature: Tensor | None = None) -> CandidateSplit:
+    """Logits ``[B, V]``, K distinct candidate ids per row ``[B, K]`` (K may be 0) and temperatures ``[B]``
+    (greedy rows at 1, None: 1) -> their `CandidateSplit`: one pass over the vocabulary (a division and
+    one logsumexp), the rest on ``[B, K]``."""
+    t = _divisor(temperature, logits)
+    scaled = logits.float() / t
+    at = scaled.gather(1, candidates)
+    outside = scaled.scatter_(1, candidates, float("-inf"))
+    return CandidateSplit(outside=outside, at=at, rest_log_norm=outside.logsumexp(-1), divisor=t)
 
 
 def candidate_mask(logits: Tensor, top_k: Tensor, max_k: int) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from guidance.divergence import candidate_mask, kl_guided_to_base
+from guidance.divergence import candidate_mask, kl_guided_to_base, split_at_candidates
 from guidance.modules.arm import ARM
 from guidance.modules.cd import ControlledDecoding
 from guidance.modules.genarm import GenARM
@@ -175,3 +175,100 @@ def test_candidate_mask_takes_each_rows_top_k():
     ids, valid = candidate_mask(logits, torch.tensor([2, 3]), 3)
     assert ids.tolist() == [[1, 2, 3], [0, 1, 2]]
     assert valid.tolist() == [[True, True, False], [True, True, True]]
+
+
+def _on_vocabulary(candidates, offsets, vocab):
+    """Offsets at candidate ids ``[B, K]`` written into dense offsets ``[B, V]`` (repeated ids add up)."""
+    return torch.zeros(candidates.shape[0], vocab, dtype=offsets.dtype).scatter_add_(1, candidates, offsets)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-6, 0.3, 1.0, 2.5])
+def test_sparse_kl_equals_the_dense_reference(temperature):
+    """Rows: plain, -inf logits inside and outside the candidates, every non-candidate masked, and unsteered."""
+    torch.manual_seed(10)
+    logits = torch.randn(5, 60) * 3
+    candidates = torch.topk(logits, 6).indices
+    offsets = torch.randn(5, 6) * 2
+    logits[1, candidates[1, 2]] = float("-inf")
+    logits[1, :3] = float("-inf")
+    logits[2] = float("-inf")
+    logits[2, candidates[2]] = torch.randn(6)
+    offsets[3] = 0.0
+    t = torch.full((5,), temperature)
+    kl = split_at_candidates(logits, candidates, t).kl(offsets)
+    dense = kl_guided_to_base(logits, _on_vocabulary(candidates, offsets, 60), t)
+    torch.testing.assert_close(kl, dense, rtol=1e-4, atol=1e-5)  # the dense reference's own float32 rounding
+    assert kl[3] == 0.0 and torch.isfinite(kl).all()
+    for row in range(5):
+        expected = _kl_reference(logits[row], _on_vocabulary(candidates, offsets, 60)[row],
+                                 temperature if temperature >= 1e-5 else 1.0).item()
+        assert kl[row].item() == pytest.approx(expected, rel=1e-4, abs=1e-6), row
+
+
+def test_sparse_kl_with_one_candidate_any_candidate_set_and_none():
+    torch.manual_seed(11)
+    logits = torch.randn(4, 40)
+    t = torch.tensor([0.7, 1.0, 0.0, 2.0])
+    top1 = torch.topk(logits, 1).indices
+    d1 = torch.tensor([[1.5], [-2.0], [0.0], [4.0]])
+    torch.testing.assert_close(split_at_candidates(logits, top1, t).kl(d1),
+                               kl_guided_to_base(logits, _on_vocabulary(top1, d1, 40), t), rtol=1e-4, atol=1e-6)
+    anywhere = torch.stack([torch.randperm(40)[:7] for _ in range(4)])  # not the top-k: any distinct ids
+    d = torch.randn(4, 7)
+    torch.testing.assert_close(split_at_candidates(logits, anywhere, t).kl(d),
+                               kl_guided_to_base(logits, _on_vocabulary(anywhere, d, 40), t), rtol=1e-4, atol=1e-6)
+    nothing = torch.zeros(4, 0, dtype=torch.long)
+    assert torch.equal(split_at_candidates(logits, nothing, t).kl(torch.zeros(4, 0)), torch.zeros(4))
+
+
+def test_sparse_kl_sums_offsets_of_several_entries_on_the_same_tokens():
+    """Two entries steer the top 3 and the top 5 of a row: on the grid of its top-5 their offsets add up
+    per column, the same as two dense offsets added up (the KL is not the sum of the two entries' KLs)."""
+    torch.manual_seed(12)
+    logits = torch.randn(3, 50) * 2
+    top = torch.topk(logits, 5).indices
+    first, second = torch.randn(3, 3) * 2, torch.randn(3, 5) * 2
+    grid = torch.zeros(3, 5)
+    grid[:, :3] += first
+    grid[:, :5] += second
+    t = torch.tensor([1.0, 0.5, 0.0])
+    dense = _on_vocabulary(top[:, :3], first, 50) + _on_vocabulary(top, second, 50)
+    kl = split_at_candidates(logits, top, t).kl(grid)
+    torch.testing.assert_close(kl, kl_guided_to_base(logits, dense, t), rtol=1e-4, atol=1e-6)
+    separately = (split_at_candidates(logits, top[:, :3], t).kl(first) + split_at_candidates(logits, top, t).kl(second))
+    assert (kl - separately).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("offsets", [[0.0, 500.0, 1.0, -2.0], [-60.0, -60.0, -60.0, -60.0]])
+def test_sparse_kl_stays_exact_where_its_plain_formula_breaks(offsets):
+    """On a peaked row whose 4 candidates hold all but ~1e-9 of p: +500 overflows e^{d'} in
+    Z = 1 + sum_c p_c (e^{d'_c} - 1); -60 on every candidate leaves that Z to cancellation."""
+    logits = torch.zeros(2, 30)
+    logits[:, :4] = torch.tensor([25.0, 24.0, 23.5, 22.0])
+    candidates = torch.arange(4).expand(2, 4)
+    d = torch.tensor(offsets).expand(2, 4)
+    t = torch.tensor([1.0, 0.8])
+    kl = split_at_candidates(logits, candidates, t).kl(d)
+    p = torch.softmax(logits / t[:, None], -1)[:, :4]
+    z = 1 + (p * torch.expm1(d / t[:, None])).sum(-1)
+    plain = (p * torch.exp(d / t[:, None]) * d / t[:, None]).sum(-1) / z - z.log()
+    for row in range(2):
+        expected = _kl_reference(logits[row], _on_vocabulary(candidates, d, 30)[row], t[row].item()).item()
+        assert expected > 0.1
+        assert kl[row].item() == pytest.approx(expected, rel=1e-4), row
+        assert not plain[row].item() == pytest.approx(expected, rel=1e-2), row
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 1.0, 3.0])
+def test_entropy_of_a_split_is_the_base_entropy(temperature):
+    torch.manual_seed(13)
+    logits = torch.randn(3, 40) * 2
+    logits[0, 5] = float("-inf")
+    candidates = torch.topk(logits, 4).indices
+    logits[1, candidates[1, 0]] = float("-inf")
+    entropy = split_at_candidates(logits, candidates, torch.full((3,), temperature)).entropy()
+    t = temperature if temperature >= 1e-5 else 1.0
+    for row in range(3):
+        p = torch.softmax(logits[row].double() / t, -1)
+        expected = -(p[p > 0] * p[p > 0].log()).sum().item()
+        assert entropy[row].item() == pytest.approx(expected, rel=1e-5, abs=1e-6), row
