@@ -302,6 +302,9 @@ class GuidanceBatch:
         model, info = self._models[group.model], self._catalog[group.model]
         if info.scoring == "v":
             scores = model.score_candidates(group.slots, candidates)  # [b, k(, m)]
+        elif candidates is not None and not group.module.normalises_over_vocabulary:
+            # Only the k candidates' rows of the head: k x H multiply-adds per row instead of V x H.
+            scores = model.score_next_tokens(self._last_hidden[group.model][group.slot_index], candidates)
         else:
             hidden = self._last_hidden[group.model][group.slot_index]
             scores = group.module.token_scores(model.score_next(hidden).float())  # [b, V(, m)]

@@ -24,6 +24,9 @@ class GuidanceModule(ABC):
     head_types: ClassVar[tuple[str, ...]]
     """Guide-head types (see `models.runtime.heads`) this module can use."""
     default_top_k: ClassVar[int] = WHOLE_VOCABULARY
+    normalises_over_vocabulary: ClassVar[bool] = False
+    """True when `token_scores` reads every token's score (a softmax): a Q-type head must then score the
+    whole vocabulary even for k candidates; otherwise only the candidates are scored."""
     description: ClassVar[str] = ""
 
     def token_scores(self, head_output: Tensor) -> Tensor:

@@ -4,7 +4,9 @@ Per generated token the base model runs its decoder layers and its output projec
 token. Per steered token a guide model runs its layers over the token the base just produced
 and, for V-type scoring, over each of the k candidates appended at the next position (k + 1
 tokens through its layers, k head evaluations); Q-type scoring runs its layers over that one
-token and its head once, over the whole vocabulary. Counting multiply-accumulates of the weight
+token and its head once, over the whole vocabulary, or, when the module reads only the k
+candidates' scores (every module but GenARM, whose scores are a softmax over the vocabulary),
+the head's rows of those k tokens: head MACs x k / V. Counting multiply-accumulates of the weight
 matrices only (attention over the context, norms and sampling are left out, as they are small
 at these lengths) and assuming the base and the guide run at the same MACs per second, the
 throughput ratio cannot exceed
@@ -66,7 +68,7 @@ class ComputeBound:
     base_macs: int
     guide_macs: int
     scoring: str
-    candidates: int
+    candidates: int  # scored per step (0: the whole vocabulary)
 
     @property
     def ratio(self) -> float:
@@ -78,7 +80,11 @@ class ComputeBound:
 
 
 def compute_bound(base_dir: Path, guide_dir: Path, scoring: str, candidates: int) -> ComputeBound:
-    """The bound for one guide at `candidates` (k) per step; `scoring` "v" or "q"."""
+    """The bound for one guide scoring `candidates` (k; 0: the whole vocabulary, Q-type only) per step;
+    `scoring` "v" or "q"."""
     layers, head = layer_macs(_config(guide_dir)), head_macs(guide_dir)
-    guide = (candidates + 1) * layers + candidates * head if scoring == "v" else layers + head
-    return ComputeBound(base_macs_per_token(base_dir), guide, scoring, candidates if scoring == "v" else 0)
+    if scoring == "v":
+        guide = (candidates + 1) * layers + candidates * head
+    else:
+        guide = layers + (head if candidates == 0 else head * candidates // _config(guide_dir)["vocab_size"])
+    return ComputeBound(base_macs_per_token(base_dir), guide, scoring, candidates)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.suite.compute_bound import ComputeBound, compute_bound
 from guidance.catalog import GuideCatalog, GuideModelInfo
+from guidance.module import WHOLE_VOCABULARY
 from guidance.registry import get_module
 
 MODULE_FOR_HEAD = {"bernoulli": "qsharp", "histogram": "qsharp", "expected": "cd", "arm": "arm", "lm": "genarm"}
@@ -56,8 +57,11 @@ def guided_load(model_dir: Path, info: GuideModelInfo) -> GuidedLoad | None:
     module_name = MODULE_FOR_HEAD.get(info.head_type)
     if module_name is None:
         return None  # a sequence reward model: best-of-N only
-    top_k = get_module(module_name).default_top_k
-    bound = compute_bound(model_dir, info.path, info.scoring, top_k)
+    module = get_module(module_name)
+    top_k = module.default_top_k
+    # Q-type heads score only the k candidates unless the module normalises over the vocabulary.
+    scored = 0 if top_k == WHOLE_VOCABULARY or (info.scoring == "q" and module.normalises_over_vocabulary) else top_k
+    bound = compute_bound(model_dir, info.path, info.scoring, scored)
     return GuidedLoad(info.name, module_name, info.scoring, top_k, bound)
 
 

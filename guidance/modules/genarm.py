@@ -16,6 +16,7 @@ class GenARM(GuidanceModule):
     name = "genarm"
     head_types = ("lm",)
     description = "GenARM: offset strength * log pi_r(y | s) from an autoregressive reward LM."
+    normalises_over_vocabulary = True
 
     def token_scores(self, head_output: Tensor) -> Tensor:
         return torch.log_softmax(head_output, dim=-1)

@@ -71,6 +71,17 @@ class GuideModel(nn.Module):
         return self.head(hidden, self._output_embedding())
 
     @torch.no_grad()
+    def score_next_tokens(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """Q-type, the given next tokens only: prefix hidden ``[B, H]``, tokens ``[B, k]`` -> ``[B, k]``
+        (``[B, k, m]`` for histograms), ``score_next(hidden)`` gathered at `tokens` without computing
+        the other V - k scores (for ``lm`` heads, still normalised over the vocabulary)."""
+        if self.scoring != "q":
+            raise RuntimeError(f"{self.head.type!r} head is V-type: use score_candidates")
+        rows, k = tokens.shape
+        scores = self.head.score_tokens(hidden.repeat_interleave(k, dim=0), tokens.reshape(-1), self._output_embedding())
+        return scores.unflatten(0, (rows, k))
+
+    @torch.no_grad()
     def score_candidates(self, slots: Sequence[int] | Tensor, candidates: Tensor) -> Tensor:
         """V-type: slots ``[B]`` (best host ints), candidates ``[B, k]`` -> ``[B, k]`` (``[B, k, m]`` for histograms).
 

@@ -48,9 +48,10 @@ def test_q_type_and_embedding_heads_count_the_vocabulary_projection(tmp_path):
     base = _model(tmp_path / "base")
     arm = _model(tmp_path / "arm", {"type": "arm", "scoring": "q", "rank": 2},
                  {"u": torch.zeros(8, 2), "v": torch.zeros(8, 2), "b": torch.zeros(8)})
-    bound = compute_bound(base, arm, "q", 20)
-    assert bound.guide_macs == layer_macs(CONFIG) + (8 * 2 * 2 + 8) + 8 * 100
-    assert bound.candidates == 0
+    whole_head = (8 * 2 * 2 + 8) + 8 * 100
+    assert compute_bound(base, arm, "q", 0).guide_macs == layer_macs(CONFIG) + whole_head
+    # k candidates: their k rows of the head, head MACs x k / V.
+    assert compute_bound(base, arm, "q", 20).guide_macs == layer_macs(CONFIG) + whole_head * 20 // 100
 
 
 def test_percentiles_interpolate_and_handle_small_samples():

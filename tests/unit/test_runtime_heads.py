@@ -187,6 +187,12 @@ def test_guide_model_q_type(key: tuple[str, str], backbone_dir: Path, tmp_path: 
             torch.testing.assert_close(scores[row], want, atol=1e-4, rtol=0)
     if key[0] == "lm":
         assert torch.equal(scores, model.backbone.logits(last))
+    # The given next tokens only: the same scores (normalised over the vocabulary for lm heads).
+    tokens = torch.tensor([[3, 0, 7], [7, 7, 1]])
+    want = torch.log_softmax(scores, dim=-1) if key[0] == "lm" else scores
+    picked = model.score_next_tokens(last, tokens)
+    for row in range(2):
+        torch.testing.assert_close(picked[row], want[row, tokens[row]], atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="use score_next"):
         model.score_candidates(torch.tensor(slots), torch.tensor([[1], [2]]))
 
