@@ -176,6 +176,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                       args.kv_cache_space_gib)
         _log(f"alignserve healthy after {start_s:.1f} s")
         try:
+            sections.warm_up(url, work, max(args.concurrency), work.loads)
             if "passthrough" in chosen:
                 results["passthrough"] = sections.passthrough(
                     "alignserve", url, work, args.concurrency, args.requests_per_client, args.tokens,
@@ -198,6 +199,7 @@ def run_bench(args: argparse.Namespace) -> int:
         process, url, start_s = start("vllm", model_dir, max_model_len, log_dir, (), served, args.kv_cache_space_gib)
         _log(f"vllm healthy after {start_s:.1f} s")
         try:
+            sections.warm_up(url, work, max(args.concurrency))
             results["passthrough"] += sections.passthrough("vllm", url, work, args.concurrency,
                                                            args.requests_per_client, args.tokens,
                                                            _input_len(work, model_dir), _log)

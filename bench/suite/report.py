@@ -98,7 +98,7 @@ def markdown(results: dict) -> str:
              "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if v is not None), "",
              f"Every load sends `ignore_eos` completions of exactly the stated tokens at temperature 1, closed loop "
              f"(each client sends its next request when the last one ends), {setup['requests_per_client']} requests "
-             f"per client. Compute bound: `bench/suite/compute_bound.py` (weight multiply-accumulates per token: "
+             f"per client, after an untimed warm-up wave on each server. Compute bound: `bench/suite/compute_bound.py` (weight multiply-accumulates per token: "
              f"base / (base + guide per step)).", ""]
     if results.get("passthrough"):
         lines += ["## Passthrough: unguided, alignserve vs vLLM's own server", ""]

@@ -31,6 +31,13 @@ def ours_load(url: str, work: Workload, concurrency: int, requests: int, tokens:
     return load(url, work.served_name, work.prompts_for(requests), concurrency, tokens, extra, stream)
 
 
+def warm_up(url: str, work: Workload, concurrency: int, loads: Sequence[GuidedLoad] = ()) -> None:
+    """Untimed waves at `concurrency`, unguided and with each of `loads`: a server's first requests
+    (and a guide model's) pay one-off costs that no measured load should carry."""
+    for extra in (None, *(load.body() for load in loads)):
+        ours_load(url, work, concurrency, concurrency, 8, extra)
+
+
 def vllm_bench_serve(url: str, work: Workload, concurrency: int, requests: int, tokens: int,
                      input_len: int) -> dict:
     """vLLM's own load generator (`vllm bench serve`, random prompts of `input_len` tokens) against
