@@ -5,6 +5,7 @@ Targets are reported, never asserted: the machines are shared and noisy.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from pathlib import Path
 
 from bench.suite.sections import UNGUIDED
@@ -155,71 +156,56 @@ def plots(results: dict, out: Path) -> list[Path]:
 
     written = []
 
-    def save(fig, name: str) -> None:
-        path = out / name
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    if results.get("overhead"):
+    def plot(name: str, series: list[tuple[str, dict[int, float], str]], title: str, xlabel: str, ylabel: str,
+             bounds: dict[str, float] | None = None, **axes) -> None:
+        """One figure of (label, {x: y}, style) lines on a log2 x axis; `bounds`: a dotted line per label."""
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        loads = [load for load in dict.fromkeys(r["load"] for r in results["overhead"]) if load != UNGUIDED]
-        for index, load in enumerate(loads):
-            rows = [r for r in results["overhead"] if r["load"] == load]
-            line, = ax.plot([r["concurrency"] for r in rows], [r["ratio"] for r in rows], "o-", label=load)
-            ax.axhline(rows[0]["bound"], color=line.get_color(), linestyle=":", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="concurrency", ylabel="guided / unguided tokens/s", ylim=(0, 1.05),
-               title="Guidance overhead (dotted: compute bound)")
-        ax.legend(fontsize=7)
-        save(fig, "overhead.png")
-    if results.get("passthrough"):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for server in ("alignserve", "vllm"):
-            for generator, style in (("ours", "o-"), ("vllm bench serve", "s--")):
-                rows = [r for r in results["passthrough"] if r["server"] == server and r["generator"] == generator]
-                if rows:
-                    ax.plot([r["concurrency"] for r in rows], [r["tokens_per_s"] for r in rows], style,
-                            label=f"{server} ({generator})")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="concurrency", ylabel="output tokens/s", title="Passthrough (unguided)")
-        ax.legend(fontsize=8)
-        save(fig, "passthrough.png")
-    if results.get("length"):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for load in dict.fromkeys(r["load"] for r in results["length"]):
-            rows = [r for r in results["length"] if r["load"] == load]
-            ax.plot([r["tokens"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=load)
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="generated tokens per request", ylabel="output tokens/s", title="Length scaling")
-        ax.legend(fontsize=8)
-        save(fig, "length.png")
-    if results.get("best_of_n"):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        rows = [r for r in results["best_of_n"] if r["concurrency"] == 1]
-        ax.plot([r["n"] for r in rows], [r["latency_ms"]["p50"] / 1e3 for r in rows], "o-", label="c=1, p50")
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="N", ylabel="latency (s)", title="Best-of-N latency")
-        ax.legend(fontsize=8)
-        save(fig, "best_of_n.png")
-    if results.get("hf"):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        series = {f"HF generate, {r['load']}": {} for r in results["hf"]}
-        for r in results["hf"]:
-            series[f"HF generate, {r['load']}"][r["concurrency"]] = r["tokens_per_s"]
-        guided = next((r["load"] for r in results["hf"] if r["load"] != UNGUIDED), None)
-        series["alignserve, " + str(guided)] = {r["concurrency"]: r["tokens_per_s"]
-                                                for r in results.get("overhead", []) if r["load"] == guided}
-        series["vLLM server, unguided"] = {r["concurrency"]: r["tokens_per_s"] for r in results.get("passthrough", [])
-                                           if r["server"] == "vllm" and r["generator"] == "ours"}
-        for label, points in series.items():
+        for label, points, style in series:
             if points:
-                levels = sorted(points)
-                ax.plot(levels, [points[c] for c in levels], "o-", label=label)
+                xs = sorted(points)
+                line, = ax.plot(xs, [points[x] for x in xs], style, label=label)
+                if bounds and label in bounds:
+                    ax.axhline(bounds[label], color=line.get_color(), linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set(xlabel="concurrency (HF: batch size)", ylabel="output tokens/s", title="Against HF generate")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title, **axes)
         ax.legend(fontsize=7)
-        save(fig, "hf_baseline.png")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    def by(rows: list[dict], x: str, y, **match) -> dict[int, float]:
+        """{row[x]: y(row)} over the rows whose fields equal `match`."""
+        return {r[x]: y(r) for r in rows if all(r.get(k) == v for k, v in match.items())}
+
+    if overhead := results.get("overhead"):
+        loads = [load for load in dict.fromkeys(r["load"] for r in overhead) if load != UNGUIDED]
+        plot("overhead.png", [(load, by(overhead, "concurrency", lambda r: r["ratio"], load=load), "o-")
+                              for load in loads],
+             "Guidance overhead (dotted: compute bound)", "concurrency", "guided / unguided tokens/s",
+             bounds={r["load"]: r["bound"] for r in overhead}, ylim=(0, 1.05))
+    if passthrough := results.get("passthrough"):
+        plot("passthrough.png", [(f"{server} ({generator})", by(passthrough, "concurrency", lambda r: r["tokens_per_s"],
+                                                                 server=server, generator=generator), style)
+                                 for server in ("alignserve", "vllm")
+                                 for generator, style in (("ours", "o-"), ("vllm bench serve", "s--"))],
+             "Passthrough (unguided)", "concurrency", "output tokens/s")
+    if length := results.get("length"):
+        plot("length.png", [(load, by(length, "tokens", lambda r: r["tokens_per_s"], load=load), "o-")
+                            for load in dict.fromkeys(r["load"] for r in length)],
+             "Length scaling", "generated tokens per request", "output tokens/s")
+    if best := results.get("best_of_n"):
+        plot("best_of_n.png", [("c=1, p50", by(best, "n", lambda r: r["latency_ms"]["p50"] / 1e3, concurrency=1), "o-")],
+             "Best-of-N latency", "N", "latency (s)")
+    if hf := results.get("hf"):
+        tokens_per_s = itemgetter("tokens_per_s")
+        guided = next((r["load"] for r in hf if r["load"] != UNGUIDED), None)
+        series = [(f"HF generate, {load}", by(hf, "concurrency", tokens_per_s, load=load), "o-")
+                  for load in dict.fromkeys(r["load"] for r in hf)]
+        series += [(f"alignserve, {guided}", by(results.get("overhead", []), "concurrency", tokens_per_s, load=guided),
+                    "o-"),
+                   ("vLLM server, unguided", by(results.get("passthrough", []), "concurrency", tokens_per_s,
+                                                server="vllm", generator="ours"), "o-")]
+        plot("hf_baseline.png", series, "Against HF generate", "concurrency (HF: batch size)", "output tokens/s",
+             yscale="log")
     return written
