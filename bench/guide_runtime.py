@@ -7,10 +7,11 @@ A guide shaped like the SmolLM2-135M guides of the "Bring your own model" issue 
 hidden 576, 9 query / 3 KV heads of 64, vocabulary 49152; random weights: the cost does not
 depend on them) runs in one process on one thread, `rows` rows prefilled to a live length L,
 inside a paged KV cache sized for `rows` sequences of max_len (the worst case: no budget). Per
-(L, max_len) it times, as the median of `repeats` (`repeats` < L: the window stays the same): `step` (one token per row: what a Q-type guide costs per decoding
-step) and `score_candidates` with k candidates per row (a V-type guide's extra cost). The
-ratios printed side by side are the claims: at equal L the cost does not grow with max_len
-(column "/ smallest max_len"), and it grows with L only through attention (column "/ L=first").
+(L, max_len) it times, as the median of `repeats` (small against L: the window barely moves):
+`step` (one token per row: what a Q-type guide costs per decoding step) and `score_candidates`
+with k candidates per row (a V-type guide's extra cost). The ratios printed side by side are the
+claims: at equal L the cost does not grow with max_len (column "/ smallest max_len"), and it
+grows with L only through attention (column "/ L=first").
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def median_ms(fn, repeats: int) -> float:
 
 @torch.no_grad()
 def measure(decoder: Decoder, rows: int, length: int, max_len: int, candidates: int, repeats: int) -> dict:
-    """Rows prefilled to `length` + 1 tokens: just past a power-of-two window, so the attended window
-    (`cache.window`) stays 2 x `length` while the timed steps add their tokens."""
+    """Rows prefilled to `length` + 1 tokens: one past a multiple of the window's rounding quantum, the
+    worst case of `cache.window` (for `length` >= 256 the window stays `length` x 9/8 while the timed
+    steps add their tokens)."""
     cache = decoder.setup_cache(rows, max_len)
     slots = [cache.allocate() for _ in range(rows)]
     generator = torch.Generator().manual_seed(0)
@@ -56,7 +58,7 @@ def measure(decoder: Decoder, rows: int, length: int, max_len: int, candidates: 
     decoder.prefill(slots, [torch.randint(vocab, (length + 1,), generator=generator) for _ in slots])
     tokens = torch.randint(vocab, (rows,), generator=generator)
     candidate_ids = torch.randint(vocab, (rows, candidates), generator=generator)
-    return {"length": length, "max_len": max_len, "rows": rows,
+    return {"length": length, "window": cache.window(length + 1), "max_len": max_len, "rows": rows,
             "step_ms": median_ms(lambda: decoder.step(slots, tokens), repeats),
             "score_candidates_ms": median_ms(lambda: decoder.score_candidates(slots, candidate_ids), repeats),
             "cache_mib": cache.kv.numel() * cache.kv.element_size() / 2**20}
@@ -73,22 +75,26 @@ def main() -> None:
     parser.add_argument("--max-lens", type=parse_ints, default=[1024, 8192])
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the guide's dtype (bfloat16: what --guide-dtype auto gives on a GPU and on a CPU "
+                             "with bfloat16 instructions)")
     parser.add_argument("--record", type=Path, help="write the setup and results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    decoder = Decoder(DecoderConfig.from_dict(SMOLLM2_GUIDE)).eval()
+    decoder = Decoder(DecoderConfig.from_dict(SMOLLM2_GUIDE)).eval().to(getattr(torch, args.dtype))
     results = [measure(decoder, args.rows, length, max_len, args.candidates, args.repeats)
                for max_len in args.max_lens for length in args.lengths if 2 * length <= max_len]
     base = {(r["length"]): r for r in results if r["max_len"] == args.max_lens[0]}
     first = {(r["max_len"]): r for r in results if r["length"] == args.lengths[0]}
-    print(f"guide runtime, {args.rows} rows, k={args.candidates}, 1 thread (median of {args.repeats})")
-    print("| live length L | max_len | step ms | score_candidates ms | step / smallest max_len | "
+    print(f"guide runtime, {args.dtype}, {args.rows} rows, k={args.candidates}, 1 thread (median of {args.repeats})")
+    print("| live length L | window | max_len | step ms | score_candidates ms | step / smallest max_len | "
           "step / L=first | KV pool MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         same_l = f"{r['step_ms'] / base[r['length']]['step_ms']:.2f}" if r["length"] in base else "n/a"
-        print(f"| {r['length']} | {r['max_len']} | {r['step_ms']:.1f} | {r['score_candidates_ms']:.1f} | {same_l} | "
+        print(f"| {r['length']} | {r['window']} | {r['max_len']} | {r['step_ms']:.1f} | "
+              f"{r['score_candidates_ms']:.1f} | {same_l} | "
               f"{r['step_ms'] / first[r['max_len']]['step_ms']:.2f} | {r['cache_mib']:.0f} |")
     if args.record:
         setup = {**vars(args), "record": str(args.record), "guide": SMOLLM2_GUIDE, "torch_threads": 1}

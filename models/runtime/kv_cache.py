@@ -125,12 +125,15 @@ class PagedKVCache:
     def window(self, num_tokens: int) -> int:
         """K/V length attended by a batch whose longest row holds ``num_tokens`` tokens.
 
-        ``block_size`` times the next power of two of ``blocks_needed(num_tokens)`` (at least one
-        block, at most ``max_blocks_per_slot``): the cost follows the live length (at most twice
-        it, rounded to a block), never ``max_len``, and there are few distinct shapes.
+        ``blocks_needed(num_tokens)`` = n blocks rounded up to a multiple of q = 2^(bits(n - 1) - 4)
+        (q = 1 below 17 blocks; at least one block, at most ``max_blocks_per_slot``), times
+        ``block_size``: eight shapes per doubling of the length, so the cost follows the live
+        length (at most 1/8 over it, rounded to a block), never ``max_len``. Power-of-two windows
+        attended up to twice the live length, and their gathers and matmuls cost that.
         """
-        blocks = 1 << (max(self.blocks_needed(num_tokens), 1) - 1).bit_length()
-        return min(blocks, self.max_blocks_per_slot) * self.block_size
+        blocks = max(self.blocks_needed(num_tokens), 1)
+        quantum = 1 << max((blocks - 1).bit_length() - 4, 0)
+        return min(-(-blocks // quantum) * quantum, self.max_blocks_per_slot) * self.block_size
 
     # ----------------------------------------------------------------- slots
 

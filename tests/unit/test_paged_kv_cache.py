@@ -253,7 +253,12 @@ def test_window_follows_live_length() -> None:
     cache = PagedKVCache(num_layers=1, num_slots=1, num_kv_heads=1, max_len=50, head_dim=2, block_size=4)
     assert cache.max_blocks_per_slot == 13
     got = {n: cache.window(n) for n in (0, 1, 4, 5, 9, 16, 17, 33, 50)}
-    assert got == {0: 4, 1: 4, 4: 4, 5: 8, 9: 16, 16: 16, 17: 32, 33: 52, 50: 52}
+    assert got == {0: 4, 1: 4, 4: 4, 5: 8, 9: 12, 16: 16, 17: 20, 33: 36, 50: 52}
+    long = PagedKVCache(num_layers=1, num_slots=1, num_kv_heads=1, max_len=1 << 20, head_dim=2, block_size=16)
+    # Past 16 blocks the window grows in steps of 1/8 of a doubling: never more than 1/8 over the live blocks.
+    assert [long.window(16 * n) // 16 for n in (16, 17, 18, 33, 100, 1024, 1025)] == [16, 18, 18, 36, 104, 1024, 1152]
+    for n in range(1, 5000):
+        assert n <= long.window(16 * n) // 16 <= n * 9 / 8
 
 
 def test_attention_cost_does_not_depend_on_max_len(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,9 +284,9 @@ def test_attention_cost_does_not_depend_on_max_len(monkeypatch: pytest.MonkeyPat
         rows.step("ab")  # a holds 5..8 before each step: 2 blocks
     assert seen == [8] * 8
     seen.clear()
-    rows.step("ab")  # a holds 9: 3 blocks, rounded up to 4
+    rows.step("ab")  # a holds 9: 3 blocks (no rounding below 17 blocks)
     rows.score("ab")
-    assert seen == [16] * 4
+    assert seen == [12] * 4
     rows.check_lengths()
 
 
