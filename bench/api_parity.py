@@ -1,9 +1,12 @@
 """Side by side: the same requests against vLLM's own OpenAI server and alignserve, on one model.
 
-    .venv/bin/python -m bench.api_parity --model .cache/models/SmolLM2-135M-Instruct
+    .venv/bin/python -m bench.api_parity --model runs/smollm2/base \
+        [--guide-models runs/smollm2/guides/guides.json --guide value-r2]
 
 Both servers run with vLLM's hermes tool parser and auto tool choice. Each request is greedy, so
-where both answer 200 their outputs can be compared. Writes bench/results/api_parity.{json,md}.
+where both answer 200 their outputs can be compared. With `--guide-models`, alignserve also
+serves that guide table and the last rows steer with `--guide` (vLLM's server ignores the field;
+alignserve's answer shows the steered text and its KL). Writes bench/results/api_parity.{json,md}.
 """
 
 from __future__ import annotations
@@ -80,9 +83,18 @@ REQUESTS: list[tuple[str, str, str, dict | str | None]] = [
      json.dumps(completion(prompt="x\ud800"))),
     ("prompt with NUL", "POST", "/v1/completions", completion(prompt="1\u00002=")),
     ("mistyped field (guidanse)", "POST", "/v1/completions", completion(guidanse=[])),
-    ("guidance (alignserve's own)", "POST", "/v1/completions",
-     completion(guidance=[{"type": "qsharp", "model": "value", "strength": 1}])),
 ]
+
+
+def guided_requests(guide: str) -> list[tuple[str, str, str, dict | str | None]]:
+    """alignserve's own field, alone and composed with a JSON schema (`guide`: a value model's name)."""
+    guidance = [{"type": "qsharp", "model": guide, "strength": 4}]
+    return [
+        ("guidance (alignserve's own)", "POST", "/v1/completions", completion(guidance=guidance)),
+        ("guidance + response_format json_schema", "POST", "/v1/chat/completions",
+         chat(guidance=guidance, max_tokens=40,
+              response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})),
+    ]
 
 
 def output_of(body: Any) -> Any:
@@ -110,7 +122,9 @@ def summary(status: int, body: Any) -> str:
         calls = message.get("tool_calls") or ()
         shown = f"calls {[c['function']['name'] for c in calls]}" if calls else repr(
             choice.get("text") if "text" in choice else message.get("content"))
-        return f"200: {shown[:60]}"
+        guidance = choice.get("guidance") or (body.get("guidance") if isinstance(body.get("guidance"), dict) else None)
+        kl = f" (KL {guidance['kl']:.3f})" if guidance and "kl" in guidance else ""
+        return f"200: {shown[:60]}{kl}"
     return f"200: {json.dumps(body)[:60]}"
 
 
@@ -127,11 +141,13 @@ def send(client: httpx.Client, method: str, path: str, body: dict | str | None) 
         return response.status_code, response.text
 
 
-def run(kind: str, model: Path, log_dir: Path) -> list[tuple[int, Any]]:
+def run(kind: str, model: Path, log_dir: Path, requests: list, guide_models: Path | None) -> list[tuple[int, Any]]:
     if kind == "alignserve":
+        guide_flags = ["--guide-models", str(guide_models)] if guide_models else []
+
         def command(port: int) -> list[str]:
             return alignserve_command(model, port, ["--served-model-name", NAME, "--max-model-len", "1024",
-                                                    "--enforce-eager", *TOOL_FLAGS])
+                                                    "--enforce-eager", *TOOL_FLAGS, *guide_flags])
     else:
         def command(port: int) -> list[str]:
             return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -139,26 +155,31 @@ def run(kind: str, model: Path, log_dir: Path) -> list[tuple[int, Any]]:
                     "--generation-config", "vllm", "--enforce-eager", *TOOL_FLAGS]
     with start_server(kind, command, log_dir / f"{kind}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
         with httpx.Client(base_url=server.url, timeout=300) as client:
-            return [send(client, method, path, body) for _, method, path, body in REQUESTS]
+            return [send(client, method, path, body) for _, method, path, body in requests]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="Model directory both servers serve.")
     parser.add_argument("--out", type=Path, default=RESULTS / "api_parity", help="Output path stem (.json, .md).")
+    parser.add_argument("--guide-models", type=Path, help="Guide table alignserve serves (enables the guided rows).")
+    parser.add_argument("--guide", default="value-r2", help="Value model of that table the guided rows steer with.")
     args = parser.parse_args()
     log_dir = args.out.parent / "logs"
-    vllm_results = run("vllm", args.model, log_dir)
-    ours = run("alignserve", args.model, log_dir)
+    requests = REQUESTS + (guided_requests(args.guide) if args.guide_models else [])
+    vllm_results = run("vllm", args.model, log_dir, requests, None)
+    ours = run("alignserve", args.model, log_dir, requests, args.guide_models)
     rows = []
-    for (label, method, path, _), (v_status, v_body), (a_status, a_body) in zip(REQUESTS, vllm_results, ours):
+    for (label, method, path, _), (v_status, v_body), (a_status, a_body) in zip(requests, vllm_results, ours):
         same = "yes" if v_status == a_status == 200 and output_of(v_body) == output_of(a_body) else (
             "no" if v_status == a_status == 200 else "")
         rows.append({"request": label, "endpoint": f"{method} {path}", "vllm": summary(v_status, v_body),
                      "alignserve": summary(a_status, a_body), "same_output": same,
                      "vllm_output": output_of(v_body), "alignserve_output": output_of(a_body)})
     args.out.with_suffix(".json").write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=2))
-    lines = [f"Model: `{args.model.name}`, greedy requests, both servers with `{' '.join(TOOL_FLAGS)}`.", "",
+    guided = (f" alignserve also serves `{args.guide_models}`; the guidance rows steer with `{args.guide}`, which "
+              "vLLM's server ignores, so their outputs differ by design." if args.guide_models else "")
+    lines = [f"Model: `{args.model}`, greedy requests, both servers with `{' '.join(TOOL_FLAGS)}`.{guided}", "",
              "| request | endpoint | vLLM's server | alignserve | same output |", "|---|---|---|---|---|"]
     for row in rows:
         cells = [row["request"], row["endpoint"], row["vllm"], row["alignserve"], row["same_output"]]
