@@ -7,7 +7,7 @@ Every row is steered by two guides shaped like the SmolLM2-135M guides of bench/
 (random weights: the cost does not depend on them): a V-type prefix scorer (`cd`, scoring
 `candidates` appended tokens per row) and a Q-type value model (`qsharp` on a whole-vocabulary
 Bernoulli head, offsets on its top `q-top-k` tokens; -1: every token). Rows are prefilled to
-`length` + 1 tokens (the attended window then stays 2 x `length` while the steps add theirs);
+`length` + 1 tokens (one past a multiple of the attention window's rounding: its worst case);
 each timed step appends one output token per row and calls `apply` on fresh float32 logits, as
 vLLM does. Printed, as the median over `repeats` steps on one thread: the whole `apply`, the part
 spent inside guide-model calls (step, score_next, score_candidates), and the rest: the batch's
