@@ -35,6 +35,7 @@ ENGINE_ARGS: tuple[str, ...] = (
     "revision",
     "tokenizer",
     "enforce_eager",
+    "logprobs_mode",
 )
 
 # Each guide model keeps a KV-cache slot per running sequence, so we start lower than vLLM (256 on GPU).

@@ -100,6 +100,7 @@ ENGINE_FLAGS = {
     "revision": ("v2", "v2"),
     "tokenizer": ("/tokenizers/t", "/tokenizers/t"),
     "enforce_eager": (None, True),
+    "logprobs_mode": ("processed_logprobs", "processed_logprobs"),
 }
 
 
