@@ -12,11 +12,14 @@ of two ways, by the guide model's head:
 
 Sequences of any lengths share one batched full forward (``Decoder.forward``, no KV
 cache): rows are right-padded, and since attention is causal the padding after a row's
-last token never changes the hidden states before it.
+last token never changes the hidden states before it. Token-reward heads score only the
+completion's tokens (``GuideHead.score_tokens``): an ARM head never forms a vocabulary-wide
+row, and an ``lm`` head normalises over the vocabulary at completion positions only.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +33,7 @@ TOKEN_REWARD_HEAD_TYPES = ("arm", "lm")  # Q-type heads whose token scores sum t
 SEQUENCE_SCORING_HEADS = "V-type value heads (" + ", ".join(VALUE_HEAD_TYPES) + ") or token-reward heads (" + \
     ", ".join(TOKEN_REWARD_HEAD_TYPES) + ")"
 DEFAULT_MAX_BATCH = 64  # rows per forward; more sequences are scored in chunks
-MAX_TOKEN_SCORES = 1 << 24  # rows x positions x vocabulary of one token-reward forward (64 MiB in float32)
+MAX_TOKEN_SCORES = 1 << 24  # completion tokens x vocabulary of one `lm`-head forward (64 MiB in float32)
 
 
 def scores_sequences(head_type: str, scoring: str) -> bool:
@@ -73,19 +76,19 @@ class SequenceScorer:
         self._check(rows, begins)
         device = self.model.backbone.embed_tokens.weight.device
         scores = [self._score_batch([r.to(device) for r in rows[i: i + size]], begins[i: i + size])
-                  for i, size in self._chunks(rows)]
+                  for i, size in self._chunks(rows, begins)]
         return torch.cat(scores) if scores else torch.zeros(0)
 
-    def _chunks(self, rows: list[Tensor]) -> list[tuple[int, int]]:
-        """(first row, row count) of each forward: at most max_batch rows, and for token-reward heads
-        at most MAX_TOKEN_SCORES token scores (rows x longest row x vocabulary)."""
+    def _chunks(self, rows: list[Tensor], starts: list[int]) -> list[tuple[int, int]]:
+        """(first row, row count) of each forward: at most max_batch rows, and for ``lm`` heads (which
+        normalise over the vocabulary) at most MAX_TOKEN_SCORES scores (completion tokens x vocabulary)."""
         chunks, i = [], 0
         vocab = self.model.backbone.config.vocab_size
         while i < len(rows):
             size = min(self.max_batch, len(rows) - i)
-            if self.sums_token_rewards:
-                longest = max(len(r) for r in rows[i: i + size])
-                size = max(1, min(size, MAX_TOKEN_SCORES // (longest * vocab)))
+            if self.model.head.type == "lm":
+                totals = itertools.accumulate(len(r) - b for r, b in zip(rows[i: i + size], starts[i: i + size]))
+                size = max(1, sum(1 for total in totals if total * vocab <= MAX_TOKEN_SCORES))
             chunks.append((i, size))
             i += size
         return chunks
@@ -99,14 +102,12 @@ class SequenceScorer:
         if not self.sums_token_rewards:
             last = hidden[torch.arange(len(rows), device=ids.device), lengths - 1]  # [b, H]
             return expected_value(head, head(last)).float().cpu()  # head: [b(, m)] -> [b]
-        scores = head(hidden[:, :-1], self.model.backbone.output_embedding)  # r(x_<t+1, .) [b, T-1, V]
-        if head.type == "lm":
-            scores = torch.log_softmax(scores.float(), dim=-1)
-        token_rewards = scores.gather(2, ids[:, 1:, None]).squeeze(2)  # r(x_<t, x_t) at t-1: [b, T-1]
-        positions = torch.arange(1, ids.shape[1], device=ids.device)  # t of each column
+        positions = torch.arange(ids.shape[1], device=ids.device)  # t of each column
         begin = torch.tensor(starts, device=ids.device)
-        completion = (positions >= begin[:, None]) & (positions < lengths[:, None])  # [b, T-1]
-        return (token_rewards * completion).sum(dim=1).float().cpu()
+        row, t = ((positions >= begin[:, None]) & (positions < lengths[:, None])).nonzero(as_tuple=True)
+        # r(x_<t, x_t) from the hidden state at t - 1, for the completion's tokens only: [M]
+        token_rewards = head.score_tokens(hidden[row, t - 1], ids[row, t], self.model.backbone.output_embedding)
+        return torch.zeros(len(rows), device=ids.device).index_add_(0, row, token_rewards.float()).cpu()
 
     def _check(self, rows: list[Tensor], starts: list[int]) -> None:
         config = self.model.backbone.config

@@ -162,9 +162,12 @@ def test_token_reward_heads_sum_the_completion_token_rewards(head_type: str, bac
     assert batched[1] == 0.0 and batched[3] == 0.0  # empty completions
     one_by_one = torch.cat([scorer.score([s], [b]) for s, b in zip(SEQUENCES, STARTS)])
     torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
-    # Fewer token scores per forward: more, smaller chunks, the same scores.
+    # Fewer token scores per forward: more, smaller chunks (lm heads normalise each completion token over
+    # the vocabulary; arm heads score the token alone), the same scores.
     monkeypatch.setattr("models.runtime.sequence.MAX_TOKEN_SCORES", 2 * MAX_POSITIONS * V)
-    assert [size for _, size in scorer._chunks([torch.ones(MAX_POSITIONS, dtype=torch.long)] * 5)] == [2, 2, 1]
+    rows = [torch.ones(MAX_POSITIONS, dtype=torch.long)] * 5
+    chunks = [size for _, size in scorer._chunks(rows, [1] * 5)]
+    assert chunks == ([2, 2, 1] if head_type == "lm" else [5])
     torch.testing.assert_close(scorer.score(SEQUENCES, STARTS), batched, atol=1e-4, rtol=0)
     # Without starts, everything after the first token is the completion.
     torch.testing.assert_close(scorer.score(SEQUENCES), scorer.score(SEQUENCES, [1] * len(SEQUENCES)))
