@@ -59,6 +59,7 @@ import numpy as np
 
 from guidance.catalog import GuideCatalog
 from guidance.search.scorers import Completion, Scorer, ScorerCatalog
+from guidance.search.selection import lowest_scored, prune_count
 from models.training.rollouts import RolloutRecord, read_rollouts
 from server.prompts import PromptRenderer
 from server.settings import Settings
@@ -108,13 +109,12 @@ def pairwise_accuracy(scores: np.ndarray, right: np.ndarray, groups: np.ndarray)
 
 
 def pruned_candidates(scores: np.ndarray, live: np.ndarray, fraction: float, min_keep: int) -> list[int]:
-    """The candidates `_prune` aborts at a first checkpoint: the lowest-scored floor(live * fraction)
-    live ones, at most N - min_keep; ties: the later candidate first."""
+    """The candidates the server's first checkpoint aborts (`prune_count`, `lowest_scored`)."""
     live_indexes = np.flatnonzero(live).tolist()
-    count = min(int(len(live_indexes) * fraction), len(scores) - min_keep)
+    count = prune_count(len(live_indexes), fraction, len(scores), min_keep)
     if count <= 0:
         return []
-    return sorted(live_indexes, key=lambda c: (scores[c], -c))[:count]
+    return list(lowest_scored(live_indexes, scores[live_indexes].tolist(), count))
 
 
 def random_survival(right: np.ndarray, live: np.ndarray, count: int) -> float:

@@ -36,7 +36,7 @@ import torch
 from guidance.batch import GuidanceReport
 from guidance.search.report import Checkpoint, SearchReport
 from guidance.search.scorers import Completion, Scorer, ScorerCatalog
-from guidance.search.selection import select, selection_generator
+from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
 from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams
 from server.engine import ChoiceDelta, ChoiceOutput, Engine, SamplingOptions
 from server.metrics import PRUNED_CANDIDATES, observe_search
@@ -109,7 +109,7 @@ class Search:
             live, length = group.live(), group.next_checkpoint * prune.every
             if any(len(group.outputs[c].token_ids) < length for c in live):
                 return  # not reached yet
-            count = min(int(len(live) * prune.fraction), search.n - len(group.pruned) - prune.min_keep)
+            count = prune_count(len(live), prune.fraction, search.n - len(group.pruned), prune.min_keep)
             if count <= 0:
                 group.next_checkpoint = 0  # live candidates only get fewer: no later checkpoint prunes
                 return
@@ -117,8 +117,7 @@ class Search:
             partial = [group.outputs[c].token_ids[:length] for c in live]
             scores = await self._score(prune.scorer, "prune", prompt_text, prompt_ids,
                                        [Completion(self.decode(ids), tuple(ids)) for ids in partial])
-            ranked = sorted(range(len(live)), key=lambda i: (scores[i], -live[i]))  # lowest first; ties: later
-            pruned = tuple(sorted(live[i] for i in ranked[:count]))
+            pruned = tuple(sorted(lowest_scored(live, scores, count)))
             group.pruned.update(pruned)
             group.checkpoints.append(Checkpoint(tokens=length, scored=tuple(live), scores=tuple(scores),
                                                 pruned=pruned))

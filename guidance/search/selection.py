@@ -1,10 +1,13 @@
-"""Picking one candidate from its scores: argmax (temperature 0) or softmax(score / temperature).
+"""Picking one candidate from its scores: argmax (temperature 0) or softmax(score / temperature);
+and, for pruned best-of-N, which live candidates a checkpoint aborts.
 
 Ties at temperature 0 go to the lowest index, so a search with equal scores keeps its
 first candidate (best-of-1 is the plain request).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -39,3 +42,16 @@ def selection_generator(seed: int | None, pick: int, round_: int = 0) -> torch.G
     else:
         generator.manual_seed(hash((seed, pick, round_)) & ((1 << 63) - 1))
     return generator
+
+
+def prune_count(live: int, fraction: float, unpruned: int, min_keep: int) -> int:
+    """How many of `live` candidates a checkpoint aborts: floor(live * fraction), leaving at least
+    `min_keep` of the `unpruned` ones (live or finished); <= 0: none, and no later checkpoint can."""
+    return min(int(live * fraction), unpruned - min_keep)
+
+
+def lowest_scored(live: Sequence[int], scores: Sequence[float], count: int) -> tuple[int, ...]:
+    """The `count` lowest-scored of the `live` candidate ids (scores in the same order), lowest first;
+    of equal scores the later candidate goes first."""
+    ranked = sorted(range(len(live)), key=lambda i: (scores[i], -live[i]))
+    return tuple(live[i] for i in ranked[:count])
