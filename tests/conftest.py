@@ -53,12 +53,24 @@ class RunningServer:
 
     def metric(self, name: str, **labels: str) -> float:
         """A Prometheus metric summed over the samples that carry `labels`."""
-        lines = httpx.get(f"{self.base_url}/metrics", timeout=30).text.splitlines()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((f"{name}{{", f"{name} "))
-                   and all(f'{key}="{value}"' in line for key, value in labels.items()))
+        return metric_value(httpx.get(f"{self.base_url}/metrics", timeout=30).text, name, **labels)
 
     def generated_tokens(self) -> float:
-        return self.metric("vllm:generation_tokens_total")
+        return self.metric(GENERATED_TOKENS)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's log, for assertion messages."""
+        return f"\n--- server log (end) ---\n{self.log()[-chars:]}"
+
+
+GENERATED_TOKENS = "vllm:generation_tokens_total"
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """A metric of a Prometheus text exposition, summed over the samples that carry `labels`."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+               if line.startswith((f"{name}{{", f"{name} "))
+               and all(f'{key}="{value}"' in line for key, value in labels.items()))
 
 
 def start_server(log_path: Path, *flags: str, env: dict[str, str] | None = None) -> RunningServer:
@@ -86,17 +98,24 @@ def start_server(log_path: Path, *flags: str, env: dict[str, str] | None = None)
 
 
 def post_and_leave(server: RunningServer, path: str, body: dict, after_s: float = 1.0) -> str | None:
-    """POST `body` and drop the connection `after_s` seconds later.
+    """POST `body` and drop the connection once the engine has generated tokens for it, or `after_s`
+    seconds after sending at the latest.
 
-    None when the client left while the request was in flight; else what came back. Leaving after a
-    fixed time, not on what the server reports, holds on a busy machine, where a server's answers to
-    polls can lag its engine by seconds: callers send requests that run far longer than `after_s`.
+    None when the client left while the request was in flight; else what came back. Leaving on the
+    engine's first tokens, polled every 20 ms, leaves early in the request however fast the machine;
+    the `after_s` cap holds on a busy machine, where a server's answers to polls can lag its engine by
+    seconds. Callers send requests that run far longer than `after_s`.
     """
     async def run() -> str | None:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300) as client:
+            tokens_before = metric_value((await client.get("/metrics")).text, GENERATED_TOKENS)
             request = asyncio.create_task(client.post(path, json=body))
-            done, _ = await asyncio.wait({request}, timeout=after_s)
-            if done:
+            deadline = time.monotonic() + after_s
+            while not request.done() and time.monotonic() < deadline:
+                if metric_value((await client.get("/metrics")).text, GENERATED_TOKENS) > tokens_before:
+                    break
+                await asyncio.sleep(0.02)
+            if request.done():
                 outcome = request.exception() or request.result()
                 return f"answered before the client left: {outcome!r} {getattr(outcome, 'text', '')[:200]}"
             request.cancel()  # httpx closes the connection of a cancelled request
@@ -113,9 +132,10 @@ def assert_stopped_early(server: RunningServer, tokens_before: float, full_token
 
     Counted in tokens, not seconds, so that a slow or busy machine cannot make it pass or fail.
     """
-    assert server.wait_unfinished(lambda count: count == 0) == 0
+    assert server.wait_unfinished(lambda count: count == 0) == 0, server.log_tail()
     generated = server.generated_tokens() - tokens_before
-    assert generated < full_tokens, f"{generated} of {full_tokens} tokens generated: the request ran to its end"
+    assert generated < full_tokens, \
+        f"{generated} of {full_tokens} tokens generated: the request ran to its end{server.log_tail()}"
 
 
 def stop_server(server: RunningServer) -> None:

@@ -214,7 +214,8 @@ def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, 
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()  # kept: a dropped line iterator closes the response
                 assert next(lines).startswith("data: ")  # the role chunk, long before any pick
-                assert server.wait_unfinished(lambda count: count == 32) == 32  # 4 picks x 8 candidates running
+                running = server.wait_unfinished(lambda count: count == 32)  # 4 picks x 8 candidates
+                assert running == 32, f"{running} running; the stream went on: {list(lines)[:5]}{server.log_tail()}"
         else:
             assert (outcome := post_and_leave(server, "/v1/chat/completions", body)) is None, outcome
     assert_stopped_early(server, tokens_before, 4 * 8 * 500)
