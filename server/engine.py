@@ -100,11 +100,13 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token with its log-probability and the top alternatives."""
+    """One generated token (id and text) with its log-probability and the top alternatives,
+    each (token id, text, logprob)."""
 
+    token_id: int
     token: str
     logprob: float
-    top: tuple[tuple[str, float], ...]
+    top: tuple[tuple[int, str, float], ...]
 
 
 # Per prompt token, the logprobs vLLM computed for it given the tokens before it (None for the
@@ -363,11 +365,12 @@ def _token_logprobs(choice, top_k: int) -> tuple[TokenLogprob, ...]:
     entries = []
     for token_id, position in zip(choice.token_ids, choice.logprobs or ()):
         sampled = position[token_id]
-        top = sorted((lp.rank, lp.decoded_token or "", lp.logprob) for lp in position.values()
+        top = sorted((lp.rank, top_id, lp.decoded_token or "", lp.logprob) for top_id, lp in position.items()
                      if lp.rank is not None and lp.rank <= top_k)
         entries.append(TokenLogprob(
+            token_id=token_id,
             token=sampled.decoded_token or "",
             logprob=sampled.logprob,
-            top=tuple((token, logprob) for _, token, logprob in top),
+            top=tuple((top_id, token, logprob) for _, top_id, token, logprob in top),
         ))
     return tuple(entries)

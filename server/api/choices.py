@@ -1,6 +1,11 @@
-"""Accumulating streamed choice deltas into whole choices, and token usage."""
+"""Accumulating streamed choice deltas into whole choices, token usage, and what both endpoints'
+choices share: their token ids and the names of their logprob tokens."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vllm.entrypoints.generate.base.serving import format_token_id_placeholder
 
 from guidance.batch import GuidanceReport
 from guidance.search.report import SearchReport
@@ -39,3 +44,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def with_token_ids(choice: dict, token_ids: Sequence[int], returned: bool | None) -> dict:
+    """A choice (or streamed delta) with the ids of the tokens it generated, when `return_token_ids`
+    asked for them."""
+    return {**choice, "token_ids": list(token_ids)} if returned else choice
+
+
+def token_name(token_id: int, text: str, as_id: bool | None) -> str:
+    """A logprobs entry's token: its text, or with `return_tokens_as_token_ids` vLLM's
+    `token_id:<id>` (a token's text alone may not be valid UTF-8, or may not identify it)."""
+    return format_token_id_placeholder(token_id) if as_id else text

@@ -11,6 +11,8 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest as Vll
 from guidance.spec import ResolvedGuidance
 from server.api.vllm_fields import (
     IGNORED_FIELDS,
+    OUTPUT_FIELDS,
+    REQUEST_ID_FIELD,
     SAMPLING_FIELDS,
     VllmRequest,
     engine_params,
@@ -44,15 +46,17 @@ class StreamOptions(StrictModel):
 
 StopSequences = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
 
-# vLLM's sampling extensions, declared as vLLM declares them, and the OpenAI fields we ignore.
+# vLLM's sampling and response extensions and its request id, declared as vLLM declares them,
+# and the OpenAI fields we ignore.
 _VllmSamplingFields = create_model(
     "VllmSamplingFields", __base__=StrictModel,
-    **vllm_fields(VllmCompletionRequest, SAMPLING_FIELDS), **IGNORED_FIELDS,
+    **vllm_fields(VllmCompletionRequest, SAMPLING_FIELDS + OUTPUT_FIELDS), **REQUEST_ID_FIELD, **IGNORED_FIELDS,
 )
 
 
 class SamplingRequest(_VllmSamplingFields):
-    """OpenAI sampling fields, plus vLLM's extensions (`top_k`, `ignore_eos`, `SAMPLING_FIELDS`).
+    """OpenAI sampling fields, plus vLLM's extensions (`top_k`, `ignore_eos`, `SAMPLING_FIELDS`,
+    `OUTPUT_FIELDS`, `request_id`).
 
     `vllm_request` is vLLM's request model of the endpoint, which interprets vLLM's fields.
     """

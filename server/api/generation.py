@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 
 from fastapi import Request
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from guidance.kv_budget import request_blocks
 from guidance.search.spec import SearchParams
 from guidance.spec import ResolvedGuidance
-from server.api.choices import ChoiceCollector, usage
+from server.api.choices import ChoiceCollector, usage, with_token_ids
 from server.api.common import SamplingRequest
 from server.api.streaming import SSE_DONE, EventStream, cancel_on_disconnect, sse
 from server.engine import ChoiceDelta, ChoiceOutput, SamplingOptions
@@ -101,10 +101,16 @@ class GenerationServing(ABC):
         """Chunk choices sent before any token (chat announces the assistant role)."""
         return []
 
-    async def deltas(self, request_id: str, prepared: Prepared) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+    def prompt_fields(self, body: SamplingRequest, prepared: Prepared) -> dict:
+        """Response-level fields about the prompt, also sent on the opening chunks (chat: its token ids)."""
+        return {}
+
+    async def deltas(self, prepared: Prepared) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         """Deltas of every prompt's choices, keyed by the response's choice index."""
+        # Engine request ids are our own, not the client's: two requests may carry the same X-Request-Id.
+        engine_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         streams = [
-            tagged(i * prompt.options.n, self._generate(f"{request_id}-{i}", prompt, prepared.search))
+            tagged(i * prompt.options.n, self._generate(f"{engine_id}-{i}", prompt, prepared.search))
             for i, prompt in enumerate(prepared.prompts)
         ]
         async for offset, delta in merge(streams):
@@ -127,8 +133,10 @@ class GenerationServing(ABC):
             "object": self.object,
             "created": created,
             "model": body.model,
-            "choices": [self.choice(body, prepared, index, choice) for index, choice in collector.sorted()],
+            "choices": [with_token_ids(self.choice(body, prepared, index, choice), choice.token_ids,
+                                       body.return_token_ids) for index, choice in collector.sorted()],
             "usage": usage(prepared.prompt_tokens, collector.completion_tokens),
+            **self.prompt_fields(body, prepared),
         }
         if prepared.reports:
             response["guidance"] = {"entries": [g.describe() for g in prepared.guidance]}
@@ -140,27 +148,35 @@ class GenerationServing(ABC):
         return {"id": request_id, "object": self.chunk_object, "created": created, "model": body.model,
                 "choices": choices}
 
-    def _new_id(self) -> tuple[str, int]:
-        return f"{self.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    def _opening_chunks(self, body: SamplingRequest, prepared: Prepared, request_id: str, created: int
+                        ) -> Iterator[str]:
+        fields = self.prompt_fields(body, prepared)
+        for choice in self.opening_choices(body, prepared):
+            yield sse({**self._chunk(body, request_id, created, [choice]), **fields})
+
+    def _new_id(self, body: SamplingRequest) -> tuple[str, int]:
+        """The response's id, named after the client's request id as vLLM's server names it, and its time."""
+        return f"{self.id_prefix}-{body.request_id}", int(time.time())
 
     async def complete(self, body: SamplingRequest, prepared: Prepared) -> dict:
-        request_id, created = self._new_id()
+        request_id, created = self._new_id(body)
         collector = ChoiceCollector()
-        async for index, delta in self.deltas(request_id, prepared):
+        async for index, delta in self.deltas(prepared):
             collector.add(index, delta)
         return self.response(body, prepared, collector, request_id, created)
 
     async def stream(self, body: SamplingRequest, prepared: Prepared, cache_key: str | None) -> AsyncIterator[str]:
-        request_id, created = self._new_id()
+        request_id, created = self._new_id(body)
         collector = ChoiceCollector()
         try:
-            for choice in self.opening_choices(body, prepared):
-                yield sse(self._chunk(body, request_id, created, [choice]))
-            async for index, delta in self.deltas(request_id, prepared):
+            for chunk in self._opening_chunks(body, prepared, request_id, created):
+                yield chunk
+            async for index, delta in self.deltas(prepared):
                 previous = collector.choices.get(index)
                 previous_text = None if previous is None else previous.text
                 collector.add(index, delta)
-                choice = self.chunk_choice(body, prepared, index, delta, previous_text)
+                choice = with_token_ids(self.chunk_choice(body, prepared, index, delta, previous_text),
+                                        delta.token_ids, body.return_token_ids)
                 yield sse(self._chunk(body, request_id, created, [choice]))
             if body.include_usage_in_stream:
                 yield sse({**self._chunk(body, request_id, created, []),
@@ -176,9 +192,9 @@ class GenerationServing(ABC):
 
     async def replay(self, body: SamplingRequest, prepared: Prepared, cached: dict) -> AsyncIterator[str]:
         """A cached response sent as the stream that produced it would have looked."""
-        request_id, created = self._new_id()
-        for choice in self.opening_choices(body, prepared):
-            yield sse(self._chunk(body, request_id, created, [choice]))
+        request_id, created = self._new_id(body)
+        for chunk in self._opening_chunks(body, prepared, request_id, created):
+            yield chunk
         for choice in cached["choices"]:
             for chunk_choice in self.replay_choices(body, choice):
                 yield sse(self._chunk(body, request_id, created, [chunk_choice]))
@@ -188,6 +204,8 @@ class GenerationServing(ABC):
 
     async def serve(self, request: Request, body: SamplingRequest) -> Response:
         services = self.services
+        if (header_id := request.headers.get("X-Request-Id")) is not None:
+            body = body.model_copy(update={"request_id": header_id})  # vLLM's server prefers the header
         prepared = self.prepare(body)
         for prompt in prepared.prompts:
             services.engine.check_options(prompt.options)
@@ -196,7 +214,7 @@ class GenerationServing(ABC):
         if cached is not None:
             if body.stream:
                 return EventStream(self.replay(body, prepared, cached))
-            request_id, created = self._new_id()
+            request_id, created = self._new_id(body)
             return JSONResponse({**cached, "id": request_id, "created": created})
         engine_requests, guide_blocks = prepared.engine_requests, prepared.guide_blocks
         services.admit(engine_requests, guide_blocks)

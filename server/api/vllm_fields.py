@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
+from pydantic.fields import FieldInfo
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletionRequest
 from vllm.exceptions import VLLMClientError
@@ -28,6 +29,8 @@ SAMPLING_FIELDS = (
     "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
     "prompt_logprobs", "truncate_prompt_tokens", "response_format", "structured_outputs",
 )
+# Response fields of both endpoints: token ids beside the text, logprob tokens named by their ids.
+OUTPUT_FIELDS = ("return_token_ids", "return_tokens_as_token_ids")
 # Prompt fields of /v1/completions.
 COMPLETION_FIELDS = ("add_special_tokens",)
 # Chat-template and tool fields of /v1/chat/completions.
@@ -52,6 +55,13 @@ IGNORED_FIELDS: dict[str, Any] = {
     "safety_identifier": (str | None, Field(default=None, description="Ignored.")),
     "prompt_cache_key": (str | None, Field(default=None, description="Ignored: vLLM caches prefixes itself.")),
 }
+
+# The client's name for a request, as vLLM declares it (random when not sent). It is left out of
+# the request's dump: it changes no output, so the response cache's key must not hold it.
+REQUEST_ID_FIELD: dict[str, Any] = {"request_id": (str, FieldInfo.merge_field_infos(
+    VllmCompletionRequest.model_fields["request_id"], exclude=True,
+    description="The base of the response's id (`cmpl-<request_id>`, `chatcmpl-<request_id>`); an X-Request-Id "
+                "header takes precedence. Random when neither is sent."))}
 
 
 def vllm_fields(model: type[BaseModel], names: tuple[str, ...]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The key covers the base model's identity and revision, the revision of every guide
 model and scorer model the request uses, every output-affecting request field (all of them but
-`stream`, `stream_options`, `user` and `cache`), the guidance spec as resolved, and
+`stream`, `stream_options`, `user` and `cache`; `request_id` is not in a request's dump), the guidance
+spec as resolved, and
 the prompt or messages. Two requests that can differ in output never share a key.
 """
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.api.chat.protocol import ChatCompletionRequest
-from server.api.choices import ChoiceCollector, guidance_report
+from server.api.choices import ChoiceCollector, guidance_report, token_name
 from server.api.common import check_n, completion_budget, truncate_prompt
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
 from server.engine import ChoiceDelta, ChoiceOutput, TokenLogprob
@@ -63,6 +64,10 @@ class ChatServing(GenerationServing):
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 for i in range(body.n)]
 
+    def prompt_fields(self, body: ChatCompletionRequest, prepared: ChatPrepared) -> dict:
+        # vLLM's server gives the templated prompt's token ids beside the choices, not in each.
+        return {"prompt_token_ids": prepared.prompts[0].token_ids} if body.return_token_ids else {}
+
     def choice(self, body: ChatCompletionRequest, prepared: ChatPrepared, index: int, choice: ChoiceOutput) -> dict:
         message: dict = {"role": "assistant", "content": choice.text}
         finish_reason = choice.finish_reason
@@ -73,7 +78,7 @@ class ChatServing(GenerationServing):
         result = {
             "index": index,
             "message": message,
-            "logprobs": _logprobs(choice.logprobs) if body.logprobs else None,
+            "logprobs": _logprobs(choice.logprobs, body.return_tokens_as_token_ids) if body.logprobs else None,
             "finish_reason": finish_reason,
         }
         if prepared.reports:
@@ -92,7 +97,7 @@ class ChatServing(GenerationServing):
         result = {
             "index": index,
             "delta": message,
-            "logprobs": _logprobs(list(delta.logprobs or ())) if body.logprobs else None,
+            "logprobs": _logprobs(delta.logprobs or (), body.return_tokens_as_token_ids) if body.logprobs else None,
             "finish_reason": finish_reason,
         }
         if prepared.reports and delta.finish_reason is not None:
@@ -106,20 +111,22 @@ class ChatServing(GenerationServing):
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
         replayed = {"index": choice["index"], "delta": delta,
                     "logprobs": choice["logprobs"], "finish_reason": choice["finish_reason"]}
-        if "guidance" in choice:
-            replayed["guidance"] = choice["guidance"]
+        replayed.update({key: choice[key] for key in ("token_ids", "guidance") if key in choice})
         return [replayed]
 
 
-def _logprobs(tokens: list[TokenLogprob]) -> dict:
-    """The chat endpoint's logprobs object."""
+def _logprobs(tokens: Sequence[TokenLogprob], as_ids: bool | None) -> dict:
+    """The chat endpoint's logprobs object; tokens named by their ids if `as_ids`, where vLLM's
+    server still gives a generated token the bytes of its text (an alternative, those of its name)."""
 
-    def entry(token: str, logprob: float) -> dict:
+    def entry(token_id: int, text: str, logprob: float) -> dict:
+        token = token_name(token_id, text, as_ids)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
     return {
         "content": [
-            {**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for tok, lp in t.top]}
+            {**entry(t.token_id, t.token, t.logprob), "bytes": list(t.token.encode("utf-8")),
+             "top_logprobs": [entry(*alternative) for alternative in t.top]}
             for t in tokens
         ]
     }

@@ -42,6 +42,12 @@ class CompletionRequest(_VllmCompletionFields):
         return max_tokens
 
     @property
+    def echoes_text(self) -> bool:
+        """Whether a choice's text starts with its prompt's: with `echo`, unless `return_token_ids`
+        returns the prompt's token ids instead (vLLM's server then leaves the prompt's text out)."""
+        return self.echo and not self.return_token_ids
+
+    @property
     def scores_prompt_only(self) -> bool:
         """`max_tokens: 0` with `echo`: the prompt and its logprobs, nothing generated."""
         return self.max_tokens == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.api.choices import guidance_report
+from server.api.choices import guidance_report, token_name
 from server.api.common import check_n, completion_budget, truncate_prompt
 from server.api.completions.protocol import CompletionRequest
 from server.api.generation import GenerationServing, Prepared, PreparedPrompt
@@ -50,18 +50,22 @@ class CompletionServing(GenerationServing):
 
     def choice(self, body: CompletionRequest, prepared: Prepared, index: int, choice: ChoiceOutput) -> dict:
         prompt = self._prompt(body, prepared, index)
-        prefix = prompt.text if body.echo else ""
+        prefix = prompt.text if body.echo else ""  # logprob offsets count it even when the text leaves it out
         logprobs = None
         if body.logprobs is not None:
-            logprobs = _logprobs(choice.logprobs, choice.text, len(prefix))
+            logprobs = _logprobs(choice.logprobs, choice.text, len(prefix), body.return_tokens_as_token_ids)
             if body.echo:
-                logprobs = _join(_echoed_logprobs(prompt, choice.prompt_logprobs, self.services.renderer), logprobs)
+                echoed = _echoed_logprobs(prompt, choice.prompt_logprobs, self.services.renderer,
+                                          body.return_tokens_as_token_ids)
+                logprobs = _join(echoed, logprobs)
         result = {
             "index": index,
-            "text": prefix + choice.text,
+            "text": (prefix if body.echoes_text else "") + choice.text,
             "logprobs": logprobs,
             "finish_reason": choice.finish_reason,
         }
+        if body.return_token_ids:
+            result["prompt_token_ids"] = prompt.token_ids
         if body.prompt_logprobs is not None:
             result["prompt_logprobs"] = choice.prompt_logprobs
         if prepared.reports:
@@ -71,20 +75,24 @@ class CompletionServing(GenerationServing):
     def chunk_choice(self, body: CompletionRequest, prepared: Prepared, index: int, delta: ChoiceDelta,
                      previous_text: str | None) -> dict:
         prompt = self._prompt(body, prepared, index)
-        echoing = body.echo and previous_text is None  # the prompt goes out with the choice's first delta
+        first = previous_text is None  # the prompt (echoed, or its token ids) goes out with the first delta
         prefix = prompt.text if body.echo else ""
         start = len(prefix) + len(previous_text or "")  # character offset of this delta's first token
         logprobs = None
         if body.logprobs is not None:
-            logprobs = _logprobs(list(delta.logprobs or ()), delta.text, start)
-            if echoing:
-                logprobs = _join(_echoed_logprobs(prompt, delta.prompt_logprobs, self.services.renderer), logprobs)
+            logprobs = _logprobs(list(delta.logprobs or ()), delta.text, start, body.return_tokens_as_token_ids)
+            if body.echo and first:
+                echoed = _echoed_logprobs(prompt, delta.prompt_logprobs, self.services.renderer,
+                                          body.return_tokens_as_token_ids)
+                logprobs = _join(echoed, logprobs)
         result = {
             "index": index,
-            "text": (prefix if echoing else "") + delta.text,
+            "text": (prefix if first and body.echoes_text else "") + delta.text,
             "logprobs": logprobs,
             "finish_reason": delta.finish_reason,
         }
+        if body.return_token_ids and first:
+            result["prompt_token_ids"] = prompt.token_ids
         if body.prompt_logprobs is not None and delta.prompt_logprobs is not None:
             result["prompt_logprobs"] = delta.prompt_logprobs
         if prepared.reports and delta.finish_reason is not None:
@@ -95,25 +103,27 @@ class CompletionServing(GenerationServing):
         return [choice]
 
 
-def _echoed_logprobs(prompt: PreparedPrompt, positions: PromptLogprobs | None, renderer: PromptRenderer) -> dict:
+def _echoed_logprobs(prompt: PreparedPrompt, positions: PromptLogprobs | None, renderer: PromptRenderer,
+                     as_ids: bool | None) -> dict:
     """The prompt's part of an echoed logprobs object, as vLLM's server writes it: each prompt
     token with its logprob given the tokens before it (None for the first, which has no context)
-    and every alternative vLLM returned for that position."""
+    and every alternative vLLM returned for that position; tokens named by their ids if `as_ids`."""
     positions = positions or (None,) * len(prompt.token_ids)
     tokens, token_logprobs, top_logprobs, offsets, offset = [], [], [], [], 0
     for token_id, position in zip(prompt.token_ids, positions):
         if position is None:
-            token, logprob, top = renderer.decode([token_id]), None, None
+            text, logprob, top = renderer.decode([token_id]), None, None
         else:
             own = position[str(token_id)]
-            token, logprob = own["decoded_token"], own["logprob"]
-            top = {entry["decoded_token"]: entry["logprob"] for entry in position.values()}
-        tokens.append(token)
+            text, logprob = own["decoded_token"], own["logprob"]
+            top = {token_name(int(top_id), entry["decoded_token"], as_ids): entry["logprob"]
+                   for top_id, entry in position.items()}
+        tokens.append(token_name(token_id, text, as_ids))
         token_logprobs.append(logprob)
         top_logprobs.append(top)
         offsets.append(offset)
-        if prompt.text.startswith(token, offset):
-            offset += len(token)
+        if prompt.text.startswith(text, offset):
+            offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
@@ -121,10 +131,11 @@ def _join(first: dict, second: dict) -> dict:
     return {key: first[key] + second[key] for key in first}
 
 
-def _logprobs(tokens: list[TokenLogprob], text: str, text_offset: int) -> dict:
-    """The completions endpoint's logprobs object for `tokens`, which produced `text`.
+def _logprobs(tokens: list[TokenLogprob], text: str, text_offset: int, as_ids: bool | None) -> dict:
+    """The completions endpoint's logprobs object for `tokens`, which produced `text`; tokens
+    named by their ids if `as_ids`.
 
-    Offsets count characters of the returned text from `text_offset`; a token whose string is
+    Offsets count characters of the generated text from `text_offset`; a token whose string is
     not in the text (a special token the text skips) takes no room.
     """
     offsets, position = [], 0
@@ -133,8 +144,9 @@ def _logprobs(tokens: list[TokenLogprob], text: str, text_offset: int) -> dict:
         if text.startswith(token.token, position):
             position += len(token.token)
     return {
-        "tokens": [t.token for t in tokens],
+        "tokens": [token_name(t.token_id, t.token, as_ids) for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
+        "top_logprobs": [{token_name(top_id, top_text, as_ids): logprob for top_id, top_text, logprob in t.top}
+                         for t in tokens],
         "text_offset": offsets,
     }
