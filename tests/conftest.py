@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from workflows.server_process import free_port, stop_process
+from workflows.server_process import start_server as start_process
+
 ALIGNSERVE = Path(sys.executable).parent / "alignserve"
 SERVER_START_TIMEOUT_S = 300
 
 # Engines in tests (servers and in-process) run eager unless the environment says otherwise: vLLM's
 # default on CPU compiles the model with torch.compile, which doubles a demo server's start-up (60 s, not 30 s).
 os.environ.setdefault("ALIGNSERVE_ENFORCE_EAGER", "true")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RunningServer:
@@ -75,26 +70,9 @@ def metric_value(exposition: str, name: str, **labels: str) -> float:
 
 def start_server(log_path: Path, *flags: str, env: dict[str, str] | None = None) -> RunningServer:
     """Start `alignserve serve` (with `env` added to the environment) and wait until /health answers 200."""
-    port = free_port()
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [str(ALIGNSERVE), "serve", "--port", str(port), *flags],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
-    server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    stop_server(server)
-    raise RuntimeError(f"server did not become healthy in {SERVER_START_TIMEOUT_S} s:\n{server.log()[-4000:]}")
+    started = start_process("alignserve", lambda port: [str(ALIGNSERVE), "serve", "--port", str(port), *flags],
+                            log_path, env=env, timeout_s=SERVER_START_TIMEOUT_S)
+    return RunningServer(started.process, started.url, log_path)
 
 
 def post_and_leave(server: RunningServer, path: str, body: dict, after_s: float = 1.0) -> str | None:
@@ -139,13 +117,7 @@ def assert_stopped_early(server: RunningServer, tokens_before: float, full_token
 
 
 def stop_server(server: RunningServer) -> None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait()
+    stop_process(server.process)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from tests.conftest import free_port
+from workflows.server_process import free_port
 
 
 class RedisServer:
