@@ -12,8 +12,8 @@ that does, and the total is summed only when it is collected. It is the KL betwe
 the distributions the engine samples from: offsets are added before temperature, so
 at a request's temperature T the guided policy is softmax((l + d) / T) and the base
 softmax(l / T) (see `guidance.divergence.kl_guided_to_base`; greedy requests, T = 0,
-are reported at T = 1). Each request's temperature is written once, when it joins,
-into a per-request buffer that `apply` gathers by index with the KL rows.
+are reported at T = 1). Each request keeps its temperature from when it joins; the layout
+holds them as a tensor, or as None when every row samples at 1 (no division by T then).
 
 Entropy gating: an entry with `min_entropy` > 0 steers a row only at positions where the
 base distribution at the row's temperature has entropy H = -sum_y p(y) log p(y) >= min_entropy;
@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from guidance.catalog import GuideCatalog
-from guidance.divergence import GREEDY_TEMPERATURE, candidate_mask, kl_guided_to_base, split_at_candidates
+from guidance.divergence import GREEDY_TEMPERATURE, candidate_mask, guided_logits_and_kl, split_at_candidates
 from guidance.kv_budget import GUIDE_KV_BLOCK_SIZE
 from guidance.batch_layout import Feed, Group, Layout, build_layout
 from guidance.spec import ResolvedGuidance
@@ -89,7 +89,8 @@ class _Request:
     guidance: list[ResolvedGuidance]
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]  # live reference, grown by the engine
-    stat: int  # row of the KL and temperature buffers
+    stat: int  # row of the KL buffers
+    temperature: float  # at which its KL is measured: the sampling temperature, 1 for greedy rows
     slots: dict[str, int]  # guide model name -> KV-cache slot
     first_output: int  # outputs generated before this (re)join, whose KL is carried
     carried_kl: Tensor | float = 0.0
@@ -137,7 +138,6 @@ class GuidanceBatch:
         }
         self._kl_at = torch.zeros(max_requests, max_len, device=self._device)  # KL by output position
         self._steered_at = torch.zeros(max_requests, max_len, device=self._device)  # 1 where a position was steered
-        self._temperature = torch.ones(max_requests, device=self._device)  # sampling temperature by stat row
         self._free_stats = list(range(max_requests - 1, -1, -1))
         self._rows: dict[int, _Request] = {}
         self._layout: Layout | None = None  # None: the rows changed since it was built
@@ -163,13 +163,13 @@ class GuidanceBatch:
             return  # strength 0 everywhere: exactly the unguided distribution, nothing to run
         carried_kl, carried_steps = self._uncollected.pop(key, (0.0, 0))  # rejoining after preemption
         stat = self._free_stats.pop()
-        self._temperature[stat] = 1.0 if temperature < GREEDY_TEMPERATURE else float(temperature)
         self._rows[row] = _Request(
             key=key,
             guidance=active,
             prompt_ids=prompt_ids,
             output_ids=output_ids,
             stat=stat,
+            temperature=1.0 if temperature < GREEDY_TEMPERATURE else float(temperature),
             slots={name: self._models[name].cache.allocate() for name in {g.params.model for g in active}},
             first_output=len(output_ids),
             carried_kl=carried_kl,
@@ -212,13 +212,13 @@ class GuidanceBatch:
             return logits
         began = time.perf_counter()
         if self._layout is None or self._layout.vocab != logits.shape[-1]:
-            self._layout = build_layout(self._rows, self._models, self._temperature, logits.shape[-1], self._device)
+            self._layout = build_layout(self._rows, self._models, logits.shape[-1], self._device)
         layout = self._layout
         position = self._feed(layout)
         base = logits[layout.take].float()  # [G, V]; may be a view of `logits`: all reads come before the writes
         # Sorted, so every sparse group's candidates are a prefix of each row's top-K.
         top = torch.topk(base, layout.max_k) if layout.max_k or layout.gates else None
-        split = split_at_candidates(base, top.indices, layout.temperature) if layout.split else None
+        split = split_at_candidates(base, top.indices, layout.split_temperature) if layout.split else None
         entropy = split.entropy() if layout.gates else None
         # The one host read: which gated entries are open, so that closed ones score nothing.
         opened = (entropy[layout.gates.rows] >= layout.gates.bounds).tolist() if layout.gates else []
@@ -228,9 +228,10 @@ class GuidanceBatch:
             rows = layout.dense_rows
             if layout.max_k:  # a dense row's KL needs all of its offsets, the grid's too
                 dense.scatter_add_(1, top.indices[rows], grid[rows])
-            dense_base = base[rows]
-            kl.index_copy_(0, rows, kl_guided_to_base(dense_base, dense, layout.temperature[rows]))
-            dense = (dense_base + dense).to(logits.dtype)  # the dense rows' guided logits
+            guided, dense_kl = guided_logits_and_kl(base if layout.all_dense else base[rows], dense,
+                                                    layout.dense_temperature)
+            kl.index_copy_(0, rows, dense_kl)
+            dense = guided.to(logits.dtype)  # the dense rows' guided logits
         self._kl_at[layout.stat, position] = kl
         self._steered_at[layout.stat, position] = 1.0 if entropy is None else (  # ungated: every row is steered
             (layout.gates.row_bound == 0) | (entropy >= layout.gates.row_bound)).float()
@@ -245,9 +246,10 @@ class GuidanceBatch:
                        opened: list[bool]) -> tuple[Tensor, Tensor | None]:
         """Every group's offsets, but for the entries whose entropy gate is closed (`opened`: one flag per
         gated entry): sparse groups' on the candidate grid ``[G, K]``, at each row's `top` K tokens,
-        dense groups' over the vocabulary ``[Gd, V]`` of the dense rows (None without dense rows)."""
+        dense groups' over the vocabulary ``[Gd, V]`` of the dense rows (None when no dense group steers:
+        a dense row's offsets are then its grid's, and `split` has its KL)."""
         grid = base.new_zeros(len(layout.requests), layout.max_k)
-        dense = None if layout.dense_rows is None else base.new_zeros(len(layout.dense_rows), layout.vocab)
+        dense = None
         for group in layout.groups:
             if group.gate is not None:
                 kept = [i for i, (is_open, bound) in enumerate(zip(opened[group.gate], group.bounds))
@@ -259,7 +261,13 @@ class GuidanceBatch:
                 candidates = top.indices[group.index, :group.max_k]
                 grid[:, :group.max_k].index_add_(0, group.index, self._offsets(group, candidates, group.valid))
             else:
-                dense.index_add_(0, group.dense_index, self._dense_offsets(group, base))
+                offsets = self._dense_offsets(group, base)
+                if dense is None and group.fills_dense:
+                    dense = offsets  # the only dense group, every dense row once and in order: nothing to add
+                    continue
+                if dense is None:
+                    dense = base.new_zeros(len(layout.dense_rows), layout.vocab)
+                dense.index_add_(0, group.dense_index, offsets)
         return grid, dense
 
     def _feed(self, layout: Layout) -> Tensor:

@@ -1,7 +1,7 @@
 """The layout of a `guidance.batch.GuidanceBatch`: everything a step needs that depends only on which
 request sits in which row, built once after the rows change instead of at every step.
 
-It holds the row and stat indices, the temperatures, each guide model's rows and KV slots, the
+It holds the row and stat indices, the temperatures (None where every row samples at 1), each guide model's rows and KV slots, the
 (guide model, module) groups with their strengths, top-k and candidate masks, which groups'
 offsets stay sparse (k candidates per row, on one ``[G, K]`` grid of the top-K tokens) and which
 rows get dense ``[Gd, V]`` offsets, and the entropy gates.
@@ -54,6 +54,7 @@ class Group:
     valid: Tensor | None  # [b, max_k] sparse groups: False past an entry's own top_k
     # Set by the layout, which sees every group:
     dense_index: Tensor | None = None  # [b] dense groups: positions among the layout's dense rows
+    fills_dense: bool = False  # dense_index is every dense row once, in order (0, 1, ..., Gd - 1)
     gate: slice | None = None  # its entries in the layout's `Gates` (None: none is entropy-gated)
 
     def subset(self, kept: list[int]) -> Group:
@@ -62,7 +63,7 @@ class Group:
         return replace(
             self, rows=[self.rows[i] for i in kept], slots=[self.slots[i] for i in kept],
             bounds=[self.bounds[i] for i in kept], index=self.index[pick], slot_index=self.slot_index[pick],
-            strength=self.strength[pick], top_k=self.top_k[pick], gate=None,
+            strength=self.strength[pick], top_k=self.top_k[pick], gate=None, fills_dense=False,
             valid=None if self.valid is None else self.valid[pick],
             dense_index=None if self.dense_index is None else self.dense_index[pick])
 
@@ -85,21 +86,23 @@ class Layout:
     take: slice | Tensor  # the guided rows of the logits: a slice (a view, no copy) when they are 0..G-1
     row_index: Tensor  # [G]
     stat: Tensor  # [G] rows of the KL, steps and temperature buffers
-    temperature: Tensor  # [G]
+    split_temperature: Tensor | None  # [G] at which each row's KL and entropy are taken (None: all at 1)
     feeds: dict[str, Feed]  # per guide model
     groups: list[Group]
     max_k: int  # K, the columns of the candidate grid (0: no sparse group)
     split: bool  # a row's KL comes from the grid (no dense group steers it), or the entropy gate is read
     dense_rows: Tensor | None  # [Gd] layout positions of the rows some dense group steers
     dense_take: Tensor | None  # [Gd] their rows of the logits
+    dense_temperature: Tensor | None  # [Gd] their temperatures (None: all at 1)
+    all_dense: bool  # every row is a dense row (dense_rows is 0..G-1)
     gates: Gates | None
     position: Tensor | None = None  # [G] each row's output position, where its KL goes
 
 
-def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], temperature: Tensor, vocab: int,
+def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], vocab: int,
                  device: torch.device) -> Layout:
-    """The layout of the requests in `rows` (row -> request with `slots`, `stat` and `guidance`);
-    `temperature` is the batch's per-stat temperature buffer."""
+    """The layout of the requests in `rows` (row -> request with `slots`, `stat`, `temperature` and
+    `guidance`)."""
     ordered = sorted(rows)
     requests = [rows[r] for r in ordered]
     row_index = torch.tensor(ordered, device=device)
@@ -117,7 +120,9 @@ def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], temp
     dense_rows = sorted({i for g in groups if not g.sparse for i in g.rows})
     for g in groups:
         if not g.sparse:
-            g.dense_index = torch.tensor([dense_rows.index(i) for i in g.rows], device=device)
+            positions = [dense_rows.index(i) for i in g.rows]
+            g.dense_index = torch.tensor(positions, device=device)
+            g.fills_dense = positions == list(range(len(dense_rows)))
     gated = [g for g in groups if any(g.bounds)]
     start = 0
     for g in gated:
@@ -128,13 +133,23 @@ def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], temp
         row_bound=torch.tensor([min(e.params.min_entropy for e in q.guidance) for q in requests], device=device),
     ) if gated else None
     dense_index = torch.tensor(dense_rows, device=device) if dense_rows else None
+    temperatures = [q.temperature for q in requests]
+    dense_temperatures = [temperatures[i] for i in dense_rows]
     return Layout(
         vocab=vocab, requests=requests,
         take=slice(0, len(ordered)) if ordered == list(range(len(ordered))) else row_index,
-        row_index=row_index, stat=stat, temperature=temperature[stat], feeds=feeds, groups=groups,
+        row_index=row_index, stat=stat, feeds=feeds, groups=groups,
+        split_temperature=_temperatures(temperatures, device),
         max_k=max((g.max_k for g in groups if g.sparse), default=0),
         split=gates is not None or len(dense_rows) < len(ordered), dense_rows=dense_index,
-        dense_take=None if dense_index is None else row_index[dense_index], gates=gates)
+        dense_take=None if dense_index is None else row_index[dense_index],
+        dense_temperature=_temperatures(dense_temperatures, device), all_dense=len(dense_rows) == len(ordered),
+        gates=gates)
+
+
+def _temperatures(temperatures: list[float], device: torch.device) -> Tensor | None:
+    """The rows' temperatures as a tensor, None when all are 1 (nothing to divide by)."""
+    return None if all(t == 1.0 for t in temperatures) else torch.tensor(temperatures, device=device)
 
 
 def _group(entries: list[tuple[int, ResolvedGuidance]], requests: list[Any], models: Mapping[str, GuideModel],

@@ -37,20 +37,34 @@ def kl_guided_to_base(logits: Tensor, offsets: Tensor, temperature: Tensor | Non
     `temperature` ``[B]`` is each row's sampling temperature (None: 1 for every row). A row below
     `GREEDY_TEMPERATURE` (temperature 0, greedy decoding) samples an argmax, not a distribution;
     its KL is taken at temperature 1.
+    """
+    return guided_logits_and_kl(logits, offsets, temperature)[1]
+
+
+def guided_logits_and_kl(logits: Tensor, offsets: Tensor, temperature: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The guided logits l + d ``[B, V]`` (float32) and `kl_guided_to_base` of them ``[B]``.
 
     With l' = l / T, d' = d / T, q = softmax(l' + d') and p = softmax(l'),
-    log q - log p = d' - (lse(l' + d') - lse(l')), so KL = E_q[d'] - lse(l' + d') + lse(l').
-    Tokens with l = -inf have q = 0 and add nothing; d = 0 gives exactly 0.
+    log q - log p = d' - c with c = lse(l' + d') - lse(l'), so KL = E_q[d'] - c. Both log-softmaxes
+    come from the same fused kernel, and c is read at one token i where q_i is largest (>= 1/V):
+    c = (l'_i + d'_i - log q_i) - (l'_i - log p_i). So d = 0 gives exactly 0 (the two are the same
+    computation), no exp over- or underflows, and the vocabulary is read in five passes (the sum
+    l + d, two log-softmaxes, q = exp(log q), one dot product) instead of a logsumexp's four each.
+    Tokens with l = -inf have q = 0 and add nothing (d is finite).
     """
-    t = _divisor(temperature, logits)
-    logits = logits.float() / t
-    offsets = offsets.float() / t
-    guided = logits + offsets
-    log_norm_shift = torch.logsumexp(guided, dim=-1) - torch.logsumexp(logits, dim=-1)
-    q = torch.softmax(guided, dim=-1)
-    mean_offset = (q * offsets.masked_fill(q == 0, 0.0)).sum(dim=-1)
+    guided = logits.float() + offsets
+    if temperature is None:
+        base, scaled_guided, scaled_offsets = logits.float(), guided, offsets.float()
+    else:
+        t = _divisor(temperature, logits)
+        base, scaled_guided, scaled_offsets = logits.float() / t, guided / t, offsets.float() / t
+    log_q = torch.log_softmax(scaled_guided, dim=-1)
+    log_p = torch.log_softmax(base, dim=-1)
+    top = log_q.argmax(dim=-1, keepdim=True)
+    shift = (scaled_offsets.gather(1, top) - log_q.gather(1, top) + log_p.gather(1, top)).squeeze(1)
+    mean_offset = torch.linalg.vecdot(log_q.exp_(), scaled_offsets)
     # Rounding can leave a tiny negative value where q = p.
-    return (mean_offset - log_norm_shift).clamp_min(0.0)
+    return guided, (mean_offset - shift).clamp_min(0.0)
 
 
 @dataclass(frozen=True)

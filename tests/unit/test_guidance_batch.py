@@ -109,6 +109,29 @@ def test_kl_is_reported_at_each_rows_sampling_temperature(catalog, models):
     assert {k: r.steps for k, r in reports.items()} == {"cold": 5, "hot": 3, "greedy": 5, "plain": 1}
 
 
+def test_every_row_dense_at_temperature_one_then_mixed(catalog, models):
+    """Only whole-vocabulary entries: every row is a dense row, and one group fills them all (its offsets
+    are the dense offsets as they are), first at temperature 1 everywhere (no division by T), then with a
+    hot row, a greedy row and a gated entry (two dense groups, some entries closed)."""
+    batch = GuidanceBatch(models, catalog, max_requests=4, max_len=64)
+    engine = FakeEngine(batch, catalog, models, seed=11, spread=True)
+    engine.add(0, "a", "arm", [1, 5, 9])
+    engine.add(1, "b", "arm", [1, 7])
+    engine.step()
+    engine.step()
+    engine.add(2, "hot", "arm", [1, 3, 3], temperature=2.0)
+    engine.step()
+    engine.add(3, "greedy", "gated+arm whole", [1, 4], temperature=0.0)
+    engine.step()
+    engine.move(3, 0, swap=True)
+    engine.step()
+    keys = ["a", "b", "hot", "greedy"]
+    reports = batch.collect(keys)
+    for key in keys:
+        assert reports[key].kl == pytest.approx(engine.expected_kl[key], rel=1e-4, abs=1e-6), key
+        assert reports[key].steps == engine.expected_steps[key], key
+
+
 def test_temperature_changes_the_report_and_greedy_equals_temperature_one(catalog, models):
     """The same guided step reported at T = 0.5, 1, 2 and 0 (greedy): T = 0 is T = 1, the others differ."""
     guidance = parse_guidance(SPECS["q"], catalog)
