@@ -3,8 +3,8 @@
 vLLM on CPU asks for tcmalloc in ``LD_PRELOAD`` (its CPU worker warns without it; the Docker
 image sets it). Guidance makes several ``[rows, vocabulary]`` float32 tensors per decoding step.
 With glibc's malloc a block that large is a fresh ``mmap`` whose pages fault in on first write,
-every step; tcmalloc reuses freed memory. Measured on SmolLM2 with the ARM guide, 32 rows, one
-thread: the guidance step took 55 ms with glibc's malloc and 25 ms with tcmalloc (docs/deploy.md).
+every step; tcmalloc reuses freed memory. Through the server on SmolLM2 at concurrency 32 guided
+throughput rose 9-16% and unguided did not change (bench/results/allocator/README.md).
 
 ``serve`` restarts itself once with tcmalloc in ``LD_PRELOAD`` when the library is installed and
 ``LD_PRELOAD`` names no allocator yet; the engine processes vLLM spawns inherit it.
