@@ -1,9 +1,9 @@
 """The layout of a `guidance.batch.GuidanceBatch`: everything a step needs that depends only on which
 request sits in which row, built once after the rows change instead of at every step.
 
-It holds the row and stat indices, the temperatures (None where every row samples at 1), each guide model's rows and KV slots, the
-(guide model, module) groups with their strengths, top-k and candidate masks, which groups'
-offsets stay sparse (k candidates per row, on one ``[G, K]`` grid of the top-K tokens) and which
+It holds the row and stat indices, the temperatures (None where every row samples at 1), each
+guide model's rows and KV slots, the (guide model, module) groups with their strengths, top-k and
+candidate masks, which groups' offsets stay sparse (k candidates per row, on one ``[G, K]`` grid of the top-K tokens) and which
 rows get dense ``[Gd, V]`` offsets, and the entropy gates.
 """
 
@@ -85,7 +85,7 @@ class Layout:
     requests: list[Any]  # the batch's requests, in row order
     take: slice | Tensor  # the guided rows of the logits: a slice (a view, no copy) when they are 0..G-1
     row_index: Tensor  # [G]
-    stat: Tensor  # [G] rows of the KL, steps and temperature buffers
+    stat: Tensor  # [G] rows of the KL and steps buffers
     split_temperature: Tensor | None  # [G] at which each row's KL and entropy are taken (None: all at 1)
     feeds: dict[str, Feed]  # per guide model
     groups: list[Group]

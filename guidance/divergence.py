@@ -48,8 +48,9 @@ def guided_logits_and_kl(logits: Tensor, offsets: Tensor, temperature: Tensor | 
     log q - log p = d' - c with c = lse(l' + d') - lse(l'), so KL = E_q[d'] - c. Both log-softmaxes
     come from the same fused kernel, and c is read at one token i where q_i is largest (>= 1/V):
     c = (l'_i + d'_i - log q_i) - (l'_i - log p_i). So d = 0 gives exactly 0 (the two are the same
-    computation), no exp over- or underflows, and the vocabulary is read in five passes (the sum
-    l + d, two log-softmaxes, q = exp(log q), one dot product) instead of a logsumexp's four each.
+    computation), no exp over- or underflows, and the vocabulary is read in six passes (the sum
+    l + d, two log-softmaxes, an argmax, q = exp(log q), one dot product), where two logsumexps
+    alone took eight.
     Tokens with l = -inf have q = 0 and add nothing (d is finite).
     """
     guided = logits.float() + offsets
