@@ -3,8 +3,8 @@ request sits in which row, built once after the rows change instead of at every 
 
 It holds the row and stat indices, the temperatures (None where every row samples at 1), each
 guide model's rows and KV slots, the (guide model, module) groups with their strengths, top-k and
-candidate masks, which groups' offsets stay sparse (k candidates per row, on one ``[G, K]`` grid of the top-K tokens) and which
-rows get dense ``[Gd, V]`` offsets, and the entropy gates.
+candidate masks, which groups' offsets stay sparse (k candidates per row, on one ``[G, K]`` grid of
+the top-K tokens) and which rows get dense ``[Gd, V]`` offsets, and the entropy gates.
 """
 
 from __future__ import annotations
