@@ -12,7 +12,7 @@ from openai import AsyncOpenAI
 
 from guidance.verifiers import get_verifier
 from models.demo.task import sample_problems
-from tests.conftest import assert_stopped_early, post_and_leave
+from tests.conftest import assert_stopped_early, metric_value, post_and_leave
 
 pytestmark = pytest.mark.engine
 
@@ -224,8 +224,7 @@ def test_disconnect_during_best_of_n_aborts_every_candidate(server, model_name, 
 def test_best_of_n_prefills_the_prompt_once(http, model_name):
     """The N candidates share the prompt's KV blocks: the first computes them, the others hit vLLM's prefix cache."""
     def metric(name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
-                   if line.startswith(name))
+        return metric_value(http.get("/metrics").text, name)
 
     prompt = "".join(random.Random(time.time_ns()).choice("0123456789+-=") for _ in range(400))  # never seen
     queries, hits = metric("vllm:prefix_cache_queries_total"), metric("vllm:prefix_cache_hits_total")
