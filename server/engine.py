@@ -43,6 +43,7 @@ from guidance.loading import step_model_names
 from guidance.search.report import SearchReport
 from server.engine_args import ENGINE_ARGS
 from server.errors import vllm_client_error
+from server.machine import resolve_dtype
 from server.metrics import observe_guidance
 from server.report_batcher import ReportBatcher
 from server.settings import Settings
@@ -307,7 +308,7 @@ def engine_args(settings: Settings, catalog: GuideCatalog) -> AsyncEngineArgs:
     return AsyncEngineArgs(
         model=str(settings.model),
         served_model_name=settings.model_name,
-        dtype=settings.dtype,
+        dtype=resolve_dtype(settings.dtype),
         max_model_len=settings.max_model_len,
         kv_cache_memory_bytes=int(settings.kv_cache_space_gib * GIB),
         # Ignore sampling defaults in the model's generation_config.json: a request's

@@ -46,7 +46,9 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     host: str = Field(default="127.0.0.1", description="Interface to bind.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to bind (0 picks a free one).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Weight and activation dtype of the base model."
+        default="auto", description="Weight and activation dtype of the base model; auto: vLLM's choice (the checkpoint's "
+        "dtype) on a GPU and on a CPU with bfloat16 instructions (AVX512_BF16 or AMX), float32 on a CPU without "
+        "them, where bfloat16 runs several times slower."
     )
     max_model_len: int | None = Field(
         default=None, ge=16, description="Context length (prompt + completion); default: the model's own."

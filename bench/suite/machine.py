@@ -11,6 +11,7 @@ import torch
 
 from bench.servers import allocator_env
 from server.allocator import preloaded_allocator
+from server.machine import has_bf16_instructions, resolve_dtype, vector_flags
 
 
 def _cpu_model() -> str:
@@ -44,6 +45,10 @@ def describe_machine() -> dict:
     """CPU, cores, memory, accelerator, the versions of the serving stack and the servers' allocator."""
     return {
         "cpu": _cpu_model(),
+        # The CPU's vector flags decide vLLM's kernels and the default dtype (server.machine).
+        "cpu_flags": vector_flags(),
+        "bf16_instructions": has_bf16_instructions(),
+        "default_dtype": resolve_dtype("auto"),
         "cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": _memory_gib(),
