@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,6 +18,8 @@ from guidance.loading import check_tokenizers
 from guidance.search.scorers import ScorerCatalog
 from server.api.chat.router import router as chat_router
 from server.api.completions.router import router as completions_router
+from server.api.debug import DEBUG_PATH
+from server.api.debug import router as debug_router
 from server.api.guidance import router as guidance_router
 from server.api.health import router as health_router
 from server.api.metrics import router as metrics_router
@@ -23,18 +27,34 @@ from server.api.models import router as models_router
 from server.api.tokenize import router as tokenize_router
 from server.cache.service import ResponseCache
 from server.engine import Engine
-from server.errors import install_error_handlers
+from server.diagnostics import log_state
+from server.errors import EngineDead, install_error_handlers
 from server.lifecycle import Lifecycle
+from server.metrics import ENGINE_ALIVE, REQUEST_STAGES
 from server.middleware import ApiKeyAuth, BodySizeLimit, RequestOutcomes
 from server.prompts import PromptRenderer
 from server.tool_calls import ToolCalling
 from server.search import Search
 from server.services import Services
 from server.settings import Settings
+from server.tracking import RequestTracker, Stage
 
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/version"})
+
+
+async def watch_engine(engine: Engine, tracker: RequestTracker, lifecycle: Lifecycle, interval_s: float = 0.5
+                       ) -> None:
+    """When vLLM's engine core dies: end every in-flight request with 503 engine_dead, refuse new ones, and
+    have the server exit non-zero for its supervisor to restart it (/health and /ready answer 503 meanwhile)."""
+    ENGINE_ALIVE.set(1)
+    while engine.alive:
+        await asyncio.sleep(interval_s)
+    ENGINE_ALIVE.set(0)
+    lifecycle.engine_died()
+    ended = tracker.end_all(EngineDead)
+    logger.error("the engine died: %d in-flight requests ended with 503 engine_dead; exiting for a restart", ended)
 
 
 def create_app(
@@ -62,14 +82,23 @@ def create_app(
         for plan in plans:
             logger.info(plan.describe())
         tools = ToolCalling.load(settings.tool_call_parser, settings.enable_auto_tool_choice, renderer.tokenizer)
-        search = Search(engine, scorers, renderer.decode)
+        search = Search(engine, scorers, renderer.decode, settings.scorer_timeout_s)
+        tracker = RequestTracker(settings.stall_timeout_s)
+        REQUEST_STAGES.follow([stage.value for stage in Stage], tracker.snapshot)
         app.state.services = Services(settings, engine, renderer, catalog, scorers, search, lifecycle, cache, tools,
-                                      created=int(time.time()))
+                                      created=int(time.time()), tracker=tracker)
         logger.info("serving %s from %s (cache: %s)", settings.model_name, settings.model,
                     cache.backend.name if cache.backend else "off")
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, log_state, tracker)
+        watchers = [asyncio.create_task(tracker.watch(engine.holds), name="request watchdog"),
+                    asyncio.create_task(watch_engine(engine, tracker, lifecycle), name="engine watch")]
         try:
             yield
         finally:
+            loop.remove_signal_handler(signal.SIGUSR1)
+            for watcher in watchers:
+                watcher.cancel()
             await cache.close()
             engine.shutdown()
 
@@ -79,10 +108,13 @@ def create_app(
     for router in (health_router, metrics_router, models_router, tokenize_router, guidance_router, completions_router,
                    chat_router):
         app.include_router(router)
+    if settings.debug_key:
+        app.include_router(debug_router)
     # Added last = outermost: the body limit and key check run before anything else.
     app.add_middleware(RequestOutcomes)
     if settings.api_key_list:
-        open_paths = OPEN_PATHS if settings.auth_metrics else OPEN_PATHS | {"/metrics"}
+        # The debug route checks the operator's debug key itself.
+        open_paths = OPEN_PATHS | {DEBUG_PATH} if settings.auth_metrics else OPEN_PATHS | {"/metrics", DEBUG_PATH}
         app.add_middleware(ApiKeyAuth, keys=settings.api_key_list, open_paths=open_paths)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import types
 import typing
 from pathlib import Path
 
+import psutil
 import uvicorn
 from pydantic import ValidationError
 
@@ -37,11 +39,15 @@ from server.allocator import log_allocator, restart_with_tcmalloc
 from server.lifecycle import Lifecycle
 from server.settings import Settings
 
+GRACEFUL_SHUTDOWN_S = 5.0
+
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, except that SIGTERM first drains: /ready turns 503, new requests get 503,
     in-flight ones finish (up to the drain timeout), then the server exits. A second
-    signal exits at once."""
+    signal exits at once. SIGTERM or SIGINT during start-up (vLLM loading or compiling the
+    model) stops the engine processes started so far and exits at once. The server also
+    exits, non-zero, when the engine dies (`Lifecycle.exit_code`)."""
 
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float) -> None:
         super().__init__(config)
@@ -49,6 +55,13 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = drain_timeout_s
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        if not self.started:
+            # Start-up blocks the event loop (the engine is built synchronously), so nothing would act on
+            # a flag before it ends, minutes later; this handler runs between the start-up's own steps.
+            logging.getLogger(__name__).warning("signal %d during start-up: stopping the engine processes and "
+                                                "exiting", sig)
+            stop_child_processes()
+            os._exit(0)
         if sig != signal.SIGTERM or self.lifecycle.draining or self.should_exit:
             super().handle_exit(sig, frame)
             return
@@ -58,6 +71,23 @@ class DrainingServer(uvicorn.Server):
     async def _drain_and_exit(self) -> None:
         await self.lifecycle.drain(self.drain_timeout_s)
         self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        return await super().on_tick(counter) or self.lifecycle.exit_code is not None
+
+
+def stop_child_processes(grace_s: float = 5.0) -> None:
+    """SIGTERM every process this one started (vLLM's engine core and workers, and theirs), then SIGKILL
+    those still alive after `grace_s`."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
 
 
 def _flag_type(annotation: object) -> tuple[type, list[str] | None]:
@@ -115,9 +145,19 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log_allocator(os.environ)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
-    DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s).run()
-    return 0
+    # Connections still open this long after the server stopped accepting (drained, or the engine died) are closed.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout_s)
+    server.run()
+    code = app.state.lifecycle.exit_code or 0
+    # The engine was shut down with the app; whatever it left (a worker of a dead engine) goes too. Then exit
+    # without joining threads: a scorer thread that never returns would hold the interpreter's exit forever.
+    stop_child_processes()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _demo_build(args: argparse.Namespace) -> int:

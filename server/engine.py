@@ -9,11 +9,12 @@ in and gets `ChoiceDelta`s out.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from guidance.adapters.vllm import (
@@ -42,12 +44,13 @@ from guidance.catalog import GuideCatalog
 from guidance.loading import step_model_names
 from guidance.search.report import SearchReport
 from server.engine_args import ENGINE_ARGS
-from server.errors import vllm_client_error
+from server.errors import EngineDead, EngineTimeout, vllm_client_error
 from server.machine import resolve_dtype
 from server.metrics import observe_guidance
 from server.report_batcher import ReportBatcher
 from server.settings import Settings
 from server.streams import merge
+from server.tracking import Stage, current_request, stage
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +159,9 @@ class Engine:
     """Async vLLM engine for one base model and its guide models."""
 
     def __init__(self, llm: AsyncLLM, max_model_len: int, start_seconds: float, guided: bool,
-                 reply_rank: int) -> None:
+                 reply_rank: int, rpc_timeout_s: float = 30.0) -> None:
         self._llm = llm
+        self.rpc_timeout_s = rpc_timeout_s
         self.max_model_len = max_model_len
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.model_dtype = llm.model_config.dtype  # what the base model runs in ("auto" resolved by vLLM)
@@ -183,7 +187,7 @@ class Engine:
                     str(llm.model_config.dtype).removeprefix("torch."), parallel.tensor_parallel_size,
                     parallel.pipeline_parallel_size, ", ".join(catalog.names()) or "none")
         return cls(llm, max_len, elapsed, guided=bool(args.logits_processors),
-                   reply_rank=parallel.world_size - parallel.tensor_parallel_size)
+                   reply_rank=parallel.world_size - parallel.tensor_parallel_size, rpc_timeout_s=settings.rpc_timeout_s)
 
     def check_options(self, options: SamplingOptions) -> None:
         """A 400 with vLLM's message for options vLLM's engine would refuse (a token id out of the
@@ -215,8 +219,13 @@ class Engine:
     ) -> AsyncIterator[ChoiceDelta]:
         top_k = options.logprobs
         params = options.child_params(index, key=engine_id)
+        record = current_request()
+        if record is not None:
+            record.engine_ids.add(engine_id)
         try:
             async for output in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, engine_id):
+                if record is not None:
+                    record.progress()
                 for choice in output.outputs:
                     delta = ChoiceDelta(
                         index=index,
@@ -228,11 +237,16 @@ class Engine:
                         _prompt_logprobs(output.prompt_logprobs),
                     )
                     if delta.finish_reason is not None and options.guidance:
-                        delta = replace(delta, guidance=await self._guidance_report(engine_id, options))
+                        with stage(Stage.WAITING_REPORT):
+                            delta = replace(delta, guidance=await self._guidance_report(engine_id, options))
                     yield delta
+        except EngineDeadError as exc:
+            raise EngineDead() from exc
         finally:
-            # No-op for a finished request; stops an abandoned one.
-            await self._llm.abort(engine_id)
+            if record is not None:
+                record.engine_ids.discard(engine_id)
+            if self.alive:  # no-op for a finished request; stops an abandoned one (a dead engine holds none)
+                await self._llm.abort(engine_id)
 
     async def _guidance_report(self, key: str, options: SamplingOptions) -> GuidanceReport:
         """The worker's KL report of a finished guided request (zero if it was never guided)."""
@@ -241,13 +255,24 @@ class Engine:
         return GuidanceReport(kl=kl, steps=steps)
 
     async def _fetch_reports(self, keys: list[str]) -> dict[str, tuple[float, int]]:
-        return (await self._llm.collective_rpc(REPORTS_RPC, args=(keys,)))[self._reply_rank]
+        return (await self._worker_call(REPORTS_RPC, "the KL report of guided requests", (keys,)))[self._reply_rank]
+
+    async def _worker_call(self, method: str, what: str, args: tuple = ()) -> list[Any]:
+        """vLLM's collective RPC to the workers, bounded by `rpc_timeout_s` (EngineTimeout past it, EngineDead
+        when the engine died)."""
+        try:
+            return await asyncio.wait_for(self._llm.collective_rpc(method, args=args), self.rpc_timeout_s)
+        except EngineDeadError as exc:
+            raise EngineDead() from exc
+        except TimeoutError as exc:
+            raise EngineTimeout(f"The engine's workers did not answer within {self.rpc_timeout_s:g} s ({what}); "
+                                "retry the request.") from exc
 
     async def guidance_timings(self) -> StepTimings | None:
         """The worker's cumulative guidance step timings (None without guide models)."""
         if not self._guided:
             return None
-        timings = (await self._llm.collective_rpc(TIMINGS_RPC, timeout=5.0))[self._reply_rank]
+        timings = (await self._worker_call(TIMINGS_RPC, "guidance timings"))[self._reply_rank]
         return None if timings is None else StepTimings(**timings)
 
     async def check_health(self) -> None:
@@ -257,6 +282,11 @@ class Engine:
     @property
     def alive(self) -> bool:
         return not self._llm.errored
+
+    def holds(self, engine_ids: Iterable[str]) -> bool:
+        """Whether the engine holds any of these requests (queued, running, or with output not yet read)."""
+        held = self._llm.output_processor.external_req_ids
+        return any(held.get(engine_id) for engine_id in engine_ids)
 
     @property
     def num_unfinished_requests(self) -> int:

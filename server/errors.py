@@ -12,7 +12,15 @@ Exception tree (raise these from serving code; `install_error_handlers` maps the
     ├── ModelNotFound             404 invalid_request_error, code "model_not_found"
     ├── PayloadTooLarge           413 invalid_request_error
     ├── TooManyRequests           429 rate_limit_error, with a Retry-After header
-    └── ServiceUnavailable        503 service_unavailable (draining, engine not ready or dead)
+    └── ServiceUnavailable        503 service_unavailable, code "draining" while shutting down, or:
+        ├── EngineDead            code "engine_dead": vLLM's engine core died; the process exits for a restart
+        ├── EngineTimeout         code "engine_timeout": a call to the engine's workers did not answer in time
+        ├── ScorerTimeout         code "scorer_timeout": a search's scorer did not answer in time
+        ├── DeadlineExceeded      code "deadline_exceeded": the request's deadline passed (timeout_s)
+        └── RequestStalled        code "request_stalled": no progress while the engine held none of its work
+
+A 503 means the request may be retried as it is: on another replica at once, or here once
+/ready answers 200 again (after engine_dead: once the restarted server is ready).
 
 pydantic validation errors become 400 with `param` set to the exact field path
 (e.g. ``messages[0].content``, ``guidance[0].strength``), never 422.
@@ -93,6 +101,29 @@ class TooManyRequests(APIError):
 class ServiceUnavailable(APIError):
     status = 503
     type = "service_unavailable"
+
+
+class EngineDead(ServiceUnavailable):
+    code = "engine_dead"
+
+    def __init__(self) -> None:
+        super().__init__("The inference engine stopped unexpectedly; this server is restarting. Retry the request.")
+
+
+class EngineTimeout(ServiceUnavailable):
+    code = "engine_timeout"
+
+
+class ScorerTimeout(ServiceUnavailable):
+    code = "scorer_timeout"
+
+
+class DeadlineExceeded(ServiceUnavailable):
+    code = "deadline_exceeded"
+
+
+class RequestStalled(ServiceUnavailable):
+    code = "request_stalled"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

@@ -1,8 +1,11 @@
 """Admission and shutdown: backpressure on the engine queue and on the guide models' KV
-budget, and draining on SIGTERM.
+budget, draining on SIGTERM, and stopping when the engine dies.
 
 Draining: `/ready` answers 503 and new generation requests get 503 while the
 requests already admitted finish (up to the drain timeout); then the server exits.
+
+Engine death (`engine_died`): new requests get 503 engine_dead, and the server exits with
+`exit_code` 1 so that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
-from server.errors import ServiceUnavailable, TooManyRequests
+from server.errors import EngineDead, ServiceUnavailable, TooManyRequests
 from server.metrics import DRAINING, GUIDE_KV_BLOCKS, GUIDE_KV_BLOCKS_HELD, GUIDE_KV_REJECTED
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class Lifecycle:
         self.guide_kv_blocks: dict[str, int] = {}  # capacity per budgeted guide model (none: unbudgeted)
         self.guide_blocks_held: Counter[str] = Counter()
         self.draining = False
+        self.exit_code: int | None = None  # set when the server must stop on its own (the engine died)
         self.in_flight = 0  # admitted HTTP generation requests not yet answered
         self.engine_requests = 0  # engine requests those admitted requests hold
         self._idle = asyncio.Event()
@@ -54,6 +58,8 @@ class Lifecycle:
         admitted requests wait. An admitted request must be `release`d exactly once, with
         the same arguments.
         """
+        if self.exit_code is not None:
+            raise EngineDead()
         if self.draining:
             raise ServiceUnavailable("The server is shutting down.", code="draining")
         waiting = max(0, self.engine_requests + engine_requests - capacity)
@@ -85,6 +91,10 @@ class Lifecycle:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
+
+    def engine_died(self) -> None:
+        """Refuse new requests and ask the server to exit non-zero (server.cli watches `exit_code`)."""
+        self.exit_code = 1
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting and wait for in-flight requests; False if the timeout ran out first."""

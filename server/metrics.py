@@ -11,10 +11,10 @@ cache backend — never a request id.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from guidance.batch import STEP_SECONDS_BUCKETS, StepTimings
@@ -59,6 +59,41 @@ GUIDE_KV_REJECTED = Counter(
     "alignserve_guide_kv_rejected_total", "Requests refused (429) because a guide model's KV blocks were held.",
     ["model"])
 DRAINING = Gauge("alignserve_draining", "1 while the server drains in-flight requests before exiting.")
+REQUESTS_ENDED = Counter(
+    "alignserve_requests_ended_total",
+    "In-flight requests the server ended with a 503, by reason: deadline_exceeded, request_stalled (the watchdog), "
+    "engine_dead.", ["reason"])
+ENGINE_ALIVE = Gauge("alignserve_engine_alive", "1 while vLLM's engine core answers, 0 once it died.")
+
+
+class RequestStagesCollector(Collector):
+    """`alignserve_requests_in_stage` and `alignserve_request_oldest_seconds`: the in-flight requests
+    by stage (server.tracking.Stage) and the age of the oldest in each, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.stages: tuple[str, ...] = ()
+        self.snapshot: Callable[[], list[dict]] = list
+
+    def follow(self, stages: Iterable[str], snapshot: Callable[[], list[dict]]) -> None:
+        """Report the requests `snapshot` returns, in each of `stages`."""
+        self.stages, self.snapshot = tuple(stages), snapshot
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        counts = GaugeMetricFamily("alignserve_requests_in_stage", "In-flight generation requests by stage.",
+                                   labels=["stage"])
+        oldest = GaugeMetricFamily("alignserve_request_oldest_seconds",
+                                   "Age of the oldest in-flight request in each stage.", labels=["stage"])
+        requests = self.snapshot()
+        for name in self.stages:
+            ages = [r["age_s"] for r in requests if r["stage"] == name]
+            counts.add_metric([name], len(ages))
+            oldest.add_metric([name], max(ages, default=0.0))
+        yield counts
+        yield oldest
+
+
+REQUEST_STAGES = RequestStagesCollector()
+REGISTRY.register(REQUEST_STAGES)
 
 
 class GuideStepCollector(Collector):

@@ -38,12 +38,16 @@ class ApiKeyAuth:
         await error_response(error)(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        matched = False
-        for key in self.keys:  # compare with every key, in constant time each
-            matched |= hmac.compare_digest(token.strip(), key)
-        return matched and scheme.lower() == b"bearer"
+        return bearer_matches(dict(scope["headers"]).get(b"authorization", b""), self.keys)
+
+
+def bearer_matches(header: bytes, keys: list[bytes]) -> bool:
+    """Whether an Authorization header is `Bearer <one of keys>`, compared with every key in constant time."""
+    scheme, _, token = header.partition(b" ")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token.strip(), key)
+    return matched and scheme.lower() == b"bearer"
 
 
 class BodySizeLimit:

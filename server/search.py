@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -39,8 +41,10 @@ from guidance.search.scorers import Completion, Scorer, ScorerCatalog
 from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
 from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams
 from server.engine import ChoiceDelta, ChoiceOutput, Engine, SamplingOptions
+from server.errors import ScorerTimeout
 from server.metrics import PRUNED_CANDIDATES, observe_search
 from server.streams import merge
+from server.tracking import Stage, stage
 
 
 @dataclass
@@ -61,9 +65,15 @@ class _Candidates:
 
 
 class Search:
-    def __init__(self, engine: Engine, scorers: ScorerCatalog, decode: Callable[[list[int]], str]) -> None:
-        """`decode`: token ids -> text (the partial completions a pruning scorer reads)."""
+    def __init__(self, engine: Engine, scorers: ScorerCatalog, decode: Callable[[list[int]], str],
+                 scorer_timeout_s: float = 60.0) -> None:
+        """`decode`: token ids -> text (the partial completions a pruning scorer reads); a scoring call
+        that takes over `scorer_timeout_s` fails its request with ScorerTimeout."""
         self.engine, self.scorers, self.decode = engine, scorers, decode
+        self.scorer_timeout_s = scorer_timeout_s
+        # Scorers run here, off the event loop. A scorer that never returns keeps its thread (threads
+        # cannot be stopped), so they have threads of their own rather than the loop's default pool.
+        self._scoring = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="scorer")
 
     def generate(self, request_id: str, prompt_ids: list[int], prompt_text: str, options: SamplingOptions,
                  search: SearchParams) -> AsyncIterator[ChoiceDelta]:
@@ -176,7 +186,14 @@ class Search:
         under `search_type` ("prune" for pruning checkpoints)."""
         scorer: Scorer = self.scorers[name]
         began = time.perf_counter()
-        scores = await asyncio.to_thread(scorer.score, prompt_text, prompt_ids, completions)
+        call = asyncio.get_running_loop().run_in_executor(self._scoring, scorer.score, prompt_text, prompt_ids,
+                                                          completions)
+        try:
+            with stage(Stage.SCORING):
+                scores = await asyncio.wait_for(call, self.scorer_timeout_s)
+        except TimeoutError as exc:
+            raise ScorerTimeout(f"The scorer {name!r} did not answer within {self.scorer_timeout_s:g} s "
+                                "(--scorer-timeout-s); retry the request.") from exc
         observe_search(search_type, scorer.name, scores, time.perf_counter() - began)
         return scores
 

@@ -21,6 +21,7 @@ from server.prompts import PromptRenderer
 from server.search import Search
 from server.settings import Settings
 from server.tool_calls import ToolCalling
+from server.tracking import RequestTracker
 
 
 @dataclass
@@ -35,6 +36,17 @@ class Services:
     cache: ResponseCache
     tools: ToolCalling
     created: int
+    tracker: RequestTracker
+
+    def request_timeout(self, asked_s: float | None) -> float:
+        """A request's deadline in seconds: `timeout_s` if it gave one (400 over the cap), else the default."""
+        settings = self.settings
+        if asked_s is None:
+            return settings.request_timeout_s
+        if asked_s > settings.max_request_timeout_s:
+            raise InvalidRequest(f"timeout_s must be at most {settings.max_request_timeout_s:g}, got {asked_s:g}.",
+                                 param="timeout_s")
+        return asked_s
 
     def check_model(self, model: str) -> None:
         if model != self.settings.model_name:

@@ -112,12 +112,42 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Deadline of a generation request, from admission to its last byte; a request "
+        "may ask for another with `timeout_s`, up to --max-request-timeout-s. Past it: 503 deadline_exceeded.",
+    )
+    max_request_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Largest `timeout_s` a request may ask for (400 beyond).",
+    )
+    stall_timeout_s: float = Field(
+        default=120.0, gt=0, description="A request that makes no progress this long while the engine holds none of "
+        "its work is ended by the watchdog (503 request_stalled) and logged with where it was stuck.",
+    )
+    rpc_timeout_s: float = Field(
+        default=30.0, gt=0, description="Timeout of a call to the engine's workers (a guided choice's KL report, "
+        "guidance timings); past it the requests waiting on it get 503 engine_timeout.",
+    )
+    scorer_timeout_s: float = Field(
+        default=60.0, gt=0, description="Timeout of one scoring call of a search (best-of-N, blockwise, pruning); "
+        "past it the request gets 503 scorer_timeout.",
+    )
+    debug_key: str | None = Field(
+        default=None, description="Serve GET /debug/requests (in-flight requests by stage, and the server's asyncio "
+        "tasks) to 'Authorization: Bearer <debug_key>'. Default: no debug route. SIGUSR1 logs the same dump.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
     def _model_dir_exists(self) -> "Settings":
         if not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a model directory (no config.json)")
+        return self
+
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> "Settings":
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError(f"request_timeout_s ({self.request_timeout_s:g}) is over max_request_timeout_s "
+                             f"({self.max_request_timeout_s:g})")
         return self
 
     @model_validator(mode="after")

@@ -79,6 +79,10 @@ class SamplingRequest(_VllmSamplingFields):
     cache: bool | None = Field(
         default=None, description="false: neither read nor write the response cache for this request."
     )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="This request's deadline in seconds (default: the server's "
+        "--request-timeout-s, at most --max-request-timeout-s); past it: 503 deadline_exceeded.",
+    )
     guidance: list[dict[str, Any]] | None = Field(
         default=None, description="Per-step guidance entries, e.g. {type: qsharp, model: demo-value, strength: 4}."
     )

@@ -28,6 +28,7 @@ from server.engine import ChoiceDelta, ChoiceOutput, SamplingOptions
 from server.errors import APIError, api_error_body, error_body
 from server.services import Services
 from server.streams import merge, tagged
+from server.tracking import TrackedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +106,14 @@ class GenerationServing(ABC):
         """Response-level fields about the prompt, also sent on the opening chunks (chat: its token ids)."""
         return {}
 
-    async def deltas(self, prepared: Prepared) -> AsyncIterator[tuple[int, ChoiceDelta]]:
-        """Deltas of every prompt's choices, keyed by the response's choice index."""
-        # Engine request ids are our own, not the client's: two requests may carry the same X-Request-Id.
-        engine_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+    async def deltas(self, prepared: Prepared, record: TrackedRequest) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """Deltas of every prompt's choices, keyed by the response's choice index, under the request's
+        deadline (server.tracking); `record` is the request's, and its id the stem of its engine request ids."""
         streams = [
-            tagged(i * prompt.options.n, self._generate(f"{engine_id}-{i}", prompt, prepared.search))
+            tagged(i * prompt.options.n, self._generate(f"{record.id}-{i}", prompt, prepared.search))
             for i, prompt in enumerate(prepared.prompts)
         ]
-        async for offset, delta in merge(streams):
+        async for offset, delta in record.bounded(merge(streams)):
             if prepared.prompt_only:
                 delta = replace(delta, text="", token_ids=(), logprobs=() if delta.logprobs is not None else None)
             yield offset + delta.index, delta
@@ -158,20 +158,21 @@ class GenerationServing(ABC):
         """The response's id, named after the client's request id as vLLM's server names it, and its time."""
         return f"{self.id_prefix}-{body.request_id}", int(time.time())
 
-    async def complete(self, body: SamplingRequest, prepared: Prepared) -> dict:
+    async def complete(self, body: SamplingRequest, prepared: Prepared, record: TrackedRequest) -> dict:
         request_id, created = self._new_id(body)
         collector = ChoiceCollector()
-        async for index, delta in self.deltas(prepared):
+        async for index, delta in self.deltas(prepared, record):
             collector.add(index, delta)
         return self.response(body, prepared, collector, request_id, created)
 
-    async def stream(self, body: SamplingRequest, prepared: Prepared, cache_key: str | None) -> AsyncIterator[str]:
+    async def stream(self, body: SamplingRequest, prepared: Prepared, cache_key: str | None,
+                     record: TrackedRequest) -> AsyncIterator[str]:
         request_id, created = self._new_id(body)
         collector = ChoiceCollector()
         try:
             for chunk in self._opening_chunks(body, prepared, request_id, created):
                 yield chunk
-            async for index, delta in self.deltas(prepared):
+            async for index, delta in self.deltas(prepared, record):
                 previous = collector.choices.get(index)
                 previous_text = None if previous is None else previous.text
                 collector.add(index, delta)
@@ -216,16 +217,23 @@ class GenerationServing(ABC):
                 return EventStream(self.replay(body, prepared, cached))
             request_id, created = self._new_id(body)
             return JSONResponse({**cached, "id": request_id, "created": created})
+        timeout_s = services.request_timeout(body.timeout_s)
         engine_requests, guide_blocks = prepared.engine_requests, prepared.guide_blocks
         services.admit(engine_requests, guide_blocks)
-        lifecycle = services.lifecycle
-        if body.stream:
-            return EventStream(self.stream(body, prepared, cache_key),
-                               lambda: lifecycle.release(engine_requests, guide_blocks))
-        try:
-            result = await cancel_on_disconnect(request, self.complete(body, prepared))
-        finally:
+        lifecycle, tracker = services.lifecycle, services.tracker
+        # Engine request ids are our own, not the client's: two requests may carry the same X-Request-Id.
+        record = tracker.open(f"{self.id_prefix}-{uuid.uuid4().hex}", self.object, bool(body.stream), timeout_s)
+
+        def release() -> None:
+            tracker.close(record)
             lifecycle.release(engine_requests, guide_blocks)
+
+        if body.stream:
+            return EventStream(self.stream(body, prepared, cache_key, record), release)
+        try:
+            result = await cancel_on_disconnect(request, self.complete(body, prepared, record))
+        finally:
+            release()
         if result is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         if cache_key is not None:

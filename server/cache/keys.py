@@ -2,7 +2,7 @@
 
 The key covers the base model's identity and revision, the revision of every guide
 model and scorer model the request uses, every output-affecting request field (all of them but
-`stream`, `stream_options`, `user` and `cache`; `request_id` is not in a request's dump), the guidance
+`stream`, `stream_options`, `user`, `cache` and `timeout_s`; `request_id` is not in a request's dump), the guidance
 spec as resolved, and
 the prompt or messages. Two requests that can differ in output never share a key.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 CACHE_FORMAT = 1
-NOT_OUTPUT_AFFECTING = frozenset({"stream", "stream_options", "user", "cache"})
+NOT_OUTPUT_AFFECTING = frozenset({"stream", "stream_options", "user", "cache", "timeout_s"})
 _SAMPLE_BYTES = 1 << 20
 
 

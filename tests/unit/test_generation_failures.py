@@ -16,6 +16,7 @@ from server.api.streaming import SSE_DONE
 from server.engine import ChoiceDelta, SamplingOptions
 from server.errors import InvalidRequest
 from server.services import Services
+from server.tracking import RequestTracker
 
 
 class FailingEngine:
@@ -38,7 +39,7 @@ class ShortScorer(Scorer):
 
 def services(**fields) -> Services:
     defaults = dict(settings=None, engine=None, renderer=None, catalog=None, scorers=ScorerCatalog([]), search=None,
-                    lifecycle=None, cache=None, tools=None, created=0)
+                    lifecycle=None, cache=None, tools=None, created=0, tracker=None)
     return Services(**{**defaults, **fields})
 
 
@@ -48,7 +49,8 @@ def test_an_engine_error_mid_stream_ends_it_with_an_error_event_and_done():
     prepared = Prepared([PreparedPrompt([1, 2], "1+1=", SamplingOptions(max_tokens=4))])
 
     async def run():
-        return [event async for event in serving.stream(body, prepared, cache_key=None)]
+        record = RequestTracker(stall_timeout_s=60).open("cmpl-1", "text_completion", True, timeout_s=60)
+        return [event async for event in serving.stream(body, prepared, None, record)]
 
     events = asyncio.run(run())
     assert json.loads(events[0][len("data: "):])["choices"][0]["text"] == "1"
