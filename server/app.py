@@ -46,15 +46,24 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/version"})
 
 async def watch_engine(engine: Engine, tracker: RequestTracker, lifecycle: Lifecycle, interval_s: float = 0.5
                        ) -> None:
-    """When vLLM's engine core dies: end every in-flight request with 503 engine_dead, refuse new ones, and
-    have the server exit non-zero for its supervisor to restart it (/health and /ready answer 503 meanwhile)."""
+    """When vLLM's engine core dies, or stops answering after a call to its workers timed out (it waits for
+    their replies between steps, so a lost reply stops it for good): end every in-flight request with 503
+    engine_dead, refuse new ones, and have the server exit non-zero for its supervisor to restart it
+    (/health and /ready answer 503 meanwhile)."""
     ENGINE_ALIVE.set(1)
-    while engine.alive:
+    while True:
         await asyncio.sleep(interval_s)
+        if not engine.alive:
+            reason = "the engine core exited"
+            break
+        if engine.rpc_timed_out and not await engine.responds():
+            reason = f"the engine core did not answer within {engine.rpc_timeout_s:g} s after a worker call timed out"
+            break
     ENGINE_ALIVE.set(0)
     lifecycle.engine_died()
     ended = tracker.end_all(EngineDead)
-    logger.error("the engine died: %d in-flight requests ended with 503 engine_dead; exiting for a restart", ended)
+    logger.error("the engine died (%s): %d in-flight requests ended with 503 engine_dead; exiting for a restart",
+                 reason, ended)
 
 
 def create_app(

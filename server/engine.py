@@ -162,6 +162,9 @@ class Engine:
                  reply_rank: int, rpc_timeout_s: float = 30.0) -> None:
         self._llm = llm
         self.rpc_timeout_s = rpc_timeout_s
+        # A worker call timed out: the engine core, which waits for it between steps, may be stuck
+        # (server.app.watch_engine then checks that it still answers).
+        self.rpc_timed_out = False
         self.max_model_len = max_model_len
         self.max_num_seqs = llm.vllm_config.scheduler_config.max_num_seqs
         self.model_dtype = llm.model_config.dtype  # what the base model runs in ("auto" resolved by vLLM)
@@ -265,6 +268,7 @@ class Engine:
         except EngineDeadError as exc:
             raise EngineDead() from exc
         except TimeoutError as exc:
+            self.rpc_timed_out = True
             raise EngineTimeout(f"The engine's workers did not answer within {self.rpc_timeout_s:g} s ({what}); "
                                 "retry the request.") from exc
 
@@ -282,6 +286,16 @@ class Engine:
     @property
     def alive(self) -> bool:
         return not self._llm.errored
+
+    async def responds(self) -> bool:
+        """Whether the engine core answers a call of its own (one round trip between its steps) within
+        `rpc_timeout_s`; after that, it no longer counts as suspect."""
+        try:
+            await asyncio.wait_for(self._llm.is_sleeping(), self.rpc_timeout_s)
+        except (TimeoutError, EngineDeadError):
+            return False
+        self.rpc_timed_out = False
+        return True
 
     def holds(self, engine_ids: Iterable[str]) -> bool:
         """Whether the engine holds any of these requests (queued, running, or with output not yet read)."""

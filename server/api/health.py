@@ -12,6 +12,8 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(services: Services = Depends(get_services)) -> JSONResponse:
+    if services.lifecycle.exit_code is not None:  # the engine died or stopped answering; the server is exiting
+        return JSONResponse({"status": "unhealthy", "detail": "engine dead"}, status_code=503)
     try:
         await services.engine.check_health()
     except Exception as exc:
@@ -21,7 +23,7 @@ async def health(services: Services = Depends(get_services)) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(services: Services = Depends(get_services)) -> JSONResponse:
-    if not services.engine.alive:
+    if not services.engine.alive or services.lifecycle.exit_code is not None:
         return JSONResponse({"status": "engine dead"}, status_code=503)
     if services.lifecycle.draining:
         return JSONResponse({"status": "draining"}, status_code=503)

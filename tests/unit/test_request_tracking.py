@@ -264,3 +264,28 @@ def test_await_chain_follows_coroutines_and_async_generators_down_to_the_future(
 
     chain = asyncio.run(run())
     assert "outer" in chain[0] and "inner" in chain[1] and "Event.wait" in chain[2]
+
+
+class StuckEngine:
+    """Alive, but its core stopped answering after a worker call timed out (a lost reply)."""
+
+    alive, rpc_timed_out, rpc_timeout_s = True, True, 0.1
+
+    async def responds(self) -> bool:
+        await asyncio.sleep(self.rpc_timeout_s)
+        return False
+
+
+def test_an_engine_core_that_stops_answering_is_treated_as_dead(caplog):
+    from server.app import watch_engine
+
+    tracker = RequestTracker(60)
+    lifecycle = Lifecycle(max_waiting_requests=8, retry_after_s=1)
+    record = tracker.open("r", "text_completion", False, timeout_s=60)
+
+    async def run():
+        await asyncio.wait_for(watch_engine(StuckEngine(), tracker, lifecycle, interval_s=0.01), 5)
+
+    asyncio.run(run())
+    assert isinstance(record.failure, EngineDead) and lifecycle.exit_code == 1
+    assert "did not answer within 0.1 s after a worker call timed out" in caplog.text
