@@ -8,6 +8,7 @@
     alignserve models smollm2 OUT                   the packaged SmolLM2-135M-Instruct, converted
     alignserve train prompts|rollouts|value|...     train guide models for a base model
     alignserve eval --prompts FILE ...              pass@1 and KL of guidance and search, through a server
+    alignserve run-batch -i FILE -o FILE ...        an OpenAI batch file through the server's endpoints
     alignserve bench [--model DIR] [--smoke] ...    the side-by-side benchmark suite (bench/results/)
 
 The CLI is the composition root: `models`, `train` and `eval` come from `workflows` and
@@ -122,18 +123,26 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=name, type=flag_type, choices=choices, default=None, help=help_text)
 
 
+def settings_from_args(args: argparse.Namespace) -> Settings | None:
+    """The settings the flags (and the environment) give; None, with each invalid field named on stderr, if
+    they are invalid."""
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"]) or "settings"
+            print(f"alignserve {args.command}: invalid {field}: {error['msg']}", file=sys.stderr)
+        return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from guidance.catalog import GuideCatalog
     from server.app import create_app
     from server.engine import EngineSettingsError, engine_args, engine_config
 
-    overrides = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name) is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        for error in exc.errors():
-            field = ".".join(str(p) for p in error["loc"]) or "settings"
-            print(f"alignserve serve: invalid {field}: {error['msg']}", file=sys.stderr)
+    settings = settings_from_args(args)
+    if settings is None:
         return 2
     try:
         engine_config(engine_args(settings, GuideCatalog.from_paths(settings.guide_model_paths())))
@@ -244,11 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.suite.cli import add_bench_command
     from workflows.eval_cli import add_eval_command
     from workflows.models_cli import add_models_command
+    from workflows.run_batch import add_run_batch_command
     from workflows.train_cli import add_train_command
 
     add_models_command(commands)
     add_train_command(commands)
     add_eval_command(commands)
+    add_run_batch_command(commands, _add_settings_flags, settings_from_args)
     add_bench_command(commands)
     return parser
 
