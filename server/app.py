@@ -92,7 +92,7 @@ def create_app(
             logger.info(plan.describe())
         tools = ToolCalling.load(settings.tool_call_parser, settings.enable_auto_tool_choice, renderer.tokenizer)
         search = Search(engine, scorers, renderer.decode, settings.scorer_timeout_s)
-        tracker = RequestTracker(settings.stall_timeout_s)
+        tracker = RequestTracker(settings.stall_timeout_s, engine.holds)
         REQUEST_STAGES.follow([stage.value for stage in Stage], tracker.snapshot)
         app.state.services = Services(settings, engine, renderer, catalog, scorers, search, lifecycle, cache, tools,
                                       created=int(time.time()), tracker=tracker)
@@ -100,7 +100,7 @@ def create_app(
                     cache.backend.name if cache.backend else "off")
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, log_state, tracker)
-        watchers = [asyncio.create_task(tracker.watch(engine.holds), name="request watchdog"),
+        watchers = [asyncio.create_task(tracker.watch(), name="request watchdog"),
                     asyncio.create_task(watch_engine(engine, tracker, lifecycle), name="engine watch")]
         try:
             yield

@@ -167,7 +167,7 @@ class TrackedRequest:
         elif self._task is not None and not self._task.done():
             self._task.cancel()
 
-    def describe(self, now: float) -> dict:
+    def describe(self, now: float, engine_holds: bool) -> dict:
         return {
             "id": self.id,
             "endpoint": self.endpoint,
@@ -179,6 +179,7 @@ class TrackedRequest:
             "deadline_in_s": round(self.deadline - now, 3),
             "engine_outputs": self._outputs,
             "engine_requests": sorted(self.engine_ids),
+            "engine_holds": engine_holds,
             "ended": None if self.failure is None else self.failure.code,
         }
 
@@ -210,11 +211,17 @@ def current_request() -> TrackedRequest | None:
     return _current.get()
 
 
-class RequestTracker:
-    """The in-flight requests of this process, and the watchdog over them."""
+def _holds_nothing(engine_ids: Iterable[str]) -> bool:
+    return False
 
-    def __init__(self, stall_timeout_s: float) -> None:
+
+class RequestTracker:
+    """The in-flight requests of this process, and the watchdog over them; `holds(engine ids)` says whether
+    the engine holds any of them (server.engine.Engine.holds)."""
+
+    def __init__(self, stall_timeout_s: float, holds: Callable[[Iterable[str]], bool] = _holds_nothing) -> None:
         self.stall_timeout_s = stall_timeout_s
+        self.holds = holds
         self._requests: dict[str, TrackedRequest] = {}
 
     def open(self, request_id: str, endpoint: str, stream: bool, timeout_s: float) -> TrackedRequest:
@@ -234,12 +241,12 @@ class RequestTracker:
     def snapshot(self) -> list[dict]:
         """Every in-flight request, oldest first."""
         now = time.monotonic()
-        return [record.describe(now) for record in sorted(self, key=lambda r: r.started)]
+        return [record.describe(now, self.holds(record.engine_ids)) for record in sorted(self, key=lambda r: r.started)]
 
-    def stalled(self, holds: Callable[[Iterable[str]], bool], now: float) -> list[TrackedRequest]:
+    def stalled(self, now: float) -> list[TrackedRequest]:
         """Requests idle for `stall_timeout_s` or more of which the engine holds no request."""
         return [record for record in self if record.failure is None
-                and record.idle_seconds(now) >= self.stall_timeout_s and not holds(record.engine_ids)]
+                and record.idle_seconds(now) >= self.stall_timeout_s and not self.holds(record.engine_ids)]
 
     def end_all(self, failure: Callable[[], APIError]) -> int:
         """End every in-flight request (the engine died); how many there were."""
@@ -248,11 +255,16 @@ class RequestTracker:
             record.end(failure())
         return len(records)
 
-    async def watch(self, holds: Callable[[Iterable[str]], bool], interval_s: float = 1.0) -> None:
+    async def watch(self, interval_s: float = 1.0) -> None:
         """End stalled requests, every `interval_s`, until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
-            for record in self.stalled(holds, time.monotonic()):
+            try:
+                stalled = self.stalled(time.monotonic())
+            except Exception:  # a watchdog that died would let every later stall through
+                logger.exception("request watchdog: checking for stalled requests failed")
+                continue
+            for record in stalled:
                 record.end(RequestStalled(
                     f"The request made no progress for {self.stall_timeout_s:g} s while in stage "
                     f"'{record.stage.value}', and the engine holds none of its work; it was ended."))

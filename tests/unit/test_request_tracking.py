@@ -96,10 +96,10 @@ def test_the_watchdog_ends_a_request_stuck_outside_the_engine_and_logs_where(cap
     """Stuck waiting for its report while the engine holds none of its requests: ended long before its deadline."""
     engine = ReportNeverComes()
     body = CompletionRequest(model="m", prompt="1+1=")
-    tracker = RequestTracker(stall_timeout_s=0.2)
+    tracker = RequestTracker(stall_timeout_s=0.2, holds=lambda ids: False)
 
     async def run():
-        watchdog = asyncio.create_task(tracker.watch(lambda ids: False, interval_s=0.05))
+        watchdog = asyncio.create_task(tracker.watch(interval_s=0.05))
         record = tracker.open("cmpl-c", "text_completion", False, timeout_s=60)
         try:
             await serving_for(engine).complete(body, Prepared([PROMPT]), record)
@@ -115,14 +115,16 @@ def test_the_watchdog_ends_a_request_stuck_outside_the_engine_and_logs_where(cap
 
 
 def test_the_watchdog_spares_a_request_the_engine_holds():
-    tracker = RequestTracker(stall_timeout_s=0.0)
+    held = {"r-0-0"}
+    tracker = RequestTracker(stall_timeout_s=0.0, holds=lambda ids: bool(held & set(ids)))
     record = tracker.open("r", "chat.completion", False, timeout_s=60)
     record.engine_ids.add("r-0-0")
     now = time.monotonic() + 1
-    assert tracker.stalled(lambda ids: "r-0-0" in ids, now) == []
-    assert tracker.stalled(lambda ids: False, now) == [record]
+    assert tracker.stalled(now) == [] and tracker.snapshot()[0]["engine_holds"]
+    held.clear()  # the engine lost it
+    assert tracker.stalled(now) == [record]
     record.end(RequestStalled("stuck"))
-    assert tracker.stalled(lambda ids: False, now) == []  # ended once
+    assert tracker.stalled(now) == []  # ended once
 
 
 def test_a_request_shows_the_stage_it_is_most_blocked_on():
@@ -289,3 +291,15 @@ def test_an_engine_core_that_stops_answering_is_treated_as_dead(caplog):
     asyncio.run(run())
     assert isinstance(record.failure, EngineDead) and lifecycle.exit_code == 1
     assert "did not answer within 0.1 s after a worker call timed out" in caplog.text
+
+
+def test_a_timeout_s_over_the_cap_is_a_400_naming_it():
+    from server.errors import InvalidRequest
+
+    services = Services(settings=SimpleNamespace(request_timeout_s=600.0, max_request_timeout_s=3600.0), engine=None,
+                        renderer=None, catalog=None, scorers=None, search=None, lifecycle=None, cache=None, tools=None,
+                        created=0, tracker=None)
+    assert services.request_timeout(None) == 600.0 and services.request_timeout(5.5) == 5.5
+    with pytest.raises(InvalidRequest) as info:
+        services.request_timeout(3601)
+    assert info.value.param == "timeout_s" and "at most 3600" in info.value.message
