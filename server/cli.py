@@ -41,6 +41,8 @@ from server.lifecycle import Lifecycle
 from server.settings import Settings
 
 GRACEFUL_SHUTDOWN_S = 5.0
+# After the engine died, the server answers 503 this long before it stops listening and exits.
+ENGINE_DEATH_GRACE_S = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -74,7 +76,7 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
-        return await super().on_tick(counter) or self.lifecycle.exit_code is not None
+        return await super().on_tick(counter) or self.lifecycle.should_exit(ENGINE_DEATH_GRACE_S)
 
 
 def stop_child_processes(grace_s: float = 5.0) -> None:

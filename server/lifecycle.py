@@ -38,6 +38,7 @@ class Lifecycle:
         self.guide_blocks_held: Counter[str] = Counter()
         self.draining = False
         self.exit_code: int | None = None  # set when the server must stop on its own (the engine died)
+        self._died_at: float | None = None
         self.in_flight = 0  # admitted HTTP generation requests not yet answered
         self.engine_requests = 0  # engine requests those admitted requests hold
         self._idle = asyncio.Event()
@@ -93,8 +94,14 @@ class Lifecycle:
             self._idle.set()
 
     def engine_died(self) -> None:
-        """Refuse new requests and ask the server to exit non-zero (server.cli watches `exit_code`)."""
+        """Refuse new requests and ask the server to exit non-zero (server.cli watches `should_exit`)."""
         self.exit_code = 1
+        self._died_at = time.monotonic()
+
+    def should_exit(self, grace_s: float) -> bool:
+        """Whether the server should stop listening: `grace_s` after the engine died (meanwhile the 503s of
+        the requests it ended go out, and /health and /ready answer 503 rather than refusing connections)."""
+        return self._died_at is not None and time.monotonic() - self._died_at >= grace_s
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting and wait for in-flight requests; False if the timeout ran out first."""

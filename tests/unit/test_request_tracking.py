@@ -218,6 +218,7 @@ def test_after_the_engine_died_every_request_is_ended_and_new_ones_are_refused()
     assert all(isinstance(r.failure, EngineDead) and r.failure.status == 503 for r in records)
     assert ended("engine_dead") == before + 3
     assert lifecycle.exit_code == 1
+    assert not lifecycle.should_exit(grace_s=60) and lifecycle.should_exit(grace_s=0)
     with pytest.raises(EngineDead):
         lifecycle.admit(1, capacity=4)
 
