@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from guidance.batch import STEP_SECONDS_BUCKETS, StepTimings
+from guidance.verifiers import error_counts
 
 REQUESTS = Counter(
     "alignserve_requests_total", "HTTP generation requests by endpoint and outcome.", ["endpoint", "outcome"]
@@ -118,6 +119,21 @@ class GuideStepCollector(Collector):
 
 GUIDE_STEPS = GuideStepCollector()
 REGISTRY.register(GUIDE_STEPS)
+
+
+class VerifierErrorsCollector(Collector):
+    """`alignserve_verifier_errors_total`: verifier calls that raised (or gave no finite reward) and
+    were scored 0, by verifier, read from the registry's counts at scrape time."""
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily("alignserve_verifier_errors", "Verifier calls that failed and scored 0.",
+                                     labels=["verifier"])
+        for name, count in error_counts().items():
+            family.add_metric([name], count)
+        yield family
+
+
+REGISTRY.register(VerifierErrorsCollector())
 
 
 def observe_guidance(modules: list[str], kl: float, steps: int) -> None:

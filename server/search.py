@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ class Search:
             group.next_checkpoint += 1
             partial = [group.outputs[c].token_ids[:length] for c in live]
             scores = await self._score(prune.scorer, "prune", prompt_text, prompt_ids,
-                                       [Completion(self.decode(ids), tuple(ids)) for ids in partial])
+                                       [Completion(self.decode(ids), tuple(ids)) for ids in partial], search.reference)
             pruned = tuple(sorted(lowest_scored(live, scores, count)))
             group.pruned.update(pruned)
             group.checkpoints.append(Checkpoint(tokens=length, scored=tuple(live), scores=tuple(scores),
@@ -177,17 +178,18 @@ class Search:
     async def _keep(self, search: SearchParams, prompt_text: str, prompt_ids: list[int],
                     completions: list[Completion], generator: torch.Generator) -> tuple[list[float], int]:
         """Score candidates and pick one: (scores, index kept)."""
-        scores = await self._score(search.scorer, search.type, prompt_text, prompt_ids, completions)
+        scores = await self._score(search.scorer, search.type, prompt_text, prompt_ids, completions,
+                                   search.reference)
         return scores, select(torch.tensor(scores), search.temperature, generator)
 
     async def _score(self, name: str, search_type: str, prompt_text: str, prompt_ids: list[int],
-                     completions: list[Completion]) -> list[float]:
-        """Scores by scorer `name`, off the event loop (a model scorer runs a forward), observed
-        under `search_type` ("prune" for pruning checkpoints)."""
+                     completions: list[Completion], reference: Any) -> list[float]:
+        """Scores by scorer `name` (a verifier compares with `reference`), off the event loop (a model
+        scorer runs a forward), observed under `search_type` ("prune" for pruning checkpoints)."""
         scorer: Scorer = self.scorers[name]
         began = time.perf_counter()
         call = asyncio.get_running_loop().run_in_executor(self._scoring, scorer.score, prompt_text, prompt_ids,
-                                                          completions)
+                                                          completions, reference)
         try:
             with stage(Stage.SCORING):
                 scores = await asyncio.wait_for(call, self.scorer_timeout_s)

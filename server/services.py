@@ -101,7 +101,8 @@ class Services:
         settings = self.settings
         limits = SearchLimits(settings.max_search_candidates, settings.max_block_tokens)
         try:
-            return parse_search(entry, self.scorers.names(), limits, prefix_scorers=self.scorers.prefix_names())
+            return parse_search(entry, self.scorers.names(), limits, prefix_scorers=self.scorers.prefix_names(),
+                                reference_scorers=self.scorers.reference_names())
         except GuidanceError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 

@@ -175,11 +175,11 @@ def _server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from guidance.verifiers import UnknownVerifierError, get_verifier
+    from guidance.verifiers import UnknownVerifierError, resolve_verifier
     from workflows.evaluation.pipeline import evaluate, served_model_name
     from workflows.evaluation.reports import RunInfo
     from workflows.evaluation.runner import SamplingSettings
-    from workflows.prompt_file import read_prompts
+    from workflows.prompt_file import read_prompts, require_answers
 
     def refuse(message: str) -> int:
         print(f"alignserve eval: {message}", file=sys.stderr)
@@ -188,11 +188,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.url is not None and (args.guide_models is not None or args.serve_args):
         return refuse("--guide-models and --serve-args need --model (a running server keeps its own)")
     try:
-        get_verifier(args.verifier)
-        records = read_prompts(args.prompts)
+        verifier = resolve_verifier(args.verifier)
         configs = _configs(args)
-    except (UnknownVerifierError, ConfigError) as exc:
+    except (UnknownVerifierError, ConfigError, ValueError) as exc:  # ValueError: a module:function not imported
         return refuse(str(exc))
+    try:
+        records = read_prompts(args.prompts)
+        if verifier.needs_reference:
+            require_answers(records, verifier.name)
     except (OSError, ValueError) as exc:
         return refuse(f"--prompts: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +238,8 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
     evaluate_parser.add_argument("--prompts", type=Path, required=True, metavar="FILE",
                                  help="prompt file (JSON Lines of {messages or prompt, answer?, id?})")
     evaluate_parser.add_argument("--verifier", required=True, metavar="NAME",
-                                 help="named verifier that scores each completion (e.g. arith-first-line)")
+                                 help="verifier that scores each completion against the prompt's answer: a "
+                                      "registered name (e.g. arith-first-line, math) or package.module:function")
     evaluate_parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory for the results")
     evaluate_parser.add_argument("--resume", action="store_true",
                                  help="keep the results of configurations an earlier run in --out finished with the "

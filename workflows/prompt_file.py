@@ -2,8 +2,9 @@
 
 Each line is an object with either ``"messages"`` (a chat conversation, rendered with the
 base model's chat template and sent to ``/v1/chat/completions``) or ``"prompt"`` (plain
-text, sent to ``/v1/completions``), and optionally ``"answer"`` (the reference answer, for
-reading; verifiers decide rewards) and ``"id"``.
+text, sent to ``/v1/completions``), and optionally ``"answer"`` (the reference the verifier
+compares completions with: any JSON value, e.g. a number, a LaTeX string, a JSON schema or
+unit tests) and ``"id"``.
 
     {"id": "3+4", "messages": [{"role": "user", "content": "What is 3+4? ..."}], "answer": "7"}
 """
@@ -23,7 +24,7 @@ class PromptRecord:
     id: str
     messages: tuple[dict[str, str], ...] | None = None
     prompt: str | None = None
-    answer: str | None = None
+    answer: Any = None  # a JSON value; None: no reference
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -61,8 +62,7 @@ def parse_record(line_number: int, body: Any) -> PromptRecord:
         raise ValueError(f"line {line_number}: 'prompt' must be a string")
     answer = body.get("answer")
     try:
-        return PromptRecord(id=str(body.get("id", line_number)), messages=messages, prompt=prompt,
-                            answer=None if answer is None else str(answer))
+        return PromptRecord(id=str(body.get("id", line_number)), messages=messages, prompt=prompt, answer=answer)
     except ValueError as exc:
         raise ValueError(f"line {line_number}: {exc}") from exc
 
@@ -83,6 +83,14 @@ def read_prompts(path: Path) -> list[PromptRecord]:
     if not records:
         raise ValueError(f"{path}: no prompts")
     return records
+
+
+def require_answers(records: list[PromptRecord], verifier: str) -> None:
+    """ValueError naming the first record without an ``answer``, for a verifier that needs one."""
+    for number, record in enumerate(records, start=1):
+        if record.answer is None:
+            raise ValueError(f"prompt {record.id!r} (record {number}) has no 'answer'; the verifier {verifier!r} "
+                             "compares completions with it")
 
 
 def write_prompts(records: list[PromptRecord], path: Path) -> None:

@@ -5,7 +5,8 @@ The Q-sharp data loop (Zhou et al., 2025, Algorithm 1): for each prompt and samp
 1. roll in with the current policy (round 1: the base; round k: the round k-1 guided
    policy, i.e. ``rollin_guidance``) and pick a cut h uniformly among its tokens;
 2. roll out with the base policy from prompt + roll-in[:h];
-3. label the completion roll-in[:h] + roll-out with the verifier's final reward.
+3. label the completion roll-in[:h] + roll-out with the verifier's final reward, against the
+   prompt's ``answer`` as its reference (a verifier that fails scores 0, is logged and counted).
 
 The value targets are the roll-out's tokens (``RolloutRecord.cut`` = h). When the roll-in
 is the base itself, its own continuation after h is already a base roll-out, so one
@@ -26,7 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from guidance.verifiers import Verifier
+from guidance.verifiers import RegisteredVerifier
 from models.training.rollouts import RolloutRecord
 from server.engine import ChoiceOutput, Engine, SamplingOptions
 from server.prompts import PromptRenderer
@@ -47,13 +48,14 @@ class RenderedPrompt:
     group: str
     ids: list[int]
     text: str  # what the verifier reads: the rendered prompt
+    reference: Any  # the prompt file's answer (None: none)
 
 
 def render_prompts(renderer: PromptRenderer, prompts: Sequence[PromptRecord], round_name: str) -> list[RenderedPrompt]:
     rendered = []
     for record in prompts:
         ids = renderer.render_chat(list(record.messages)) if record.is_chat else renderer.encode(record.prompt)
-        rendered.append(RenderedPrompt(f"{round_name}/{record.id}", ids, renderer.decode(ids)))
+        rendered.append(RenderedPrompt(f"{round_name}/{record.id}", ids, renderer.decode(ids), record.answer))
     return rendered
 
 
@@ -64,8 +66,8 @@ async def _complete(engine: Engine, request_id: str, prompt_ids: list[int], opti
     return output
 
 
-async def _one_rollout(engine: Engine, renderer: PromptRenderer, verifier: Verifier, prompt: RenderedPrompt,
-                       request_id: str, seed: int, settings: RolloutSettings,
+async def _one_rollout(engine: Engine, renderer: PromptRenderer, verifier: RegisteredVerifier,
+                       prompt: RenderedPrompt, request_id: str, seed: int, settings: RolloutSettings,
                        rollin_guidance: tuple[dict[str, Any], ...]) -> RolloutRecord | None:
     options = SamplingOptions(max_tokens=settings.max_tokens, temperature=settings.temperature,
                               top_p=settings.top_p, seed=seed)
@@ -81,10 +83,10 @@ async def _one_rollout(engine: Engine, renderer: PromptRenderer, verifier: Verif
         completion = kept + list(rollout.token_ids)
     text = renderer.decode(completion, skip_special_tokens=True)
     return RolloutRecord(group=prompt.group, prompt_ids=tuple(prompt.ids), completion_ids=tuple(completion),
-                         cut=cut, reward=float(verifier(prompt.text, text)), text=text)
+                         cut=cut, reward=verifier(prompt.text, text, prompt.reference), text=text)
 
 
-async def generate_rollouts(engine: Engine, renderer: PromptRenderer, verifier: Verifier,
+async def generate_rollouts(engine: Engine, renderer: PromptRenderer, verifier: RegisteredVerifier,
                             prompts: Sequence[PromptRecord], settings: RolloutSettings, round_name: str = "r1",
                             rollin_guidance: Sequence[dict[str, Any]] = (), progress: bool = True
                             ) -> list[RolloutRecord]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from guidance.verifiers import UnknownVerifierError
 from models.training.guides import Backbone, GuideRecipe
 from models.training.loop import FitConfig
 from workflows.prompt_file import TASKS, write_prompts
@@ -59,7 +60,9 @@ def _positive_int(text: str) -> int:
 def _add_rollout_flags(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_argument_group("rollouts (sampled through the vLLM engine)")
     group.add_argument("--prompts", type=Path, required=required, help="prompt file (JSON Lines)")
-    group.add_argument("--verifier", required=required, help="named verifier that labels each completion")
+    group.add_argument("--verifier", required=required,
+                       help="verifier that labels each completion against the prompt's answer: a registered "
+                            "name (e.g. arith-first-line, math) or package.module:function")
     group.add_argument("--samples", type=_positive_int, default=16, help="samples per prompt [default: %(default)s]")
     group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature [default: %(default)s]")
     group.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling [default: %(default)s]")
@@ -190,7 +193,7 @@ def _train(args: argparse.Namespace) -> int:
                 sample_rollouts(args.base, args.prompts, args.verifier, rollout_file, settings, engine_options)
             cards = [train_from_rollouts(args.base, [rollout_file], recipe, backbone, args.out, args.seed,
                                          args.validation_fraction)]
-    except (TokenizerMismatch, ValueError, FileNotFoundError) as exc:
+    except (TokenizerMismatch, ValueError, FileNotFoundError, UnknownVerifierError) as exc:
         print(f"alignserve train {kind}: {exc}", file=sys.stderr)
         return 2
     if is_rank_zero():
@@ -204,8 +207,12 @@ def _rollouts(args: argparse.Namespace) -> int:
         print("alignserve train rollouts: --rollin-guidance must be a JSON list of guidance entries", file=sys.stderr)
         return 2
     settings, engine_options = _rollout_settings(args)
-    summary = sample_rollouts(args.base, args.prompts, args.verifier, args.out, settings, engine_options,
-                              args.guide_models, guidance, args.round_name)
+    try:
+        summary = sample_rollouts(args.base, args.prompts, args.verifier, args.out, settings, engine_options,
+                                  args.guide_models, guidance, args.round_name)
+    except (ValueError, FileNotFoundError, UnknownVerifierError) as exc:
+        print(f"alignserve train rollouts: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 

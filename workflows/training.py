@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 
 from guidance.catalog import GuideCatalog
 from guidance.loading import check_tokenizers, tokenizer_difference
-from guidance.verifiers import get_verifier
+from guidance.verifiers import RegisteredVerifier, resolve_verifier
 from models.training.guides import Backbone, GuideRecipe, save_guide, shared_features, train_guide
 from models.training.rollouts import (
     RolloutRecord,
@@ -40,7 +40,7 @@ from models.training.rollouts import (
 from server.engine import Engine
 from server.prompts import PromptRenderer
 from server.settings import Settings
-from workflows.prompt_file import read_prompts
+from workflows.prompt_file import read_prompts, require_answers
 from workflows.rollouts import RolloutSettings, generate_rollouts
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,12 @@ def write_table_entry(out: Path, name: str, directory: Path) -> None:
 
 # Rollouts.
 
-async def _sample(base: Path, prompts_file: Path, verifier_name: str, settings: RolloutSettings,
+async def _sample(base: Path, prompts_file: Path, verifier: RegisteredVerifier, settings: RolloutSettings,
                   engine_options: EngineOptions, guide_table: Path | None, rollin_guidance: Sequence[dict[str, Any]],
                   round_name: str, progress: bool) -> list[RolloutRecord]:
-    verifier = get_verifier(verifier_name)
     prompts = read_prompts(prompts_file)
+    if verifier.needs_reference:
+        require_answers(prompts, verifier.name)
     serve_settings = Settings(model=base, guide_models=guide_table, max_model_len=engine_options.max_model_len,
                               max_num_seqs=engine_options.max_num_seqs, seed=engine_options.seed,
                               kv_cache_space_gib=engine_options.kv_cache_space_gib)
@@ -110,13 +111,21 @@ def sample_rollouts(base: Path, prompts_file: Path, verifier_name: str, out_file
                     settings: RolloutSettings = RolloutSettings(), engine_options: EngineOptions = EngineOptions(),
                     guide_table: Path | None = None, rollin_guidance: Sequence[dict[str, Any]] = (),
                     round_name: str = "r1", progress: bool = True) -> dict[str, Any]:
-    """Sample and label rollouts into ``out_file``; returns their summary."""
+    """Sample and label rollouts into ``out_file`` (``verifier_name``: a registered verifier or
+    ``module:function``); returns their summary, with the rollouts the verifier failed on (scored 0)."""
     started = time.perf_counter()
-    records = asyncio.run(_sample(base, prompts_file, verifier_name, settings, engine_options, guide_table,
+    verifier = resolve_verifier(verifier_name)
+    errors_before = verifier.errors
+    records = asyncio.run(_sample(base, prompts_file, verifier, settings, engine_options, guide_table,
                                   rollin_guidance, round_name, progress))
     write_rollouts(records, out_file)
-    return {**rollout_summary(records), "seconds": round(time.perf_counter() - started, 1),
-            "rollin_guidance": list(rollin_guidance), "settings": asdict(settings)}
+    errors = verifier.errors - errors_before
+    if errors:
+        logger.warning("verifier %r failed on %d of %d rollouts; they were labelled 0", verifier.name, errors,
+                       len(records))
+    return {**rollout_summary(records), "verifier_errors": errors,
+            "seconds": round(time.perf_counter() - started, 1), "rollin_guidance": list(rollin_guidance),
+            "settings": asdict(settings)}
 
 
 def rollout_summary(records: Sequence[RolloutRecord]) -> dict[str, Any]:

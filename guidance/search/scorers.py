@@ -2,16 +2,17 @@
 
 A scorer maps (prompt, completions) to one score per completion, all in one call:
 
-- a rule-based verifier (``guidance.verifiers``, e.g. ``demo-verifier``) scores the text;
+- a rule-based verifier (``guidance.verifiers``, e.g. ``demo-verifier``) scores the text,
+  against the request's ``search.reference`` when it needs one (``math``, ``exact``, ...);
 - a guide model scores the token ids of prompt + completion in one batched forward
   (``models.runtime.sequence.SequenceScorer``): a V-type scalar head (``reward``,
   ``expected``, ``bernoulli``, ``histogram``) reads the last token — a sequence reward
   model, or a prefix scorer on prompt + block in blockwise search; an ARM or GenARM
   head (``arm``, ``lm``) sums the completion's token rewards.
 
-Requests name scorers; the operator configures them (verifiers are built in, models
-come from the guide-model table). Scoring runs in the caller's thread: the server
-calls it off its event loop.
+Requests name scorers; the operator configures them (verifiers are built in or installed
+plug-ins, except those not served, such as ``python-tests``; models come from the guide-model
+table). Scoring runs in the caller's thread: the server calls it off its event loop.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from guidance.catalog import GuideCatalog, GuideModelInfo
-from guidance.verifiers import Verifier, get_verifier, verifier_names
+from guidance.verifiers import RegisteredVerifier, get_verifier, verifier_names
 from models.runtime.sequence import SequenceScorer, scores_sequences
 
 
@@ -43,8 +44,9 @@ class Scorer(ABC):
     max_length: int | None = None  # longest prompt + completion it can score (None: any)
 
     @abstractmethod
-    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
-        """One score per completion (higher is better)."""
+    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion],
+              reference: Any = None) -> list[float]:
+        """One score per completion (higher is better); `reference` is the request's ``search.reference``."""
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind}
@@ -53,11 +55,16 @@ class Scorer(ABC):
 class VerifierScorer(Scorer):
     kind = "verifier"
 
-    def __init__(self, name: str, verifier: Verifier) -> None:
-        self.name, self._verifier = name, verifier
+    def __init__(self, name: str, verifier: RegisteredVerifier) -> None:
+        self.name, self.verifier = name, verifier
 
-    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
-        return [float(self._verifier(prompt_text, c.text)) for c in completions]
+    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion],
+              reference: Any = None) -> list[float]:
+        """The verifier's rewards (a verifier that fails on a completion scores it 0, counted)."""
+        return [self.verifier(prompt_text, c.text, reference) for c in completions]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), **self.verifier.describe()}
 
 
 class ModelScorer(Scorer):
@@ -68,7 +75,8 @@ class ModelScorer(Scorer):
         self.max_length = scorer.model.backbone.config.max_position_embeddings
         self._lock = threading.Lock()  # one forward at a time per model
 
-    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion]) -> list[float]:
+    def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion],
+              reference: Any = None) -> list[float]:
         sequences = [[*prompt_ids, *c.token_ids] for c in completions]
         # An empty completion (a candidate that stopped at once) is scored on the prompt's last token.
         starts = [min(len(prompt_ids), len(s)) for s in sequences]
@@ -85,7 +93,7 @@ def is_sequence_scorer(info: GuideModelInfo) -> bool:
 
 
 class ScorerCatalog:
-    """Every scorer a request may name: the built-in verifiers and the guide models that score sequences."""
+    """Every scorer a request may name: the served verifiers and the guide models that score sequences."""
 
     def __init__(self, scorers: Sequence[Scorer]) -> None:
         self._scorers = {s.name: s for s in scorers}
@@ -93,15 +101,16 @@ class ScorerCatalog:
     @classmethod
     def load(cls, catalog: GuideCatalog, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu") -> "ScorerCatalog":
-        """Verifiers plus every sequence-scoring guide model of `catalog`, loaded; a guide model may
-        not take a verifier's name."""
-        scorers: list[Scorer] = [VerifierScorer(name, get_verifier(name)) for name in verifier_names()]
+        """The served verifiers plus every sequence-scoring guide model of `catalog`, loaded; a guide
+        model may not take a verifier's name."""
+        verifiers = [get_verifier(name) for name in verifier_names()]
+        scorers: list[Scorer] = [VerifierScorer(v.name, v) for v in verifiers if v.served]
         for name in catalog.names():
             info = catalog[name]
             if not is_sequence_scorer(info):
                 continue
             if name in verifier_names():
-                raise ValueError(f"guide model {name!r} has the name of a built-in verifier; rename it")
+                raise ValueError(f"guide model {name!r} has the name of a verifier; rename it")
             scorers.append(ModelScorer(info, SequenceScorer.load(info.path, dtype=dtype, device=device)))
         return cls(scorers)
 
@@ -113,6 +122,11 @@ class ScorerCatalog:
 
     def names(self) -> list[str]:
         return sorted(self._scorers)
+
+    def reference_names(self) -> list[str]:
+        """Scorers that need the request's ``search.reference``."""
+        return sorted(name for name, scorer in self._scorers.items()
+                      if isinstance(scorer, VerifierScorer) and scorer.verifier.needs_reference)
 
     def prefix_names(self) -> list[str]:
         """Scorers that read token ids, so score a partial sequence as well as a whole one (the guide

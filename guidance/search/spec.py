@@ -6,7 +6,12 @@
     {"type": "blockwise", "candidates": 4, "block_tokens": 8, "scorer": "demo-prefix", "temperature": 0.0}
 
 `temperature` is the selection temperature: 0 keeps the best-scored candidate, a positive
-value samples one with probability proportional to exp(score / temperature).
+value samples one with probability proportional to exp(score / temperature). `reference` (any
+JSON value) is what a verifier scorer compares completions with, e.g.
+
+    {"type": "best_of_n", "n": 8, "scorer": "math", "reference": "1/2"}
+
+a verifier that needs one and gets none is refused (`search.reference`); other scorers ignore it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ class _SearchParams(BaseModel):
         default=0.0, ge=0.0, le=MAX_SELECTION_TEMPERATURE,
         description="Selection temperature: 0 keeps the best candidate; > 0 samples by softmax(score / temperature).",
     )
+
+    reference: Any = Field(
+        default=None, description="What a verifier scorer compares completions with (e.g. the answer of `math`).")
 
     candidates_field: ClassVar[str]
 
@@ -86,9 +94,10 @@ class SearchLimits:
 
 
 def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param: str = "search",
-                 prefix_scorers: Sequence[str] = ()) -> SearchParams:
+                 prefix_scorers: Sequence[str] = (), reference_scorers: Sequence[str] = ()) -> SearchParams:
     """Validate a request's `search` object against the configured scorer names (`prefix_scorers`:
-    those that can score partial sequences, for `prune`); GuidanceError naming the first bad field."""
+    those that can score partial sequences, for `prune`; `reference_scorers`: those that need
+    `reference`); GuidanceError naming the first bad field."""
     if not isinstance(entry, dict):
         raise GuidanceError("search must be an object", param)
     kind = entry.get("type")
@@ -109,6 +118,9 @@ def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param
     if spec.scorer not in scorers:
         raise GuidanceError(
             f"Unknown scorer {spec.scorer!r}; configured: {', '.join(scorers) or 'none'}", f"{param}.scorer")
+    if spec.reference is None and spec.scorer in reference_scorers:
+        raise GuidanceError(f"The scorer {spec.scorer!r} compares completions with a reference: give "
+                            f"{param}.reference", f"{param}.reference")
     prune = getattr(spec, "prune", None)
     if prune is not None:
         if prune.scorer not in prefix_scorers:

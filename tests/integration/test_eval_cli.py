@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from guidance.verifiers import get_verifier
 from models.demo.task import held_out_problems
 from workflows.prompt_file import PromptRecord, write_prompts
 
@@ -20,12 +21,14 @@ ALIGNSERVE = Path(sys.executable).parent / "alignserve"
 PROBLEMS = held_out_problems()[:4]
 
 
-def run_eval(server, tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, Path]:
+def run_eval(server, tmp_path: Path, *flags: str, verifier: str = "demo-verifier",
+             answers: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
     prompts = tmp_path / "prompts.jsonl"
-    write_prompts([PromptRecord(id=p.prompt, prompt=p.prompt) for p in PROBLEMS], prompts)
+    write_prompts([PromptRecord(id=p.prompt, prompt=p.prompt, answer=p.answer if answers else None)
+                   for p in PROBLEMS], prompts)
     out = tmp_path / "out"
     result = subprocess.run(
-        [str(ALIGNSERVE), "eval", "--url", server.base_url, "--prompts", str(prompts), "--verifier", "demo-verifier",
+        [str(ALIGNSERVE), "eval", "--url", server.base_url, "--prompts", str(prompts), "--verifier", verifier,
          "--samples", "2", "--max-tokens", "8", "--temperature", "1.0", "--top-p", "1.0", "--seed", "11",
          "--out", str(out), *flags],
         capture_output=True, text=True, timeout=600)
@@ -66,6 +69,20 @@ def test_eval_writes_table_csv_json_and_plot(server, tmp_path):
     assert "| qsharp(demo-value)@4 | qsharp(demo-value) | 4 |" in table
     assert table in result.stdout
     assert (out / "reward_vs_kl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_by_math_reads_each_prompts_answer_here_and_in_the_servers_search(server, tmp_path):
+    result, out = run_eval(server, tmp_path, "--best-of-n", "math", "--n", "1,4", verifier="math", answers=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = {r["config"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert list(rows) == ["base", "best-of-1(math)", "best-of-4(math)"]
+    math_verifier = get_verifier("math")
+    for sample in map(json.loads, (out / "samples.jsonl").read_text().splitlines()):
+        problem = PROBLEMS[sample["prompt_index"]]
+        assert sample["reward"] == math_verifier(problem.prompt, sample["text"], problem.answer), sample
+        if sample["config"] == "best-of-4(math)":  # the server scored the kept candidate against the same answer
+            assert sample["score"] == sample["reward"], sample
+    assert rows["best-of-4(math)"]["pass_at_1"] >= rows["base"]["pass_at_1"]
 
 
 def test_eval_refuses_a_configuration_the_server_rejects_before_the_run(server, tmp_path):

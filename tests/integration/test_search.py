@@ -170,6 +170,9 @@ def test_blockwise_changes_the_output_and_stops_with_its_kept_block(openai_clien
     ({"type": "beam", "n": 2, "scorer": "demo-reward"}, "search.type"),
     ({**best_of(2), "k": 1}, "search.k"),
     ("best_of_n", "search"),
+    (best_of(2, "math"), "search.reference"),  # math compares with a reference: none given
+    (best_of(2, "python-tests", reference="assert True"), "search.scorer"),  # runs code: not served
+    (best_of(2, "models.tasks.chat_arith:reward"), "search.scorer"),  # requests never name code
 ])
 def test_bad_search_is_400_naming_the_field(http, model_name, search, param):
     for path, body in (("/v1/completions", {"prompt": PROMPT}),
@@ -183,8 +186,29 @@ def test_search_listing(http):
     search = http.get("/v1/guidance").json()["search"]
     assert [t["type"] for t in search["types"]] == ["best_of_n", "blockwise"]
     assert {s["name"] for s in search["scorers"]} == {"demo-verifier", "arith-first-line", "demo-reward",
-                                                        "demo-prefix", "demo-value-hist", "demo-arm", "demo-genarm"}
+                                                        "demo-prefix", "demo-value-hist", "demo-arm", "demo-genarm",
+                                                        "math", "exact", "regex", "json-schema"}
+    assert {s["name"] for s in search["scorers"] if s.get("needs_reference")} == {"math", "exact", "regex",
+                                                                                  "json-schema"}
     assert (search["max_candidates"], search["max_block_tokens"]) == (16, 64)
+
+
+def test_best_of_n_by_exact_keeps_a_candidate_equal_to_the_reference(server, openai_client, model_name):
+    """Candidate c is the plain request seeded seed + c; the server's `exact` compares each with
+    search.reference, and when one of them is the answer the kept one is."""
+    answer, seed, kwargs = "801", 40, dict(prompt=PROMPT, max_tokens=8, temperature=1.0)
+    plain = [complete(openai_client, model_name, seed=seed + c, **kwargs).choices[0].text for c in range(8)]
+    expected = [get_verifier("exact")(PROMPT, text, answer) for text in plain]
+    assert 1.0 in expected, plain  # the demo model gets 234+567 right some of the time
+    kept = complete(openai_client, model_name, best_of(8, "exact", reference=answer), seed=seed, **kwargs).choices[0]
+    report = kept.model_extra["guidance"]
+    assert kept.text.strip() == answer and report["score"] == 1.0
+    assert report["candidate_scores"] == expected
+    # A reference exact cannot read: every candidate scores 0, the request still answers, the failures are counted.
+    before = server.metric("alignserve_verifier_errors_total", verifier="exact")
+    bad = complete(openai_client, model_name, best_of(2, "exact", reference=801), seed=seed, **kwargs).choices[0]
+    assert bad.model_extra["guidance"]["candidate_scores"] == [0.0, 0.0]
+    assert server.metric("alignserve_verifier_errors_total", verifier="exact") - before == 2
 
 
 def test_search_metrics(http, openai_client, model_name):

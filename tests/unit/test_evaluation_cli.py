@@ -54,6 +54,10 @@ def test_bad_input_is_refused_naming_the_flag(capsys, prompts, tmp_path):
     assert code == 2 and "--prompts" in err and "line 1" in err
     code, err = run(capsys, "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--verifier", "demo-verifier")
     assert code == 2 and "one of the arguments --model --url is required" in err
+    for verifier, message in (("math", "prompt '1' (record 1) has no 'answer'; the verifier 'math' compares"),
+                              ("no_such_module:check", "verifier 'no_such_module:check': cannot import it")):
+        code, err = run(capsys, *common, "--verifier", verifier)
+        assert code == 2 and message in err, (verifier, err)
 
 
 def test_an_unreachable_server_is_an_error(capsys, prompts, tmp_path):

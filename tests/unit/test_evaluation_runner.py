@@ -10,7 +10,7 @@ import math
 import httpx
 import pytest
 
-from guidance.verifiers import answer_extractor, get_verifier
+from guidance.verifiers import get_verifier
 from workflows.evaluation.configs import BASE, EvalConfig
 from workflows.evaluation.pipeline import RESULT_FILES, evaluate
 from workflows.evaluation.reports import RunInfo
@@ -73,8 +73,7 @@ class FailingOn(FakeServer):
 def run_samples(server: FakeServer, config: EvalConfig, records=(CHAT, TEXT)):
     async def go():
         async with httpx.AsyncClient(base_url="http://test", transport=httpx.MockTransport(server)) as client:
-            runner = Runner(client, records, SETTINGS, get_verifier("demo-verifier"),
-                            answer_extractor("demo-verifier"), concurrency=2)
+            runner = Runner(client, records, SETTINGS, get_verifier("demo-verifier"), concurrency=2)
             return [await runner.sample(config, i, j) for i in range(len(records)) for j in range(SETTINGS.samples)]
 
     return asyncio.run(go())
@@ -177,3 +176,20 @@ def test_a_resumed_run_reuses_finished_configurations_and_runs_the_rest(tmp_path
     with pytest.raises(ValueError, match="seed=100"):
         asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE], SETTINGS, other, tmp_path, progress=False,
                              transport=httpx.MockTransport(FakeServer()), resume=True))
+
+
+def test_the_prompts_answer_is_the_reference_of_the_verifier_and_of_a_search(tmp_path):
+    """`--verifier math` reads each prompt's answer; a search request carries it as search.reference."""
+    answered = (PromptRecord(id="a", prompt="12+30=", answer="42"), PromptRecord(id="b", prompt="1+1=", answer=3))
+    server = FakeServer()
+    info = RunInfo(command="alignserve eval ...", model="m", server="fake", prompts_file="p.jsonl", prompts=2,
+                   verifier="math", samples=3, temperature=0.8, top_p=0.9, max_tokens=8, seed=100)
+    given = EvalConfig("bo2-own", "best-of-n(v)", 2.0, search={"type": "best_of_n", "n": 2, "scorer": "v",
+                                                               "reference": "mine"})
+    rows = asyncio.run(evaluate("http://test", answered, [BASE, BO4, given], SETTINGS, info, tmp_path,
+                                progress=False, transport=httpx.MockTransport(server)))
+    assert [r.pass_at_1 for r in rows] == [0.5] * 3  # "42" is right for prompt a, wrong for b
+    searched = [body["search"] for _, body in server.requests if body.get("search", {}).get("n") == 4]
+    assert {s["reference"] for s in searched} == {"42", 3}
+    own = [body["search"]["reference"] for _, body in server.requests if body.get("search", {}).get("n") == 2]
+    assert set(own) == {"mine"}  # a configuration's own reference is kept

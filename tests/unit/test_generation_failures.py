@@ -33,7 +33,7 @@ class FailingEngine:
 class ShortScorer(Scorer):
     name, kind, max_length = "short", "model", 10
 
-    def score(self, prompt_text, prompt_ids, completions):
+    def score(self, prompt_text, prompt_ids, completions, reference=None):
         return [0.0] * len(completions)
 
 

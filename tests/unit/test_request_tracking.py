@@ -174,7 +174,7 @@ class StallingScorer(Scorer):
     def __init__(self) -> None:
         self.release = __import__("threading").Event()
 
-    def score(self, prompt_text, prompt_ids, completions):
+    def score(self, prompt_text, prompt_ids, completions, reference=None):
         self.release.wait(30)
         return [0.0] * len(completions)
 

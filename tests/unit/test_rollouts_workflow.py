@@ -37,6 +37,10 @@ class ScriptedEngine:
 
 def test_prompt_files_round_trip_and_name_the_bad_line(tmp_path: Path) -> None:
     records = chat_arith_prompts("heldout")[:3] + [PromptRecord(id="plain", prompt="12+3=", answer="15")]
+    # An answer is any JSON value: a number, a JSON schema, HumanEval's tests.
+    records += [PromptRecord(id="n", prompt="1+1=", answer=2),
+                PromptRecord(id="s", prompt="A name as JSON.", answer={"type": "object", "required": ["name"]}),
+                PromptRecord(id="t", prompt="def f():", answer={"test": "assert f() == 1", "entry_point": "f"})]
     write_prompts(records, tmp_path / "p.jsonl")
     assert read_prompts(tmp_path / "p.jsonl") == records
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1="}\n{"prompt": "x", "messages": [{"role": "user", '

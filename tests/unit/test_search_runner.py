@@ -70,7 +70,7 @@ class DigitScorer(Scorer):
     def __init__(self) -> None:
         self.calls: list[list[Completion]] = []
 
-    def score(self, prompt_text, prompt_ids, completions):
+    def score(self, prompt_text, prompt_ids, completions, reference=None):
         self.calls.append(list(completions))
         return [float(c.text[-1]) for c in completions]
 

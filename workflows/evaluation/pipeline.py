@@ -5,6 +5,7 @@ interrupted run keeps what finished."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 from tqdm.auto import tqdm
 
-from guidance.verifiers import answer_extractor, get_verifier
+from guidance.verifiers import resolve_verifier
 from workflows.evaluation.configs import EvalConfig
 from workflows.evaluation.metrics import ResultRow, summarize
 from workflows.evaluation.plot import plot_pass_vs_compute, plot_reward_vs_kl
@@ -21,6 +22,8 @@ from workflows.evaluation.reports import RunInfo, markdown_report, write_csv, wr
 from workflows.evaluation.runner import EvalRequestError, Runner, SamplingSettings
 from workflows.evaluation.samples import Sample
 from workflows.prompt_file import PromptRecord
+
+logger = logging.getLogger(__name__)
 
 RESULT_FILES = ("results.csv", "results.md", "results.json", "samples.jsonl", "reward_vs_kl.png", "pass_vs_compute.png")
 # Run settings that must match for a resumed run to reuse earlier results (the command may differ).
@@ -79,14 +82,15 @@ async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[
     """Run ``configs`` in order on ``records`` and write the results to ``out``; the rows. With
     ``resume``, a configuration an earlier run in ``out`` finished with the same request and the
     same sampling keeps its results (``finished_results``) instead of running again."""
-    verifier, extractor = get_verifier(info.verifier), answer_extractor(info.verifier)
+    verifier = resolve_verifier(info.verifier)
+    extractor, errors_before = verifier.answer, verifier.errors
     earlier = finished_results(out, info) if resume else {}
     reused = {c.name for c in configs if c.name in earlier and earlier[c.name][0] == c.to_json()}
     rows: list[ResultRow] = []
     samples: dict[str, list[Sample]] = {}
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, transport=transport,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
-        runner = Runner(client, records, settings, verifier, extractor, concurrency)
+        runner = Runner(client, records, settings, verifier, concurrency)
         await runner.check([c for c in configs if c.name not in reused])
         with tqdm(total=len(configs) * len(records) * settings.samples, unit="request",
                   disable=not progress) as bar:
@@ -103,4 +107,6 @@ async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[
                                           with_majority=extractor is not None))
                 # Reused results too: a failure further on must not drop them from the files.
                 write_results(out, rows, configs[: len(rows)], samples, info)
+    if errors := verifier.errors - errors_before:
+        logger.warning("verifier %r failed on %d samples; they scored 0", verifier.name, errors)
     return rows

@@ -11,6 +11,9 @@ seeds), N for best-of-N (its candidate c is seeded ``request seed + c``, docs/gu
 best-of-1 is exactly the base, and the candidates of different samples never share a seed),
 and ``ceil(max_tokens / block_tokens) * candidates`` for blockwise.
 
+A search request carries the prompt's ``answer`` as ``search.reference`` (unless its configuration
+gives one), for a verifier scorer that compares with it; the local verifier reads it too.
+
 A request that fails (transport error, or any status but 200; 429 is retried after its
 Retry-After) raises EvalRequestError naming the configuration, the prompt and the sample.
 """
@@ -26,7 +29,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from guidance.verifiers import AnswerExtractor, Verifier
+from guidance.verifiers import RegisteredVerifier
 from workflows.evaluation.configs import EvalConfig
 from workflows.evaluation.samples import Sample
 from workflows.prompt_file import PromptRecord
@@ -73,9 +76,13 @@ def sample_seed(settings: SamplingSettings, config: EvalConfig, prompt_index: in
 
 def request(record: PromptRecord, config: EvalConfig, settings: SamplingSettings, seed: int) -> tuple[str, dict]:
     """(endpoint path, JSON body) of one sample."""
+    extension = dict(config.extension)
+    search = extension.get("search")
+    if search is not None and record.answer is not None and "reference" not in search:
+        extension["search"] = {**search, "reference": record.answer}
     body: dict[str, Any] = {"model": settings.model, "n": 1, "max_tokens": settings.max_tokens,
                             "temperature": settings.temperature, "top_p": settings.top_p, "seed": seed,
-                            "cache": False, **config.extension}
+                            "cache": False, **extension}
     if record.messages is not None:
         return "/v1/chat/completions", {**body, "messages": list(record.messages)}
     return "/v1/completions", {**body, "prompt": record.prompt}
@@ -94,9 +101,9 @@ class Runner:
     """Sends one configuration's requests and turns the responses into scored samples."""
 
     def __init__(self, client: httpx.AsyncClient, records: Sequence[PromptRecord], settings: SamplingSettings,
-                 verifier: Verifier, extractor: AnswerExtractor | None, concurrency: int) -> None:
+                 verifier: RegisteredVerifier, concurrency: int) -> None:
         self.client, self.records, self.settings = client, list(records), settings
-        self.verifier, self.extractor = verifier, extractor
+        self.verifier, self.extractor = verifier, verifier.answer
         self.gate = asyncio.Semaphore(concurrency)
 
     async def _post(self, where: str, path: str, body: dict) -> dict:
@@ -129,7 +136,7 @@ class Runner:
             raise EvalRequestError(f"{where}: malformed response ({exc!r}): {str(response)[:500]}") from exc
         text = text or ""
         return Sample(prompt_index=prompt_index, prompt_id=record.id, sample=sample, seed=seed, text=text,
-                      reward=float(self.verifier(verifier_prompt(record), text)),
+                      reward=self.verifier(verifier_prompt(record), text, record.answer),
                       answer=None if self.extractor is None else self.extractor(text),
                       kl=float(report["kl"]), steps=int(report["steps"]), completion_tokens=int(tokens),
                       score=report.get("score"), generated_tokens=int(report.get("generated_tokens", tokens)))
