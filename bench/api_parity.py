@@ -41,6 +41,10 @@ def completion(**fields: Any) -> dict:
     return {"model": NAME, "prompt": "12+19=", "max_tokens": 8, "temperature": 0, **fields}
 
 
+WEATHER_TOOL = {"name": "get_weather", "description": WEATHER["function"]["description"],
+                "input_schema": WEATHER["function"]["parameters"]}
+
+
 # (label, method, path, body); a body given as str is sent as is (JSON text with escapes).
 REQUESTS: list[tuple[str, str, str, dict | str | None]] = [
     ("chat, plain", "POST", "/v1/chat/completions", chat()),
@@ -83,6 +87,17 @@ REQUESTS: list[tuple[str, str, str, dict | str | None]] = [
      json.dumps(completion(prompt="x\ud800"))),
     ("prompt with NUL", "POST", "/v1/completions", completion(prompt="1\u00002=")),
     ("mistyped field (guidanse)", "POST", "/v1/completions", completion(guidanse=[])),
+    ("messages, plain", "POST", "/v1/messages", chat()),
+    ("messages, system + stop_sequences", "POST", "/v1/messages",
+     chat(system="Answer with digits.", stop_sequences=["1"])),
+    ("messages, tools, tool_choice any", "POST", "/v1/messages",
+     chat(messages=ASK, tools=[WEATHER_TOOL], tool_choice={"type": "any"}, max_tokens=60)),
+    ("messages, tool_use + tool_result", "POST", "/v1/messages", chat(tools=[WEATHER_TOOL], messages=[
+        *ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "get_weather",
+                                                 "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "Sunny"}]}])),
+    ("POST /v1/messages/count_tokens", "POST", "/v1/messages/count_tokens",
+     {"model": NAME, "system": "Answer with digits.", "messages": ASK}),
 ]
 
 
@@ -101,6 +116,9 @@ def output_of(body: Any) -> Any:
     """What a response produced, for comparing the two servers (ids and timestamps left out)."""
     if not isinstance(body, dict):
         return body
+    if body.get("type") == "message":
+        blocks = [(b["type"], b.get("text"), b.get("name"), b.get("input")) for b in body["content"]]
+        return [blocks, body["stop_reason"], body.get("stop_sequence")]
     if "choices" in body:
         out = []
         for choice in body["choices"]:
@@ -116,6 +134,10 @@ def summary(status: int, body: Any) -> str:
         error = body.get("error", body) if isinstance(body, dict) else body
         message = error.get("message", "") if isinstance(error, dict) else str(error)
         return f"{status}: {str(message)[:70]}"
+    if isinstance(body, dict) and body.get("type") == "message":
+        calls = [b["name"] for b in body["content"] if b["type"] == "tool_use"]
+        shown = f"tool_use {calls}" if calls else repr("".join(b.get("text", "") for b in body["content"]))
+        return f"200: {shown[:60]} ({body['stop_reason']})"
     if isinstance(body, dict) and "choices" in body:
         choice = body["choices"][0]
         message = choice.get("message") or {}

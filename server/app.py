@@ -22,6 +22,7 @@ from server.api.debug import DEBUG_PATH
 from server.api.debug import router as debug_router
 from server.api.guidance import router as guidance_router
 from server.api.health import router as health_router
+from server.api.messages.router import router as messages_router
 from server.api.metrics import router as metrics_router
 from server.api.models import router as models_router
 from server.api.tokenize import router as tokenize_router
@@ -115,7 +116,7 @@ def create_app(
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     for router in (health_router, metrics_router, models_router, tokenize_router, guidance_router, completions_router,
-                   chat_router):
+                   chat_router, messages_router):
         app.include_router(router)
     if settings.debug_key:
         app.include_router(debug_router)

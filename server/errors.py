@@ -1,7 +1,9 @@
-"""API errors and their one mapping to the OpenAI error envelope.
+"""API errors and their one mapping to the error envelopes.
 
 Every error a client sees has the body
-``{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}``.
+``{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}`` (OpenAI's),
+or under /v1/messages Anthropic's ``{"type": "error", "error": {"type": str, "message": str}}``,
+its type chosen by the HTTP status and its message starting with the field it is about.
 
 Exception tree (raise these from serving code; `install_error_handlers` maps them):
 
@@ -134,8 +136,32 @@ def api_error_body(error: APIError) -> dict:
     return error_body(error.message, error.type, error.param, error.code)
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(api_error_body(error), status_code=error.status, headers=error.headers)
+# Anthropic's error types by HTTP status (any other: "invalid_request_error" for a 4xx, "api_error" for a 5xx).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error"}
+MESSAGES_PATH = "/v1/messages"
+
+
+def is_messages_path(path: str) -> bool:
+    """Whether `path` belongs to Anthropic's Messages API, whose clients read its error envelope."""
+    return path == MESSAGES_PATH or path.startswith(f"{MESSAGES_PATH}/")
+
+
+def anthropic_error_body(error: APIError) -> dict:
+    """Anthropic's envelope. It has no `param`, so the message starts with the field, written as
+    Anthropic writes it (`messages.0.content: ...`)."""
+    message = error.message
+    if error.param is not None:
+        message = f"{error.param.replace('[', '.').replace(']', '')}: {message}"
+    default = "invalid_request_error" if error.status < 500 else "api_error"
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(error.status, default), "message": message}}
+
+
+def error_response(error: APIError, path: str = "") -> JSONResponse:
+    """The error in the envelope of the API that `path` belongs to."""
+    body = anthropic_error_body(error) if is_messages_path(path) else api_error_body(error)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 # pydantic inserts the tried member type of a union into error locations
@@ -182,26 +208,27 @@ def vllm_client_error(exc: VLLMClientError | ValueError) -> InvalidRequest:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc), request.url.path)
 
     @app.exception_handler(VLLMClientError)
-    async def _vllm_client_error(_: Request, exc: VLLMClientError) -> JSONResponse:
+    async def _vllm_client_error(request: Request, exc: VLLMClientError) -> JSONResponse:
         # vLLM's own types (a structured-outputs spec, ...) check themselves while a body is parsed.
-        return error_response(vllm_client_error(exc))
+        return error_response(vllm_client_error(exc), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return JSONResponse(error_body(message, type_), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = APIError(exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase)
+        error.status, error.headers = exc.status_code, getattr(exc, "headers", None)
+        if exc.status_code < 500:
+            error.type = "invalid_request_error"
+        return error_response(error, request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(error_body("Internal server error.", "server_error"), status_code=500)
+        return error_response(APIError("Internal server error."), request.url.path)

@@ -10,7 +10,7 @@ import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from server.errors import AuthenticationFailed, PayloadTooLarge, error_response
+from server.errors import AuthenticationFailed, PayloadTooLarge, error_response, is_messages_path
 from server.metrics import REQUESTS
 
 Scope = MutableMapping[str, Any]
@@ -19,11 +19,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/messages": "messages"}
 
 
 class ApiKeyAuth:
-    """Requires ``Authorization: Bearer <key>`` with one of `keys` outside `open_paths`."""
+    """Requires ``Authorization: Bearer <key>`` with one of `keys` outside `open_paths`; Anthropic's
+    Messages API also takes the key as ``x-api-key: <key>``, which is how Anthropic's SDKs send it."""
 
     def __init__(self, app: ASGIApp, keys: list[str], open_paths: frozenset[str]) -> None:
         self.app = app
@@ -34,20 +35,31 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in self.open_paths or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        error = AuthenticationFailed("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.")
-        await error_response(error)(scope, receive, send)
+        send_key = "'Authorization: Bearer <key>'"
+        if is_messages_path(scope["path"]):
+            send_key = f"'x-api-key: <key>' or {send_key}"
+        error = AuthenticationFailed(f"Incorrect or missing API key. Send {send_key}.")
+        await error_response(error, scope["path"])(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        return bearer_matches(dict(scope["headers"]).get(b"authorization", b""), self.keys)
+        headers = dict(scope["headers"])
+        if bearer_matches(headers.get(b"authorization", b""), self.keys):
+            return True
+        return is_messages_path(scope["path"]) and key_matches(headers.get(b"x-api-key", b""), self.keys)
 
 
 def bearer_matches(header: bytes, keys: list[bytes]) -> bool:
-    """Whether an Authorization header is `Bearer <one of keys>`, compared with every key in constant time."""
+    """Whether an Authorization header is `Bearer <one of keys>`."""
     scheme, _, token = header.partition(b" ")
+    return key_matches(token, keys) and scheme.lower() == b"bearer"
+
+
+def key_matches(token: bytes, keys: list[bytes]) -> bool:
+    """Whether `token` is one of `keys`, compared with every key in constant time."""
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(token.strip(), key)
-    return matched and scheme.lower() == b"bearer"
+    return matched
 
 
 class BodySizeLimit:
@@ -63,7 +75,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(self._error())(scope, receive, send)
+            await error_response(self._error(), scope["path"])(scope, receive, send)
             return
         received, too_large = 0, False
 
@@ -82,7 +94,7 @@ class BodySizeLimit:
             if not too_large:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await error_response(self._error())(scope, receive, send)
+                await error_response(self._error(), scope["path"])(scope, receive, send)
 
         await self.app(scope, limited_receive, checked_send)
 

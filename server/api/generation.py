@@ -25,7 +25,7 @@ from server.api.choices import ChoiceCollector, usage, with_token_ids
 from server.api.common import SamplingRequest
 from server.api.streaming import SSE_DONE, EventStream, cancel_on_disconnect, sse
 from server.engine import ChoiceDelta, ChoiceOutput, SamplingOptions
-from server.errors import APIError, api_error_body, error_body
+from server.errors import APIError, api_error_body
 from server.services import Services
 from server.streams import merge, tagged
 from server.tracking import TrackedRequest
@@ -185,11 +185,15 @@ class GenerationServing(ABC):
             if cache_key is not None:
                 await self.services.cache.store(cache_key, self.response(body, prepared, collector, request_id, created))
         except APIError as exc:
-            yield sse(api_error_body(exc))
+            yield self.error_event(exc)
         except Exception:  # the engine or a scorer failed mid-stream: end the stream with an error event
             logger.exception("streamed request %s failed", request_id)
-            yield sse(error_body("Internal server error.", "server_error"))
+            yield self.error_event(APIError("Internal server error."))
         yield SSE_DONE
+
+    def error_event(self, error: APIError) -> str:
+        """The event that tells a streaming client its request failed (the status line was sent already)."""
+        return sse(api_error_body(error))
 
     async def replay(self, body: SamplingRequest, prepared: Prepared, cached: dict) -> AsyncIterator[str]:
         """A cached response sent as the stream that produced it would have looked."""

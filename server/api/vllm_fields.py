@@ -9,7 +9,7 @@ the prompt's logprobs, `logit_bias` and `bad_words` are checked as vLLM checks t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -21,6 +21,7 @@ from vllm.sampling_params import SamplingParams
 from server.errors import InvalidRequest, vllm_client_error
 
 VllmRequest = VllmCompletionRequest | VllmChatRequest
+M = TypeVar("M", bound=BaseModel)
 _DEFAULTS = SamplingParams()  # what a request that sets none of ENGINE_PARAMS gets
 
 # Sampling fields of both endpoints, beyond the OpenAI ones our models declare themselves.
@@ -69,7 +70,7 @@ def vllm_fields(model: type[BaseModel], names: tuple[str, ...]) -> dict[str, Any
     return {name: (model.model_fields[name].annotation, model.model_fields[name]) for name in names}
 
 
-def validate_vllm_request(vllm_model: type[VllmRequest], fields: dict[str, Any]) -> VllmRequest:
+def validate_vllm_request(vllm_model: type[M], fields: dict[str, Any]) -> M:
     """vLLM's own request model of a request's `fields`; what vLLM refuses is a 400 naming the field."""
     try:
         return vllm_model.model_validate(fields)

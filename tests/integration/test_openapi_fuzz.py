@@ -55,6 +55,10 @@ STRING_FIELDS = [
     ("/v1/chat/completions", lambda s: {**CHAT, "tools": [{"type": "function", "function": {"name": s}}]}),
     ("/v1/chat/completions", lambda s: {**CHAT, "chat_template_kwargs": {s: s}}),
     ("/v1/chat/completions", lambda s: {**CHAT, "guidance": [{"type": s, "model": s, "strength": 1}]}),
+    ("/v1/messages", lambda s: {**BASE, "messages": [{"role": "user", "content": [{"type": "text", "text": s}]}],
+                                "system": s, "stop_sequences": [s]}),
+    ("/v1/messages", lambda s: {**CHAT, "tools": [{"name": s, "input_schema": {s: s}}], "tool_choice": {"type": "none"}}),
+    ("/v1/messages/count_tokens", lambda s: {"model": "demo-base", "messages": [{"role": "user", "content": s}]}),
     ("/tokenize", lambda s: {"prompt": s}),
     ("/tokenize", lambda s: {"messages": [{"role": "user", "content": s}]}),
 ]

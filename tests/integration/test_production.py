@@ -69,6 +69,16 @@ def test_api_key_required_on_v1_and_open_on_probes(prod):
             assert anonymous.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
+def test_anthropic_sdk_authenticates_with_x_api_key(prod):
+    import anthropic
+
+    kwargs = dict(model="demo-base", max_tokens=4, messages=[{"role": "user", "content": "1+1="}])
+    assert anthropic.Anthropic(base_url=prod.base_url, api_key=KEY, max_retries=0).messages.create(**kwargs).content
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        anthropic.Anthropic(base_url=prod.base_url, api_key="wrong", max_retries=0).messages.create(**kwargs)
+    assert info.value.body["error"]["type"] == "authentication_error"
+
+
 # Limits
 
 @pytest.mark.parametrize(

@@ -90,3 +90,32 @@ def test_tool_results_go_back_into_the_conversation(client, model):
     response = client.chat.completions.create(model=model, messages=conversation, tools=[WEATHER],
                                               tool_choice="none", max_tokens=20, temperature=0)
     assert response.choices[0].message.content and not response.choices[0].message.tool_calls
+
+
+def test_messages_tool_use_streamed_equals_whole_and_results_go_back(smollm2_server, model):
+    """Anthropic's Messages API on the same path: a forced tool is a tool_use block, streamed as
+    input_json_delta fragments; its tool_result goes back into the conversation."""
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=smollm2_server.base_url, api_key="unused", max_retries=0, timeout=300)
+    tool = {"name": "get_weather", "description": "The weather in a city", "strict": True,  # the schema enforced
+            "input_schema": WEATHER["function"]["parameters"]}
+    kwargs = dict(model=model, max_tokens=60, messages=ASK, tools=[tool],
+                  tool_choice={"type": "tool", "name": "get_weather"},
+                  extra_body={"temperature": 0, "cache": False, **GUIDED})
+    whole = claude.messages.create(**kwargs)
+    (call,) = whole.content
+    assert call.type == "tool_use" and call.name == "get_weather" and set(call.input) == {"city"}
+    assert whole.stop_reason == "tool_use" and math.isfinite(whole.model_extra["guidance"]["kl"])
+    events = list(claude.messages.create(stream=True, **kwargs))
+    starts = [e.content_block for e in events if e.type == "content_block_start"]
+    arguments = "".join(e.delta.partial_json for e in events if e.type == "content_block_delta")
+    assert [(b.type, b.name) for b in starts] == [("tool_use", "get_weather")] and json.loads(arguments) == call.input
+    assert events[-2].delta.stop_reason == "tool_use"
+    answer = claude.messages.create(
+        model=model, max_tokens=20, tools=[tool], tool_choice={"type": "none"}, extra_body={"temperature": 0},
+        messages=[*ASK, {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name,
+                                                           "input": call.input}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                                "content": "Sunny, 21 C"}]}])
+    assert answer.content[0].type == "text" and answer.content[0].text and answer.stop_reason != "tool_use"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
+
 from server.api.chat.protocol import ChatCompletionRequest
 from server.api.choices import ChoiceCollector, guidance_report, token_name
 from server.api.common import check_n, completion_budget, truncate_prompt
@@ -34,14 +36,7 @@ class ChatServing(GenerationServing):
         services.check_max_tokens(limit, limit_param)
         vllm_request = body.as_vllm_request()
         tools = services.tools.session(vllm_request)
-        template = ChatTemplateOptions(
-            tools=[tool.model_dump(exclude_none=True) for tool in vllm_request.tools or ()] or None,
-            documents=body.documents,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            template_kwargs=body.chat_template_kwargs or {},
-        )
-        prompt_ids = services.renderer.render_chat(body.template_messages(), template)
+        prompt_ids = self.render(body, vllm_request)
         if body.truncate_prompt_tokens is not None:
             prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, services.engine.max_model_len)
         max_tokens = completion_budget(
@@ -52,6 +47,18 @@ class ChatServing(GenerationServing):
         options = body.sampling_options(max_tokens, body.num_logprobs, guidance,
                                         tools.request if tools is not None else vllm_request)
         return ChatPrepared([PreparedPrompt(prompt_ids, "", options)], guidance, search, tools=tools)
+
+    def render(self, body: ChatCompletionRequest, vllm_request: VllmChatRequest) -> list[int]:
+        """The prompt's token ids: the chat template applied to the messages, with the tools (as vLLM
+        read them, and a tool parser may have adjusted them) and the documents."""
+        template = ChatTemplateOptions(
+            tools=[tool.model_dump(exclude_none=True) for tool in vllm_request.tools or ()] or None,
+            documents=body.documents,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            template_kwargs=body.chat_template_kwargs or {},
+        )
+        return self.services.renderer.render_chat(body.template_messages(), template)
 
     def response(self, body: ChatCompletionRequest, prepared: ChatPrepared, collector: ChoiceCollector,
                  request_id: str, created: int) -> dict:
