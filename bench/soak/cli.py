@@ -59,7 +59,7 @@ from workflows.server_process import alignserve_command
 FULL = SoakPlan(concurrency=(32, 64, 128), minutes=30.0, requests_per_client=4, round_max_s=180.0,
                 request_timeout_s=120.0, scorer_timeout_s=10.0, fault_load_s=20.0)
 CI = SoakPlan(concurrency=(32, 64), minutes=0.75, requests_per_client=2, round_max_s=60.0,
-              request_timeout_s=60.0, scorer_timeout_s=5.0, fault_load_s=8.0)
+              request_timeout_s=60.0, scorer_timeout_s=5.0, fault_load_s=8.0, dtype="float32")
 
 
 def run_phases(soak: Soak) -> None:

@@ -60,6 +60,10 @@ class SoakPlan:
     scorer_timeout_s: float
     fault_load_s: float  # load around the Redis kill (killed at a quarter of it, restarted at half)
     max_model_len: int = 512
+    # The base model's dtype (None: the server's default). Seeded replays are compared exactly, and in
+    # bfloat16 two requests batched with different neighbours can break a near-tie between two tokens apart
+    # (seen on the demo in CI and on SmolLM2): vLLM's CPU kernels are not batch-invariant.
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ def server_flags(plan: SoakPlan, limits: ServerLimits, redis_url: str, options: 
         flags += ["--request-timeout-s", f"{plan.request_timeout_s:g}"]
     if "--scorer-timeout-s" in options:
         flags += ["--scorer-timeout-s", f"{plan.scorer_timeout_s:g}"]
+    if plan.dtype is not None:
+        flags += ["--dtype", plan.dtype]
     return flags
 
 

@@ -19,8 +19,9 @@ from tests.conftest import ALIGNSERVE, RunningServer, metric_value, start_server
 pytestmark = pytest.mark.engine
 
 DEBUG_KEY = "operator-secret"
-# Long enough to be seen running on any machine: 8 guided choices of 240 tokens each.
-LONG = {"model": "demo-base", "prompt": "1+1=", "max_tokens": 240, "ignore_eos": True, "n": 8, "cache": False,
+# Long enough to be still running when looked at, on any machine: 16 guided choices of 480 tokens each (the
+# demo's context is 512 tokens).
+LONG = {"model": "demo-base", "prompt": "1+1=", "max_tokens": 480, "ignore_eos": True, "n": 16, "cache": False,
         "guidance": [{"type": "qsharp", "model": "demo-value", "strength": 1.0}]}
 
 
@@ -102,7 +103,7 @@ def test_the_debug_dump_lists_an_in_flight_request_in_its_stage(own_server):
 def test_engine_death_under_load_answers_every_request_with_503_and_exits_for_a_restart(own_server):
     results: list = []
     threads = [in_background(own_server, LONG, results, stream=i % 2 == 1) for i in range(4)]
-    wait_running(own_server, 4 * LONG["n"], results)
+    wait_running(own_server, 2 * LONG["n"], results)
     core = engine_core(own_server.process.pid)
     descendants = psutil.Process(own_server.process.pid).children(recursive=True)
     killed_at = time.monotonic()
@@ -110,6 +111,7 @@ def test_engine_death_under_load_answers_every_request_with_503_and_exits_for_a_
     for thread in threads:
         thread.join(timeout=60)
     assert len(results) == 4, own_server.log_tail()
+    assert all(answered > killed_at for _, _, answered in results), "a request finished before the kill"
     for status, text, answered in results:
         assert answered - killed_at < 10, (answered - killed_at, own_server.log_tail())
         if text.startswith("data:"):  # streamed: the error event, then [DONE]

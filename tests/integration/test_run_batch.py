@@ -34,7 +34,10 @@ def batch_lines(count: int) -> list[str]:
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(ALIGNSERVE), "run-batch", *args], capture_output=True, text=True, timeout=900)
+    """`alignserve run-batch` one line at a time: a seeded request gives the same tokens and KL in both runs
+    only when batched with the same neighbours (vLLM's CPU kernels are not batch-invariant in bfloat16)."""
+    done = subprocess.run([str(ALIGNSERVE), "run-batch", "--concurrency", "1", *args], capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
