@@ -75,11 +75,17 @@ def wait_running(server: RunningServer, at_least: int, results: list) -> None:
 def test_the_debug_dump_lists_an_in_flight_request_in_its_stage(own_server):
     results: list = []
     thread = in_background(own_server, LONG, results)
-    wait_running(own_server, 1, results)
     url = f"{own_server.base_url}/debug/requests"
     assert httpx.get(url, timeout=30).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Bearer client-key"}, timeout=30).status_code == 401
-    dump = httpx.get(url, headers={"Authorization": f"Bearer {DEBUG_KEY}"}, timeout=30).json()
+    # Polled on the dump itself: the engine's count of unfinished requests is not the server's own record.
+    def in_engine(dump: dict) -> bool:
+        return any(r["stage"] in ("running", "waiting_report") and r["engine_requests"] for r in dump["requests"])
+
+    deadline = time.monotonic() + 120
+    while not in_engine(dump := httpx.get(url, headers={"Authorization": f"Bearer {DEBUG_KEY}"}, timeout=30).json()):
+        assert time.monotonic() < deadline and not results, f"{results}{own_server.log_tail()}"
+        time.sleep(0.05)
     [request] = dump["requests"]
     assert request["endpoint"] == "text_completion" and not request["stream"]
     assert request["stage"] in ("running", "waiting_report"), request
@@ -87,7 +93,7 @@ def test_the_debug_dump_lists_an_in_flight_request_in_its_stage(own_server):
     assert request["engine_holds"] or request["stage"] == "waiting_report"  # the watchdog reads vLLM's own table
     assert any("deltas" in frame for task in dump["tasks"] for frame in task["awaiting"]), dump["tasks"]
     exposition = httpx.get(f"{own_server.base_url}/metrics", timeout=30).text
-    assert metric_value(exposition, "alignserve_requests_in_stage") == 1
+    assert metric_value(exposition, "alignserve_requests_in_stage") == 1, (results, own_server.log_tail())
     assert metric_value(exposition, "alignserve_request_oldest_seconds", stage=request["stage"]) > 0
     os.kill(own_server.process.pid, signal.SIGUSR1)
     deadline = time.monotonic() + 30
