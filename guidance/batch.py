@@ -319,7 +319,9 @@ class GuidanceBatch:
             if candidates is not None:
                 index = candidates if scores.dim() == 2 else candidates.unsqueeze(-1).expand(-1, -1, scores.shape[-1])
                 scores = scores.gather(1, index)
-        d = group.module.offsets(scores.float(), group.strength, info.head_type, self._atoms[group.model])
+        # Token-reward heads serve their rewards scaled to unit spread of the sequence reward (models.runtime.heads).
+        scores = scores.float() * model.head.reward_scale if model.head.reward_scale != 1.0 else scores.float()
+        d = group.module.offsets(scores, group.strength, info.head_type, self._atoms[group.model])
         return d if valid is None else d.masked_fill(~valid, 0.0)
 
     def _dense_offsets(self, group: Group, base: Tensor) -> Tensor:

@@ -121,7 +121,18 @@ def _add_trainer_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     fit.add_argument("--backbone-lr", type=float, default=1e-4,
                      help="trained layers' learning rate [default: %(default)s]")
     fit.add_argument("--validation-fraction", type=float, default=0.1,
-                     help="prompts held back for the card's metrics [default: %(default)s]")
+                     help="prompts held back, never trained on: the validation curve, the kept weights and the "
+                          "card's metrics [default: %(default)s]")
+    fit.add_argument("--weight-decay", type=float, default=0.0,
+                     help="AdamW's decoupled weight decay [default: %(default)s]")
+    fit.add_argument("--eval-every", type=_positive_int, default=25,
+                     help="steps between validation evaluations [default: %(default)s]")
+    fit.add_argument("--patience", type=_positive_int, default=None,
+                     help="stop after this many evaluations without a better validation loss [default: run every "
+                          "step]")
+    fit.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
+                     help="end with the weights of the best validation loss, not the last step's [default: "
+                          "%(default)s]")
     fit.add_argument("--seed", type=int, default=0, help="seed of sampling and training [default: %(default)s]")
     _add_rollout_flags(parser, required=False)
     if kind == "value":
@@ -149,7 +160,8 @@ def _recipe(args: argparse.Namespace, kind: str) -> GuideRecipe:
     if kind == "arm":
         head["rank"] = args.rank
     fit = FitConfig(steps=args.steps, batch_size=args.batch_size, head_lr=args.head_lr, backbone_lr=args.backbone_lr,
-                    warmup_steps=min(20, args.steps // 10 + 1))
+                    warmup_steps=min(20, args.steps // 10 + 1), weight_decay=args.weight_decay,
+                    eval_every=args.eval_every, patience=args.patience, keep_best=args.keep_best)
     return GuideRecipe(args.name, head, objective, getattr(args, "beta", 1.0), fit, args.trainable_layers)
 
 

@@ -85,17 +85,20 @@ class GuideBuildConfig:
     # Top decoder layers fine-tuned with the head; the rest stay the base's. One layer generalised
     # better than two or four (less overfitting of the rollouts' problems).
     trainable_layers: int = 1
-    value_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300))
+    # The committed checkpoints end at their last step (keep_best=False); the cards record the validation curve.
+    value_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300, keep_best=False))
     # Pairs overfit quickly (a few thousand): fewer steps.
-    preference_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=100))
+    preference_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=100, keep_best=False))
     # One score per rollout learns slower than summed token scores: 300 steps (pair accuracy 0.58 at 100).
-    sequence_reward_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300))
+    sequence_reward_fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300, keep_best=False))
 
     def recipe(self, spec: GuideSpec) -> GuideRecipe:
         fit = self.value_fit if spec.objective == "value" else self.preference_fit
         if spec.head["type"] == "reward":
             fit = self.sequence_reward_fit
-        return GuideRecipe(spec.name, spec.head, spec.objective, spec.beta, fit, self.trainable_layers)
+        # The committed checkpoints serve raw token rewards: their strengths are the ones the docs quote.
+        return GuideRecipe(spec.name, spec.head, spec.objective, spec.beta, fit, self.trainable_layers,
+                           normalise_reward=False)
 
 
 @contextmanager

@@ -61,13 +61,18 @@ class GuideHead(nn.Module):
         if scoring not in self.scorings:
             raise ValueError(f"head type {self.type!r} does not support scoring={scoring!r}; use {self.scorings}")
         self.hidden_size, self.vocab_size, self.scoring = hidden_size, vocab_size, scoring
+        # Token-reward heads (arm, lm): the factor the served token rewards are multiplied by, set by the
+        # trainer so that the sequence reward has unit spread on validation data (strength 1 means the same
+        # for every model of a kind). Training reads the raw scores.
+        self.reward_scale = 1.0
 
     def params(self) -> dict[str, Any]:
         """Type-specific JSON parameters (besides ``type`` and ``scoring``)."""
         return {}
 
     def config(self) -> dict[str, Any]:
-        return {"type": self.type, "scoring": self.scoring, **self.params()}
+        scale = {"reward_scale": self.reward_scale} if self.reward_scale != 1.0 else {}
+        return {"type": self.type, "scoring": self.scoring, **self.params(), **scale}
 
     def score_tokens(self, hidden: Tensor, tokens: Tensor, output_embedding: Tensor | None = None) -> Tensor:
         """Q-type: the token reward of one given next token per prefix, ``forward(hidden)[i, tokens[i]]``
@@ -189,6 +194,7 @@ HEAD_TYPES: dict[str, type[GuideHead]] = {
     cls.type: cls for cls in (BernoulliHead, HistogramHead, ExpectedHead, RewardHead, ARMHead, LMHead)
 }
 VALUE_HEAD_TYPES = ("reward", "expected", "bernoulli", "histogram")  # heads whose scores expected_value reads
+TOKEN_REWARD_HEADS = ("arm", "lm")  # heads whose token scores are rewards a sequence sums
 _PARAMS: dict[str, tuple[str, ...]] = {"histogram": ("atoms",), "arm": ("rank",)}
 
 
@@ -197,7 +203,13 @@ def build_head(config: dict[str, Any], hidden_size: int, vocab_size: int) -> Gui
     head_type = config.get("type")
     if head_type not in HEAD_TYPES:
         raise ValueError(f"unknown guide head type {head_type!r}; known: {sorted(HEAD_TYPES)}")
-    params = {k: v for k, v in config.items() if k not in ("type", "scoring")}
+    params = {k: v for k, v in config.items() if k not in ("type", "scoring", "reward_scale")}
+    reward_scale = config.get("reward_scale", 1.0)
+    if "reward_scale" in config and head_type not in TOKEN_REWARD_HEADS:
+        raise ValueError(f"reward_scale applies to token-reward heads {TOKEN_REWARD_HEADS}, not {head_type!r}")
+    if isinstance(reward_scale, bool) or not isinstance(reward_scale, (int, float)) \
+            or not math.isfinite(reward_scale) or reward_scale <= 0:
+        raise ValueError(f"reward_scale must be a positive finite number, got {reward_scale!r}")
     wanted = _PARAMS.get(head_type, ())
     if unknown := sorted(params.keys() - set(wanted)):
         raise ValueError(f"unknown parameters {unknown} for guide head type {head_type!r}; it takes {list(wanted)}")
@@ -205,7 +217,9 @@ def build_head(config: dict[str, Any], hidden_size: int, vocab_size: int) -> Gui
         raise ValueError(f"guide head type {head_type!r} needs parameters {missing}")
     cls = HEAD_TYPES[head_type]
     # Without a "scoring", value heads default to "q"; single-shape heads take their only one.
-    return cls(hidden_size, vocab_size, config.get("scoring", cls.scorings[0]), **params)
+    head = cls(hidden_size, vocab_size, config.get("scoring", cls.scorings[0]), **params)
+    head.reward_scale = float(reward_scale)
+    return head
 
 
 def expected_reward(scores: Tensor, head_type: str, atoms: Tensor | None) -> Tensor:

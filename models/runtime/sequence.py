@@ -27,18 +27,17 @@ import torch
 from torch import Tensor, nn
 
 from models.runtime.guide import GuideModel, load_guide_model
-from models.runtime.heads import VALUE_HEAD_TYPES, expected_value
+from models.runtime.heads import TOKEN_REWARD_HEADS, VALUE_HEAD_TYPES, expected_value
 
-TOKEN_REWARD_HEAD_TYPES = ("arm", "lm")  # Q-type heads whose token scores sum to a sequence reward
 SEQUENCE_SCORING_HEADS = "V-type value heads (" + ", ".join(VALUE_HEAD_TYPES) + ") or token-reward heads (" + \
-    ", ".join(TOKEN_REWARD_HEAD_TYPES) + ")"
+    ", ".join(TOKEN_REWARD_HEADS) + ")"
 DEFAULT_MAX_BATCH = 64  # rows per forward; more sequences are scored in chunks
 MAX_TOKEN_SCORES = 1 << 24  # completion tokens x vocabulary of one `lm`-head forward (64 MiB in float32)
 
 
 def scores_sequences(head_type: str, scoring: str) -> bool:
     """Whether a guide model with this head can score whole sequences."""
-    return (scoring == "v" and head_type in VALUE_HEAD_TYPES) or head_type in TOKEN_REWARD_HEAD_TYPES
+    return (scoring == "v" and head_type in VALUE_HEAD_TYPES) or head_type in TOKEN_REWARD_HEADS
 
 
 class SequenceScorer:
@@ -52,7 +51,7 @@ class SequenceScorer:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model.eval(), max_batch
-        self.sums_token_rewards = head.type in TOKEN_REWARD_HEAD_TYPES
+        self.sums_token_rewards = head.type in TOKEN_REWARD_HEADS
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -107,7 +106,8 @@ class SequenceScorer:
         row, t = ((positions >= begin[:, None]) & (positions < lengths[:, None])).nonzero(as_tuple=True)
         # r(x_<t, x_t) from the hidden state at t - 1, for the completion's tokens only: [M]
         token_rewards = head.score_tokens(hidden[row, t - 1], ids[row, t], self.model.backbone.output_embedding)
-        return torch.zeros(len(rows), device=ids.device).index_add_(0, row, token_rewards.float()).cpu()
+        sums = torch.zeros(len(rows), device=ids.device).index_add_(0, row, token_rewards.float())
+        return (sums * head.reward_scale).cpu()
 
     def _check(self, rows: list[Tensor], starts: list[int]) -> None:
         config = self.model.backbone.config

@@ -27,8 +27,9 @@ import torch
 from safetensors.torch import save_file
 
 from models.runtime.decoder import Decoder
-from models.runtime.heads import build_head, save_head
+from models.runtime.heads import TOKEN_REWARD_HEADS, build_head, save_head
 from models.runtime.loader import load_decoder
+from models.training.curves import CURVES_FILE, plot_curves
 from models.training.loop import FitConfig
 from models.training.objectives import (
     GuideTrainee,
@@ -37,6 +38,7 @@ from models.training.objectives import (
     fit_value,
     frozen_features,
     preference_metrics,
+    reward_spread,
     value_metrics,
 )
 from models.training.rollouts import Rollouts, preference_pairs
@@ -57,6 +59,8 @@ class GuideRecipe:
     beta: float = 1.0  # preference: scale of the margin inside the sigmoid
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300))
     trainable_layers: int = 1
+    # Token-reward heads (arm, lm): serve rewards scaled to unit spread of the sequence reward on validation.
+    normalise_reward: bool = True
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ def train_guide(recipe: GuideRecipe, backbone: Backbone, data: dict[str, Rollout
     started = time.perf_counter()
     fit = recipe.fit
     if recipe.objective == "value":
-        train_loss = fit_value(model, train, features["train"], fit, seed, recipe.name, progress, checkpoint)
+        result = fit_value(model, train, features["train"], fit, seed, recipe.name, progress, checkpoint,
+                           validation=(valid, features["valid"]))
         metrics = asdict(value_metrics(model, valid, features["valid"]))
         if head.type == "bernoulli":
             metrics["calibration_error"] = calibration_error(model, valid, features["valid"])
@@ -109,10 +114,14 @@ def train_guide(recipe: GuideRecipe, backbone: Backbone, data: dict[str, Rollout
         train_pairs, valid_pairs = preference_pairs(train), preference_pairs(valid)
         if len(train_pairs) == 0 or len(valid_pairs) == 0:
             raise ValueError(f"{recipe.name}: no (correct, incorrect) rollout pairs to train or validate on")
-        train_loss = fit_preference(model, train, features["train"], train_pairs, recipe.beta, fit, seed,
-                                    recipe.name, progress, checkpoint)
+        result = fit_preference(model, train, features["train"], train_pairs, recipe.beta, fit, seed,
+                                recipe.name, progress, checkpoint, validation=(valid, features["valid"], valid_pairs))
         metrics = asdict(preference_metrics(model, valid, features["valid"], valid_pairs, recipe.beta))
         examples = len(train_pairs)
+    spread = None
+    if recipe.normalise_reward and head.type in TOKEN_REWARD_HEADS:
+        spread = reward_spread(model, valid, features["valid"])
+        head.reward_scale = spread.scale
     card = {
         **head.config(),
         "objective": recipe.objective,
@@ -121,8 +130,16 @@ def train_guide(recipe: GuideRecipe, backbone: Backbone, data: dict[str, Rollout
                      "trainable_layers": recipe.trainable_layers},
         "training_examples": examples,
         "fit": asdict(fit),
-        "train_loss": round(train_loss, 4),
+        "train_loss": round(result.train_loss, 4),
         "validation": {name: round(value, 4) for name, value in metrics.items()},
+        "steps_run": result.steps_run,
+        "best_step": result.best_step,
+        "kept": "best validation" if fit.keep_best else "last step",
+        "stopped_early": result.stopped_early,
+        "curve": result.curve,
+        **({"reward_scale": {"scale": round(spread.scale, 6), "validation_mean": round(spread.mean, 4),
+                             "validation_std": round(spread.std, 4), "sequences": spread.sequences}}
+           if spread is not None else {}),
         "seconds": round(time.perf_counter() - started, 1),
     }
     return model, card
@@ -156,6 +173,8 @@ def save_guide(model: GuideTrainee, backbone: Backbone, tokenizer_dir: Path, out
             shutil.copyfile(Path(tokenizer_dir) / name, partial / name)
     if card is not None:
         (partial / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        if card.get("curve"):
+            plot_curves(card["curve"], card.get("name", output_dir.name), partial / CURVES_FILE, card.get("best_step"))
     if output_dir.exists():
         shutil.rmtree(output_dir)
     partial.replace(output_dir)

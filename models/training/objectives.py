@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from models.runtime.decoder import Decoder, attend_causal
 from models.runtime.heads import GuideHead, expected_value
-from models.training.loop import FitConfig, fit
+from models.training.loop import FitConfig, FitResult, fit
 from models.training.rollouts import Rollouts
 
 FEATURE_BATCH = 256  # rows per no-grad forward
@@ -145,21 +145,27 @@ def pair_margins(model: GuideTrainee, rollouts: Rollouts, features: Tensor, pair
 
 
 def fit_value(model: GuideTrainee, rollouts: Rollouts, features: Tensor, config: FitConfig, seed: int, desc: str,
-              progress: bool, checkpoint: Path | None = None) -> float:
-    """Regress every target position of ``rollouts`` onto its final reward."""
+              progress: bool, checkpoint: Path | None = None,
+              validation: tuple[Rollouts, Tensor] | None = None) -> FitResult:
+    """Regress every target position of ``rollouts`` onto its final reward; with ``validation``
+    (held-out rollouts and their features) keep the weights of the best validation loss."""
     def loss_fn(batch: Tensor) -> Tensor:
         return value_loss(model.head, *value_examples(model, rollouts, features, batch))
 
-    return fit(model, loss_fn, len(rollouts), config, seed, desc, progress, checkpoint)
+    validation_loss = None if validation is None else lambda: value_metrics(model, *validation).loss
+    return fit(model, loss_fn, len(rollouts), config, seed, desc, progress, checkpoint, validation_loss)
 
 
 def fit_preference(model: GuideTrainee, rollouts: Rollouts, features: Tensor, pairs: Tensor, beta: float,
-                   config: FitConfig, seed: int, desc: str, progress: bool, checkpoint: Path | None = None) -> float:
-    """Bradley-Terry on (correct, incorrect) pairs of rollouts of one prompt."""
+                   config: FitConfig, seed: int, desc: str, progress: bool, checkpoint: Path | None = None,
+                   validation: tuple[Rollouts, Tensor, Tensor] | None = None) -> FitResult:
+    """Bradley-Terry on (correct, incorrect) pairs of rollouts of one prompt; with ``validation``
+    (held-out rollouts, their features and pairs) keep the weights of the best validation loss."""
     def loss_fn(batch: Tensor) -> Tensor:
         return -F.logsigmoid(beta * pair_margins(model, rollouts, features, pairs[batch])).mean()
 
-    return fit(model, loss_fn, len(pairs), config, seed, desc, progress, checkpoint)
+    validation_loss = None if validation is None else lambda: preference_metrics(model, *validation, beta).loss
+    return fit(model, loss_fn, len(pairs), config, seed, desc, progress, checkpoint, validation_loss)
 
 
 @torch.no_grad()
@@ -177,6 +183,31 @@ def preference_metrics(model: GuideTrainee, rollouts: Rollouts, features: Tensor
     """Loss, and the fraction of pairs whose correct rollout scores higher."""
     margins = torch.cat([pair_margins(model, rollouts, features, batch) for batch in pairs.split(FEATURE_BATCH)])
     return Metrics(-F.logsigmoid(beta * margins).mean().item(), (margins > 0).float().mean().item())
+
+
+@dataclass(frozen=True)
+class RewardSpread:
+    """Mean and standard deviation of the sequence reward S(x) over rollouts; ``scale`` = 1 / std."""
+
+    mean: float
+    std: float
+    sequences: int
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.std
+
+
+@torch.no_grad()
+def reward_spread(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> RewardSpread:
+    """The spread of S(x) (``sequence_scores``, the raw head) over every rollout; ValueError when S is
+    constant (nothing to scale by)."""
+    scores = torch.cat([sequence_scores(model, rollouts, features, rows)
+                        for rows in torch.arange(len(rollouts)).split(FEATURE_BATCH)]).double()
+    std = float(scores.std(correction=0)) if len(scores) > 1 else 0.0
+    if not std > 0:
+        raise ValueError(f"the sequence reward is constant over {len(scores)} rollouts: it cannot be normalised")
+    return RewardSpread(float(scores.mean()), std, len(scores))
 
 
 @torch.no_grad()

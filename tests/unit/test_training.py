@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -146,6 +147,89 @@ def test_a_cut_backbone_is_written_as_a_checkpoint_transformers_and_the_server_l
     assert GuideCatalog.from_paths({"cut": tmp_path / "cut"})["cut"].head_type == "bernoulli"
 
 
+class Memoriser(torch.nn.Module):
+    """A linear model (zero at the start) with more features than training examples: it learns the signal
+    first, then fits the training labels' noise, and its validation loss rises again."""
+
+    def __init__(self, features: int = 64) -> None:
+        super().__init__()
+        self.decoder = torch.nn.Identity()
+        self.head = torch.nn.Linear(features, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+
+def overfitting_problem(features: int = 64):
+    """32 noisy training examples, 256 clean validation examples of y = x . w."""
+    generator = torch.Generator().manual_seed(0)
+    x_train, x_valid = torch.randn(32, features, generator=generator), torch.randn(256, features, generator=generator)
+    w = torch.randn(features, generator=generator) * 2 / features ** 0.5
+    return x_train, x_train @ w + 1.5 * torch.randn(32, generator=generator), x_valid, x_valid @ w
+
+
+def test_a_fit_that_overfits_ends_with_its_validation_best_weights() -> None:
+    x_train, y_train, x_valid, y_valid = overfitting_problem()
+    torch.manual_seed(0)
+    model = Memoriser()
+    seen: list[tuple[float, dict]] = []
+
+    def validation_loss() -> float:
+        loss = torch.nn.functional.mse_loss(model.head(x_valid).squeeze(-1), y_valid).item()
+        seen.append((loss, {k: v.clone() for k, v in model.state_dict().items()}))
+        return loss
+
+    def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(model.head(x_train[batch]).squeeze(-1), y_train[batch])
+
+    config = FitConfig(steps=200, batch_size=32, head_lr=0.005, warmup_steps=1, eval_every=10)
+    result = fit(model, loss_fn, 32, config, seed=0, desc="", progress=False, validation_loss=validation_loss)
+    losses = [loss for loss, _ in seen]
+    best = losses.index(min(losses))
+    assert losses[-1] > 1.5 * losses[best], losses  # it did overfit: the last point is far worse
+    assert [p["step"] for p in result.curve] == list(range(0, 201, 10))
+    assert result.best_step == result.curve[best]["step"] and result.best_validation_loss == losses[best]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, seen[best][1][name], rtol=0, atol=0, msg=name)
+    assert result.curve[-1]["train_loss"] < result.curve[1]["train_loss"]  # while the training loss fell
+
+    torch.manual_seed(0)
+    model = Memoriser()
+    seen.clear()
+    stopped = fit(model, loss_fn, 32, dataclasses.replace(config, patience=3), seed=0, desc="", progress=False,
+                  validation_loss=validation_loss)
+    assert stopped.stopped_early and stopped.steps_run == result.best_step + 3 * 10
+    assert stopped.best_step == result.best_step and len(stopped.curve) == best + 4
+
+
+def test_without_keep_best_a_fit_ends_at_its_last_step_and_still_records_the_curve() -> None:
+    x_train, y_train, x_valid, y_valid = overfitting_problem()
+    runs = {}
+    for keep_best in (False, True):
+        model = Memoriser()
+
+        def loss_fn(batch: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.mse_loss(model.head(x_train[batch]).squeeze(-1), y_train[batch])
+
+        config = FitConfig(steps=100, batch_size=32, head_lr=0.005, warmup_steps=1, eval_every=20,
+                           keep_best=keep_best)
+        result = fit(model, loss_fn, 32, config, seed=0, desc="", progress=False,
+                     validation_loss=lambda: torch.nn.functional.mse_loss(model.head(x_valid).squeeze(-1),
+                                                                         y_valid).item())
+        runs[keep_best] = (result, model.head.weight.detach().clone())
+    assert runs[False][0].curve == runs[True][0].curve
+    plain = Memoriser()
+    fit(plain, lambda batch: torch.nn.functional.mse_loss(plain.head(x_train[batch]).squeeze(-1), y_train[batch]),
+        32, FitConfig(steps=100, batch_size=32, head_lr=0.005, warmup_steps=1), seed=0, desc="", progress=False)
+    torch.testing.assert_close(runs[False][1], plain.head.weight, rtol=0, atol=0)  # validation changes nothing
+    assert not torch.equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.parametrize("field, value", [("eval_every", 0), ("patience", 0), ("weight_decay", -0.1)])
+def test_bad_fit_settings_are_refused(field: str, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        FitConfig(steps=10, **{field: value})
+
+
 class Interrupt(Exception):
     pass
 
@@ -153,7 +237,7 @@ class Interrupt(Exception):
 def test_an_interrupted_fit_resumes_to_the_same_weights(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr("models.training.loop.CHECKPOINT_EVERY", 5)
     data = to_tensors(demo_records(8), pad_id=0)
-    config = FitConfig(steps=12, batch_size=8, warmup_steps=2)
+    config = FitConfig(steps=12, batch_size=8, warmup_steps=2, eval_every=4)
 
     def run(checkpoint: Path | None, stop_at: int | None) -> GuideTrainee:
         decoder = load_decoder(demo_base_dir())
@@ -167,16 +251,19 @@ def test_an_interrupted_fit_resumes_to_the_same_weights(tmp_path: Path, monkeypa
             if stop_at is not None and next(calls) == stop_at:
                 raise Interrupt
             return value_loss(model.head, *value_examples(model, data, features, batch))
-        fit(model, loss_fn, len(data), config, seed=0, desc="", progress=False, checkpoint=checkpoint)
-        return model
+        result = fit(model, loss_fn, len(data), config, seed=0, desc="", progress=False, checkpoint=checkpoint,
+                     validation_loss=lambda: value_loss(model.head, *value_examples(model, data, features,
+                                                                                   torch.arange(4))).item())
+        return model, result
 
-    straight = run(None, None)
+    straight, straight_fit = run(None, None)
     with pytest.raises(Interrupt):
         run(tmp_path / "state.pt", stop_at=7)  # checkpointed after step 5
     assert (tmp_path / "state.pt").is_file()
-    resumed = run(tmp_path / "state.pt", None)
+    resumed, resumed_fit = run(tmp_path / "state.pt", None)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+    assert resumed_fit.curve == straight_fit.curve and resumed_fit.best_step == straight_fit.best_step
 
 
 def test_train_from_rollouts_writes_a_served_guide_and_its_table(tmp_path: Path) -> None:
@@ -187,6 +274,8 @@ def test_train_from_rollouts_writes_a_served_guide_and_its_table(tmp_path: Path)
     assert card["rollouts"]["prompts"] == 16 and card["rollouts"]["validation"] == 16
     assert json.loads((tmp_path / "out" / "guides.json").read_text()) == {"v": "v"}
     assert load_guide_model(tmp_path / "out" / "v").head.type == "histogram"
+    assert [p["step"] for p in card["curve"]] == [0, 3] and card["best_step"] in (0, 3)
+    assert card["kept"] == "best validation" and (tmp_path / "out" / "v" / "training_curves.png").stat().st_size > 0
     assert not (tmp_path / "out" / ".state" / "v.pt").exists()
 
 
