@@ -69,11 +69,17 @@ def answers(path: Path) -> dict[str, dict]:
     return out
 
 
-def same(local: dict | None, remote: dict | None) -> bool:
-    """Both answered 200 with the same text and KL (to 1e-4 relative: the sum is taken in another order)."""
-    if local is None or remote is None or local["status"] != 200 or remote["status"] != 200:
-        return False
-    return local["text"] == remote["text"] and math.isclose(local["kl"], remote["kl"], rel_tol=1e-4, abs_tol=1e-6)
+def compare(ids: list[str], local: dict[str, dict], remote: dict[str, dict]) -> dict:
+    """How many lines answered 200 both ways with the same text, how many also with the same KL (to 1e-4
+    relative: the sum is taken in another order), and the largest relative KL difference at equal text."""
+    both = [cid for cid in ids if local.get(cid, {}).get("status") == 200 and remote.get(cid, {}).get("status") == 200]
+    same_text = [cid for cid in both if local[cid]["text"] == remote[cid]["text"]]
+    kl_gap = {cid: abs(local[cid]["kl"] - remote[cid]["kl"]) / max(abs(local[cid]["kl"]), 1e-9) for cid in same_text}
+    return {"same_text": len(same_text),
+            "same_text_and_kl": sum(math.isclose(local[c]["kl"], remote[c]["kl"], rel_tol=1e-4, abs_tol=1e-6)
+                                    for c in same_text),
+            "max_relative_kl_difference": round(max(kl_gap.values(), default=0.0), 6),
+            "different_text": [cid for cid in ids if cid not in same_text]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
 
     local, remote = answers(args.out / "local.jsonl"), answers(args.out / "remote.jsonl")
     verifier = resolve_verifier("math")
-    differing = [cid for cid, _, _ in lines if not same(local.get(cid), remote.get(cid))]
-    ok = [cid for cid, _, _ in lines if local.get(cid, {}).get("status") == 200]
+    ids = [cid for cid, _, _ in lines]
+    comparison = compare(ids, local, remote)
+    ok = [cid for cid in ids if local.get(cid, {}).get("status") == 200]
     correct = sum(verifier(line["body"]["messages"][-1]["content"], local[cid]["text"], answer)
                   for cid, line, answer in lines if cid in ok)
     result = {
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         "concurrency": args.concurrency, "max_tokens": args.max_tokens,
         "in_process": {"seconds": round(local_s, 1), "summary": local_summary},
         "url": {"seconds": round(remote_s, 1), "summary": remote_summary},
-        "answered_200": len(ok), "same_text_and_kl": len(lines) - len(differing), "differing": differing,
+        "answered_200": len(ok), **comparison,
         "math_verifier_pass_rate": round(correct / max(len(ok), 1), 3),
         "cpu": {"vector_flags": vector_flags(),
                 "bf16_instructions": has_bf16_instructions()},
@@ -132,8 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         f"| way | seconds | summary |\n|---|---|---|\n"
         f"| in-process | {result['in_process']['seconds']} | {local_summary} |\n"
         f"| --url | {result['url']['seconds']} | {remote_summary} |\n\n"
-        f"{result['same_text_and_kl']} of {len(lines)} seeded guided requests gave the same text and KL both ways "
-        f"({args.dtype}, concurrency {args.concurrency}); differing: {differing or 'none'}. "
+        f"{comparison['same_text']} of {len(lines)} seeded guided requests gave the same text both ways, "
+        f"{comparison['same_text_and_kl']} also the same KL to 1e-4 (largest relative KL difference "
+        f"{comparison['max_relative_kl_difference']}); {args.dtype}, concurrency {args.concurrency}. "
         f"Pass rate by `--verifier math` against each line's answer: {result['math_verifier_pass_rate']}.\n")
     print(json.dumps(result, indent=2))
 
