@@ -71,7 +71,7 @@ class ResponseEvents:
     def _chunk(self, chunk: dict) -> Iterator[BaseModel]:
         if not chunk["choices"]:  # the usage chunk: the choice is over
             yield from self._close_text()
-            guidance = {**self._guidance, **self._summary} if self._guidance is not None else None
+            guidance = {**self._guidance, **(self._summary or {})} if self._guidance is not None else None
             response = self._turn.response(self._output, self._finish_reason or "stop", chunk["usage"], guidance)
             self._finished(response)
             yield ResponseCompletedEvent(type="response.completed", sequence_number=-1, response=response)

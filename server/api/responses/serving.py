@@ -56,7 +56,8 @@ class ResponsesServing(ChatServing):
         try:
             response = await self.serve(request, self.chat_request(body))
         except APIError as exc:  # errors of the chat path name the Responses field the client set
-            raise _renamed(exc) from exc
+            name_responses_field(exc)
+            raise
         if not isinstance(response, JSONResponse):
             return response  # a stream (converted by `stream` and `replay`), or nobody left to answer
         result = completion_response(self.turn, json.loads(response.body))
@@ -123,10 +124,9 @@ def _stored(store: ResponseStore, response_id: str, param: str) -> StoredRespons
     return stored
 
 
-def _renamed(error: APIError) -> APIError:
-    """`error` naming the Responses field that a chat completion field it names came from."""
+def name_responses_field(error: APIError) -> None:
+    """Have `error` name the Responses field that the chat completion field it names came from."""
     param = responses_param(error.param)
     if param != error.param:
         error.message = error.message.replace(error.param, param)
         error.param = param
-    return error
