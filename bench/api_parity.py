@@ -113,7 +113,8 @@ REQUESTS: list[tuple[str, str, str, dict | str | None]] = [
      response(include=["message.output_text.logprobs"], top_logprobs=2, max_output_tokens=4)),
     ("responses, max_output_tokens 2 (incomplete)", "POST", "/v1/responses", response(max_output_tokens=2)),
     ("responses, function tools", "POST", "/v1/responses", response(
-        input="What is the weather in Paris?", tools=[{"type": "function", **WEATHER["function"]}], max_output_tokens=60)),
+        input="What is the weather in Paris?", tools=[{"type": "function", **WEATHER["function"]}],
+        max_output_tokens=60)),
     ("responses, unknown previous_response_id", "POST", "/v1/responses", response(previous_response_id="resp_none")),
     ("GET /v1/responses/{unknown id}", "GET", "/v1/responses/resp_none", None),
     ("POST /v1/responses/{unknown id}/cancel", "POST", "/v1/responses/resp_none/cancel", None),
@@ -140,7 +141,8 @@ def output_of(body: Any) -> Any:
         blocks = [(b["type"], b.get("text"), b.get("name"), b.get("input")) for b in body["content"]]
         return [blocks, body["stop_reason"], body.get("stop_sequence")]
     if body.get("object") == "response":
-        items = [(item["type"], [(c["type"], c.get("text")) for c in item.get("content") or ()]) for item in body["output"]]
+        items = [(item["type"], [(c["type"], c.get("text")) for c in item.get("content") or ()])
+                 for item in body["output"]]
         return [items, body["status"]]
     if "choices" in body:
         out = []
