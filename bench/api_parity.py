@@ -41,6 +41,11 @@ def completion(**fields: Any) -> dict:
     return {"model": NAME, "prompt": "12+19=", "max_tokens": 8, "temperature": 0, **fields}
 
 
+def response(**fields: Any) -> dict:
+    return {"model": NAME, "input": "What is 12+19? Answer with the number only.", "max_output_tokens": 24,
+            "temperature": 0, **fields}
+
+
 WEATHER_TOOL = {"name": "get_weather", "description": WEATHER["function"]["description"],
                 "input_schema": WEATHER["function"]["parameters"]}
 
@@ -98,6 +103,21 @@ REQUESTS: list[tuple[str, str, str, dict | str | None]] = [
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "Sunny"}]}])),
     ("POST /v1/messages/count_tokens", "POST", "/v1/messages/count_tokens",
      {"model": NAME, "system": "Answer with digits.", "messages": ASK}),
+    ("responses, plain", "POST", "/v1/responses", response()),
+    ("responses, instructions + messages", "POST", "/v1/responses", response(
+        instructions="Answer with digits.", input=[{"role": "user", "content": [{"type": "input_text", "text": "12+"}]},
+                                                   {"role": "user", "content": "19="}])),
+    ("responses, text.format json_schema", "POST", "/v1/responses", response(
+        text={"format": {"type": "json_schema", "name": "p", "schema": PERSON}}, max_output_tokens=40)),
+    ("responses, output logprobs", "POST", "/v1/responses",
+     response(include=["message.output_text.logprobs"], top_logprobs=2, max_output_tokens=4)),
+    ("responses, max_output_tokens 2 (incomplete)", "POST", "/v1/responses", response(max_output_tokens=2)),
+    ("responses, function tools", "POST", "/v1/responses", response(
+        input="What is the weather in Paris?", tools=[{"type": "function", **WEATHER["function"]}],
+        max_output_tokens=60)),
+    ("responses, unknown previous_response_id", "POST", "/v1/responses", response(previous_response_id="resp_none")),
+    ("GET /v1/responses/{unknown id}", "GET", "/v1/responses/resp_none", None),
+    ("POST /v1/responses/{unknown id}/cancel", "POST", "/v1/responses/resp_none/cancel", None),
 ]
 
 
@@ -109,6 +129,7 @@ def guided_requests(guide: str) -> list[tuple[str, str, str, dict | str | None]]
         ("guidance + response_format json_schema", "POST", "/v1/chat/completions",
          chat(guidance=guidance, max_tokens=40,
               response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})),
+        ("guidance on /v1/responses", "POST", "/v1/responses", response(guidance=guidance)),
     ]
 
 
@@ -119,6 +140,10 @@ def output_of(body: Any) -> Any:
     if body.get("type") == "message":
         blocks = [(b["type"], b.get("text"), b.get("name"), b.get("input")) for b in body["content"]]
         return [blocks, body["stop_reason"], body.get("stop_sequence")]
+    if body.get("object") == "response":
+        items = [(item["type"], [(c["type"], c.get("text")) for c in item.get("content") or ()])
+                 for item in body["output"]]
+        return [items, body["status"]]
     if "choices" in body:
         out = []
         for choice in body["choices"]:
@@ -138,6 +163,11 @@ def summary(status: int, body: Any) -> str:
         calls = [b["name"] for b in body["content"] if b["type"] == "tool_use"]
         shown = f"tool_use {calls}" if calls else repr("".join(b.get("text", "") for b in body["content"]))
         return f"200: {shown[:60]} ({body['stop_reason']})"
+    if isinstance(body, dict) and body.get("object") == "response":
+        shown = [item["type"] if item["type"] != "message" else
+                 repr("".join(c.get("text", "") for c in item["content"])) for item in body["output"]]
+        kl = f" (KL {body['guidance']['kl']:.3f})" if "kl" in body.get("guidance", {}) else ""
+        return f"200: {', '.join(shown)[:60]} ({body['status']}){kl}"
     if isinstance(body, dict) and "choices" in body:
         choice = body["choices"][0]
         message = choice.get("message") or {}

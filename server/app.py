@@ -25,6 +25,8 @@ from server.api.health import router as health_router
 from server.api.messages.router import router as messages_router
 from server.api.metrics import router as metrics_router
 from server.api.models import router as models_router
+from server.api.responses.router import router as responses_router
+from server.api.responses.store import ResponseStore
 from server.api.tokenize import router as tokenize_router
 from server.cache.service import ResponseCache
 from server.engine import Engine
@@ -114,9 +116,10 @@ def create_app(
 
     app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan)
     app.state.lifecycle = lifecycle
+    app.state.response_store = ResponseStore(settings.responses_store_max_entries)
     install_error_handlers(app)
     for router in (health_router, metrics_router, models_router, tokenize_router, guidance_router, completions_router,
-                   chat_router, messages_router):
+                   chat_router, messages_router, responses_router):
         app.include_router(router)
     if settings.debug_key:
         app.include_router(debug_router)

@@ -12,6 +12,7 @@ Exception tree (raise these from serving code; `install_error_handlers` maps the
     │   └── ContextLengthExceeded 400, code "context_length_exceeded"
     ├── AuthenticationFailed      401 invalid_request_error, code "invalid_api_key"
     ├── ModelNotFound             404 invalid_request_error, code "model_not_found"
+    ├── ResponseNotFound          404 invalid_request_error: no stored response has the id (/v1/responses)
     ├── PayloadTooLarge           413 invalid_request_error
     ├── TooManyRequests           429 rate_limit_error, with a Retry-After header
     └── ServiceUnavailable        503 service_unavailable, code "draining" while shutting down, or:
@@ -75,6 +76,14 @@ class ModelNotFound(APIError):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist.", param="model")
+
+
+class ResponseNotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, response_id: str, *, param: str) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.", param=param)  # vLLM's message
 
 
 class AuthenticationFailed(APIError):

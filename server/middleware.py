@@ -19,7 +19,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/messages": "messages"}
+GENERATION_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/messages": "messages",
+                    "/v1/responses": "responses"}
 
 
 class ApiKeyAuth:

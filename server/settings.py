@@ -103,6 +103,11 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     )
     cache_ttl_s: int = Field(default=3600, ge=1, description="How long a cached response lives.")
     cache_max_entries: int = Field(default=4096, ge=1, description="Entries the in-memory cache keeps (LRU).")
+    responses_store_max_entries: int = Field(
+        default=1024, ge=0, description="Responses of /v1/responses kept for retrieval and previous_response_id "
+        "(store: true): in this process's memory only (found on this replica, lost on restart), least recently used "
+        "dropped first; 0 keeps none.",
+    )
     cache_namespace: str = Field(default="alignserve", min_length=1, description="Prefix of cache keys in Redis.")
     redis_timeout_s: float = Field(default=0.05, gt=0, description="Timeout of one Redis command.")
     redis_cooldown_s: float = Field(

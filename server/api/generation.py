@@ -72,6 +72,13 @@ class Prepared:
     def prompt_tokens(self) -> int:
         return sum(len(p.token_ids) for p in self.prompts)
 
+    def guidance_summary(self) -> dict:
+        """The response's `guidance` object: the resolved guidance entries, and the search."""
+        summary: dict = {"entries": [g.describe() for g in self.guidance]}
+        if self.search is not None:
+            summary["search"] = self.search.model_dump(exclude_none=True)
+        return summary
+
 
 class GenerationServing(ABC):
     id_prefix: str
@@ -80,6 +87,11 @@ class GenerationServing(ABC):
 
     def __init__(self, services: Services) -> None:
         self.services = services
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint the request tracker names for a request (/debug/requests, logs)."""
+        return self.object
 
     @abstractmethod
     def prepare(self, body: SamplingRequest) -> Prepared:
@@ -139,9 +151,7 @@ class GenerationServing(ABC):
             **self.prompt_fields(body, prepared),
         }
         if prepared.reports:
-            response["guidance"] = {"entries": [g.describe() for g in prepared.guidance]}
-            if prepared.search is not None:
-                response["guidance"]["search"] = prepared.search.model_dump(exclude_none=True)
+            response["guidance"] = prepared.guidance_summary()
         return response
 
     def _chunk(self, body: SamplingRequest, request_id: str, created: int, choices: list[dict]) -> dict:
@@ -226,7 +236,7 @@ class GenerationServing(ABC):
         services.admit(engine_requests, guide_blocks)
         lifecycle, tracker = services.lifecycle, services.tracker
         # Engine request ids are our own, not the client's: two requests may carry the same X-Request-Id.
-        record = tracker.open(f"{self.id_prefix}-{uuid.uuid4().hex}", self.object, bool(body.stream), timeout_s)
+        record = tracker.open(f"{self.id_prefix}-{uuid.uuid4().hex}", self.endpoint, bool(body.stream), timeout_s)
 
         def release() -> None:
             tracker.close(record)

@@ -59,6 +59,11 @@ STRING_FIELDS = [
                                 "system": s, "stop_sequences": [s]}),
     ("/v1/messages", lambda s: {**CHAT, "tools": [{"name": s, "input_schema": {s: s}}], "tool_choice": {"type": "none"}}),
     ("/v1/messages/count_tokens", lambda s: {"model": "demo-base", "messages": [{"role": "user", "content": s}]}),
+    ("/v1/responses", lambda s: {"model": "demo-base", "max_output_tokens": 2, "temperature": 0, "input": s,
+                                 "instructions": s}),
+    ("/v1/responses", lambda s: {"model": "demo-base", "max_output_tokens": 2, "temperature": 0, "stop": [s],
+                                 "input": [{"role": "user", "content": [{"type": "input_text", "text": s}]}],
+                                 "metadata": {s: s}}),
     ("/tokenize", lambda s: {"prompt": s}),
     ("/tokenize", lambda s: {"messages": [{"role": "user", "content": s}]}),
 ]

@@ -79,6 +79,22 @@ def test_anthropic_sdk_authenticates_with_x_api_key(prod):
     assert info.value.body["error"]["type"] == "authentication_error"
 
 
+def test_responses_api_needs_the_key_and_a_stored_response_too(prod):
+    import openai
+
+    kwargs = dict(model="demo-base", input="1+1=", max_output_tokens=4)
+    created = openai.OpenAI(base_url=f"{prod.base_url}/v1", api_key=KEY, max_retries=0).responses.create(**kwargs)
+    assert created.output_text
+    stranger = openai.OpenAI(base_url=f"{prod.base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        stranger.responses.create(**kwargs)
+    assert info.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        stranger.responses.retrieve(created.id)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.responses.cancel(created.id)
+
+
 # Limits
 
 @pytest.mark.parametrize(
