@@ -52,7 +52,7 @@ import bisect
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -94,6 +94,25 @@ class GuidanceReport:
     steps: int  # generated tokens that were steered (every guided token, unless entries are entropy-gated)
     # With a KL budget: the scale of the strengths over the steered tokens, (mean, min, max); 0s without any.
     scale: tuple[float, float, float] | None = None
+    # Set by the server, which holds the request's entries: its budget and each entry's strength (the cap).
+    budget: KLBudget | None = None
+    caps: tuple[float, ...] = ()
+
+    def strengths(self) -> list[dict[str, float]]:
+        """Each entry's strength over the steered tokens: its cap times the scale's mean, min and max."""
+        mean, low, high = self.scale or (0.0, 0.0, 0.0)
+        return [{"mean": cap * mean, "min": cap * low, "max": cap * high} for cap in self.caps]
+
+    def then(self, later: GuidanceReport) -> GuidanceReport:
+        """This report followed by `later`'s tokens (blockwise search's blocks): sums, the scale's mean
+        weighted by steered tokens, its min and max over both; this report's budget and caps."""
+        scale = self.scale
+        if self.scale is not None and later.scale is not None and later.steps:
+            steps = self.steps + later.steps
+            scale = (later.scale if not self.steps else (
+                (self.scale[0] * self.steps + later.scale[0] * later.steps) / steps,
+                min(self.scale[1], later.scale[1]), max(self.scale[2], later.scale[2])))
+        return replace(self, kl=self.kl + later.kl, steps=self.steps + later.steps, scale=scale)
 
 
 @dataclass(frozen=True)
@@ -208,7 +227,7 @@ class GuidanceBatch:
             return  # strength 0 everywhere: exactly the unguided distribution, nothing to run
         carried, _ = self._uncollected.pop(key, (_Totals(), False))  # rejoining after preemption
         stat = self._free_stats.pop()
-        budget = request_budget([g.params for g in guidance])
+        budget = request_budget([g.params.model_dump() for g in guidance])
         if budget is not None:
             self._spent_before[stat, len(output_ids)] = carried.kl
         self._rows[row] = _Request(

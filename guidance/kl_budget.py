@@ -9,7 +9,7 @@ together, so one rule covers a single entry and a composition:
 - At each step one scale t in [0, 1] multiplies every entry's strength (each entry's `strength` is
   its cap), so the budget splits between the entries in proportion to the strengths asked for.
 - The allowance of a step is a = min(kl_per_token, max_kl - spent), spent the KL of the tokens the
-  choice generated so far (`allowance`); t is the largest scale with KL(t) <= a, where
+  choice generated so far (`allowance`; below `KL_RESOLUTION` it is 0, and t = 0); t is the largest scale with KL(t) <= a, where
   KL(t) = KL(softmax((l + d(t)) / T) || softmax(l / T)) and d(t) = sum_e d_e(t s_e) is the summed
   offset of the entries at strengths t s_e: exactly the per-token KL a report sums.
 
@@ -24,22 +24,26 @@ largest that fits.
 
 Tolerance: `BISECTION_STEPS` halvings in float32 leave t within 2^-24 of the largest fitting
 scale (in the monotone case), i.e. a strength within 2^-24 times its cap. The KL compared with
-the allowance is the one recorded for the token, so the response's KL stays within `max_kl` up
-to float32 rounding of the running sum (a relative 1e-6).
+the allowance is the one recorded for the token (float32; on candidate rows computed in float64),
+so the reported KL stays within `max_kl` up to float32 rounding of the running sum (a relative
+1e-6); the exact KL may differ from the reported one by that KL's own rounding (about 1e-6 nats
+per token on rows steered at every token).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from guidance.params import GuidanceParams
-
 BISECTION_STEPS = 24
+# Nats below which what is left of a budget counts as spent: about the float32 rounding of a token's
+# KL, so a budget ends with strength 0 rather than with steps that steer by rounding noise.
+KL_RESOLUTION = 1e-6
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,12 @@ class KLBudget:
         return {"max_kl": self.max_kl, "kl_per_token": self.kl_per_token}
 
 
-def request_budget(entries: Sequence[GuidanceParams]) -> KLBudget | None:
-    """The tightest budget of a request's entries (None when no entry gives one)."""
-    if not any(e.has_budget for e in entries):
+def request_budget(entries: Sequence[Mapping[str, Any]]) -> KLBudget | None:
+    """The tightest budget of a request's entries (validated entries as dicts; None when no entry gives one)."""
+    max_kl = [e["max_kl"] for e in entries if e.get("max_kl") is not None]
+    per_token = [e["kl_per_token"] for e in entries if e.get("kl_per_token") is not None]
+    if not max_kl and not per_token:
         return None
-    max_kl = [e.max_kl for e in entries if e.max_kl is not None]
-    per_token = [e.kl_per_token for e in entries if e.kl_per_token is not None]
     return KLBudget(max_kl=min(max_kl) if max_kl else None, kl_per_token=min(per_token) if per_token else None)
 
 
@@ -71,10 +75,12 @@ def budget_bounds(budget: KLBudget | None) -> tuple[float, float]:
 
 
 def allowance(max_kl: Tensor, kl_per_token: Tensor, spent: Tensor) -> Tensor:
-    """The KL each row may spend on its next token: min(kl_per_token, max_kl - spent), at least 0.
+    """The KL each row may spend on its next token: min(kl_per_token, max_kl - spent), or 0 (the
+    budget is spent) below `KL_RESOLUTION`.
 
     All ``[B]``; infinite bounds for rows without a budget give an infinite allowance."""
-    return torch.minimum(kl_per_token, max_kl - spent).clamp_min(0.0)
+    allowed = torch.minimum(kl_per_token, max_kl - spent)
+    return torch.where(allowed < KL_RESOLUTION, torch.zeros_like(allowed), allowed)
 
 
 def largest_fitting_scale(kl_at: Callable[[Tensor], Tensor], allowed: Tensor) -> Tensor:
@@ -96,12 +102,6 @@ def largest_fitting_scale(kl_at: Callable[[Tensor], Tensor], allowed: Tensor) ->
             fits = kl_at(middle) <= allowed
             low, high = torch.where(fits, middle, low), torch.where(fits, high, middle)
     return torch.where(allowed.isinf(), ones, torch.where(allowed > 0, low, torch.zeros_like(low)))
-
-
-def strengths_used(entries: Sequence[GuidanceParams], scale: tuple[float, float, float]) -> list[dict[str, float]]:
-    """Each entry's strength over the steered tokens: its cap times the scale's (mean, min, max)."""
-    return [{"mean": e.strength * scale[0], "min": e.strength * scale[1], "max": e.strength * scale[2]}
-            for e in entries]
 
 
 def spend(entries: Sequence[dict], spent: float) -> tuple[dict, ...]:

@@ -56,10 +56,6 @@ class GuidanceParams(BaseModel):
             return {**data, "strength": MAX_STRENGTH}
         return data
 
-    @property
-    def has_budget(self) -> bool:
-        return self.max_kl is not None or self.kl_per_token is not None
-
     @field_validator("top_k")
     @classmethod
     def _top_k_range(cls, top_k: int | None) -> int | None:
