@@ -9,9 +9,10 @@ together, so one rule covers a single entry and a composition:
 - At each step one scale t in [0, 1] multiplies every entry's strength (each entry's `strength` is
   its cap), so the budget splits between the entries in proportion to the strengths asked for.
 - The allowance of a step is a = min(kl_per_token, max_kl - spent), spent the KL of the tokens the
-  choice generated so far (`allowance`; below `KL_RESOLUTION` it is 0, and t = 0); t is the largest scale with KL(t) <= a, where
-  KL(t) = KL(softmax((l + d(t)) / T) || softmax(l / T)) and d(t) = sum_e d_e(t s_e) is the summed
-  offset of the entries at strengths t s_e: exactly the per-token KL a report sums.
+  choice generated so far (`allowance`; below `KL_RESOLUTION` it is 0, and t = 0); t is the
+  largest scale with KL(t) <= a, where KL(t) = KL(softmax((l + d(t)) / T) || softmax(l / T)) and
+  d(t) = sum_e d_e(t s_e) is the summed offset of the entries at strengths t s_e: exactly the
+  per-token KL a report sums.
 
 Why bisection finds it: where every offset is linear in its strength (cd, arm, genarm, and any
 composition of them) d(t) = t d(1), and with q_t = softmax((l + t d(1)) / T), d' = d(1) / T,
