@@ -21,6 +21,14 @@ elsewhere it adds no offset and its head scores nothing (the guide model still r
 token). The KL stays exact (0 at an unsteered position), and a report's `steps` counts the
 positions some entry steered, recorded per output position like the KL.
 
+KL budgets (`guidance.kl_budget`): a request whose entries give `max_kl` or `kl_per_token` is steered
+at each step with its strengths times the largest scale t in [0, 1] whose KL, computed by the same
+code as the recorded one, fits the step's allowance. The guide models score once per step; the
+bisection recomputes only offsets (from the scores) and KLs, for every guided row of the step (rows
+without a budget keep scale 1: exactly their unbudgeted offsets). The KL spent before each output
+position is kept per position (`_spent_before`), like the KL, so a prompt chunk's step is overwritten
+by the step that samples; the scale of each position is kept too, for the report's strengths.
+
 Per step `apply` builds nothing that the step does not change. What depends only on which
 request sits in which row (row and stat indices, temperatures, the (guide model, module) groups
 with their strengths, top-k and slots, the entropy gates) is a `guidance.batch_layout.Layout`, built by the first
@@ -44,13 +52,16 @@ import bisect
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from guidance.catalog import GuideCatalog
-from guidance.divergence import GREEDY_TEMPERATURE, candidate_mask, guided_logits_and_kl, split_at_candidates
+from guidance.divergence import (
+    GREEDY_TEMPERATURE, CandidateSplit, candidate_mask, guided_logits_and_kl, split_at_candidates)
+from guidance.kl_budget import KLBudget, allowance, largest_fitting_scale, request_budget
 from guidance.kv_budget import GUIDE_KV_BLOCK_SIZE
 from guidance.batch_layout import Feed, Group, Layout, build_layout
 from guidance.spec import ResolvedGuidance
@@ -81,20 +92,61 @@ class StepTimings:
 class GuidanceReport:
     kl: float  # sum over generated tokens of KL(pi_guided || pi_base) at the sampling temperature
     steps: int  # generated tokens that were steered (every guided token, unless entries are entropy-gated)
+    # With a KL budget: the scale of the strengths over the steered tokens, (mean, min, max); 0s without any.
+    scale: tuple[float, float, float] | None = None
+    # Set by the server, which holds the request's entries: its budget and each entry's strength (the cap).
+    budget: KLBudget | None = None
+    caps: tuple[float, ...] = ()
+
+    def strengths(self) -> list[dict[str, float]]:
+        """Each entry's strength over the steered tokens: its cap times the scale's mean, min and max."""
+        mean, low, high = self.scale or (0.0, 0.0, 0.0)
+        return [{"mean": cap * mean, "min": cap * low, "max": cap * high} for cap in self.caps]
+
+    def then(self, later: GuidanceReport) -> GuidanceReport:
+        """This report followed by `later`'s tokens (blockwise search's blocks): sums, the scale's mean
+        weighted by steered tokens, its min and max over both; this report's budget and caps."""
+        scale = self.scale
+        if self.scale is not None and later.scale is not None and later.steps:
+            steps = self.steps + later.steps
+            scale = (later.scale if not self.steps else (
+                (self.scale[0] * self.steps + later.scale[0] * later.steps) / steps,
+                min(self.scale[1], later.scale[1]), max(self.scale[2], later.scale[2])))
+        return replace(self, kl=self.kl + later.kl, steps=self.steps + later.steps, scale=scale)
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """A request's sums over the output positions so far (tensors on the batch's device, or numbers)."""
+
+    kl: Tensor | float = 0.0
+    steps: Tensor | int = 0
+    # Budgeted requests: sum, min and max of the scale over the steered positions.
+    scale_sum: Tensor | float = 0.0
+    scale_min: Tensor | float = float("inf")
+    scale_max: Tensor | float = float("-inf")
+
+    def report(self, budgeted: bool) -> GuidanceReport:
+        steps = int(self.steps)
+        scale = None
+        if budgeted:
+            scale = (float(self.scale_sum) / steps, float(self.scale_min), float(self.scale_max)) if steps else (
+                0.0, 0.0, 0.0)
+        return GuidanceReport(kl=float(self.kl), steps=steps, scale=scale)
 
 
 @dataclass
 class _Request:
     key: str
     guidance: list[ResolvedGuidance]
+    budget: KLBudget | None
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]  # live reference, grown by the engine
     stat: int  # row of the KL buffers
     temperature: float  # at which its KL is measured: the sampling temperature, 1 for greedy rows
     slots: dict[str, int]  # guide model name -> KV-cache slot
-    first_output: int  # outputs generated before this (re)join, whose KL is carried
-    carried_kl: Tensor | float = 0.0
-    carried_steps: Tensor | int = 0
+    first_output: int  # outputs generated before this (re)join, whose totals are carried
+    carried: _Totals = field(default_factory=_Totals)
     fed: int = 0  # tokens already in the guide caches
     collected: bool = False
 
@@ -104,6 +156,15 @@ class _Request:
         if self.fed >= n_prompt:
             return list(self.output_ids[self.fed - n_prompt:])
         return list(self.prompt_ids[self.fed:]) + list(self.output_ids)
+
+
+class _Scored(NamedTuple):
+    """A group's guide-model scores at one step, with the candidates they are at."""
+
+    group: Group
+    scores: Tensor  # [b, k(, m)], or [b, V(, m)] when candidates is None
+    candidates: Tensor | None  # [b, k] token ids; None: every token
+    valid: Tensor | None  # [b, k] False past an entry's own top_k (None: all valid)
 
 
 class GuidanceBatch:
@@ -138,10 +199,13 @@ class GuidanceBatch:
         }
         self._kl_at = torch.zeros(max_requests, max_len, device=self._device)  # KL by output position
         self._steered_at = torch.zeros(max_requests, max_len, device=self._device)  # 1 where a position was steered
+        # Budgeted requests: KL spent before each output position, and the strength scale at each.
+        self._spent_before = torch.zeros(max_requests, max_len + 1, device=self._device)
+        self._scale_at = torch.zeros(max_requests, max_len, device=self._device)
         self._free_stats = list(range(max_requests - 1, -1, -1))
         self._rows: dict[int, _Request] = {}
         self._layout: Layout | None = None  # None: the rows changed since it was built
-        self._uncollected: OrderedDict[str, tuple[Tensor | float, Tensor | int]] = OrderedDict()
+        self._uncollected: OrderedDict[str, tuple[_Totals, bool]] = OrderedDict()  # key -> (totals, budgeted)
         self.timings = StepTimings()
 
     @property
@@ -161,19 +225,22 @@ class GuidanceBatch:
         active = [g for g in guidance if g.params.strength > 0]
         if not active:
             return  # strength 0 everywhere: exactly the unguided distribution, nothing to run
-        carried_kl, carried_steps = self._uncollected.pop(key, (0.0, 0))  # rejoining after preemption
+        carried, _ = self._uncollected.pop(key, (_Totals(), False))  # rejoining after preemption
         stat = self._free_stats.pop()
+        budget = request_budget([g.params.model_dump() for g in guidance])
+        if budget is not None:
+            self._spent_before[stat, len(output_ids)] = carried.kl
         self._rows[row] = _Request(
             key=key,
             guidance=active,
+            budget=budget,
             prompt_ids=prompt_ids,
             output_ids=output_ids,
             stat=stat,
             temperature=1.0 if temperature < GREEDY_TEMPERATURE else float(temperature),
             slots={name: self._models[name].cache.allocate() for name in {g.params.model for g in active}},
             first_output=len(output_ids),
-            carried_kl=carried_kl,
-            carried_steps=carried_steps,
+            carried=carried,
         )
         self._layout = None
 
@@ -185,7 +252,7 @@ class GuidanceBatch:
         for name, slot in request.slots.items():
             self._models[name].cache.free(slot)
         if not request.collected:
-            self._uncollected[request.key] = self._totals(request)
+            self._uncollected[request.key] = (self._totals(request), request.budget is not None)
             while len(self._uncollected) > MAX_UNCOLLECTED_REPORTS:
                 self._uncollected.popitem(last=False)
         self._free_stats.append(request.stat)
@@ -220,36 +287,35 @@ class GuidanceBatch:
         top = torch.topk(base, layout.max_k) if layout.max_k or layout.gates else None
         split = split_at_candidates(base, top.indices, layout.split_temperature) if layout.split else None
         entropy = split.entropy() if layout.gates else None
-        # The one host read: which gated entries are open, so that closed ones score nothing.
+        # A host read: which gated entries are open, so that closed ones score nothing.
         opened = (entropy[layout.gates.rows] >= layout.gates.bounds).tolist() if layout.gates else []
-        grid, dense = self._group_offsets(layout, base, top, opened)
-        kl = split.kl(grid) if split is not None else base.new_zeros(len(layout.requests))  # [G]
-        if dense is not None:
-            rows = layout.dense_rows
-            if layout.max_k:  # a dense row's KL needs all of its offsets, the grid's too
-                dense.scatter_add_(1, top.indices[rows], grid[rows])
-            guided, dense_kl = guided_logits_and_kl(base if layout.all_dense else base[rows], dense,
-                                                    layout.dense_temperature)
-            kl.index_copy_(0, rows, dense_kl)
-            dense = guided.to(logits.dtype)  # the dense rows' guided logits
+        scored = self._score_groups(layout, base, top, opened)
+        scale = None
+        if layout.budget is not None:
+            spent = self._spent_before[layout.stat, position]
+            allowed = allowance(layout.budget.max_kl, layout.budget.kl_per_token, spent)
+            scale = largest_fitting_scale(lambda t: self._offsets_and_kl(layout, base, top, split, scored, t)[2],
+                                          allowed)
+        grid, dense, kl = self._offsets_and_kl(layout, base, top, split, scored, scale)
         self._kl_at[layout.stat, position] = kl
+        if scale is not None:
+            self._spent_before[layout.stat, position + 1] = spent + kl
+            self._scale_at[layout.stat, position] = scale
         self._steered_at[layout.stat, position] = 1.0 if entropy is None else (  # ungated: every row is steered
             (layout.gates.row_bound == 0) | (entropy >= layout.gates.row_bound)).float()
         if layout.max_k:
             logits.index_put_((layout.row_index[:, None], top.indices), (top.values + grid).to(logits.dtype))
         if dense is not None:
-            logits.index_copy_(0, layout.dense_take, dense)
+            logits.index_copy_(0, layout.dense_take, dense.to(logits.dtype))
         self.timings.observe(time.perf_counter() - began)
         return logits
 
-    def _group_offsets(self, layout: Layout, base: Tensor, top: torch.return_types.topk | None,
-                       opened: list[bool]) -> tuple[Tensor, Tensor | None]:
-        """Every group's offsets, but for the entries whose entropy gate is closed (`opened`: one flag per
-        gated entry): sparse groups' on the candidate grid ``[G, K]``, at each row's `top` K tokens,
-        dense groups' over the vocabulary ``[Gd, V]`` of the dense rows (None when no dense group steers:
-        a dense row's offsets are then its grid's, and `split` has its KL)."""
-        grid = base.new_zeros(len(layout.requests), layout.max_k)
-        dense = None
+    def _score_groups(self, layout: Layout, base: Tensor, top: torch.return_types.topk | None,
+                      opened: list[bool]) -> list[_Scored]:
+        """Every group's scores at its candidates, but for the entries whose entropy gate is closed
+        (`opened`: one flag per gated entry): sparse groups' at each row's first k of the `top` K
+        tokens, dense groups' at their rows' own top-k, or at every token."""
+        scored = []
         for group in layout.groups:
             if group.gate is not None:
                 kept = [i for i, (is_open, bound) in enumerate(zip(opened[group.gate], group.bounds))
@@ -258,16 +324,55 @@ class GuidanceBatch:
                     continue
                 group = group if len(kept) == len(group.rows) else group.subset(kept)
             if group.sparse:
-                candidates = top.indices[group.index, :group.max_k]
-                grid[:, :group.max_k].index_add_(0, group.index, self._offsets(group, candidates, group.valid))
+                candidates, valid = top.indices[group.index, :group.max_k], group.valid
+            elif group.whole:
+                candidates, valid = None, None
             else:
-                offsets = self._dense_offsets(group, base)
-                if dense is None and group.fills_dense:
-                    dense = offsets  # the only dense group, every dense row once and in order: nothing to add
-                    continue
-                if dense is None:
-                    dense = base.new_zeros(len(layout.dense_rows), layout.vocab)
-                dense.index_add_(0, group.dense_index, offsets)
+                candidates, valid = candidate_mask(base[group.index], group.top_k, group.max_k)
+            scored.append(_Scored(group, self._scores(group, candidates), candidates, valid))
+        return scored
+
+    def _offsets_and_kl(self, layout: Layout, base: Tensor, top: torch.return_types.topk | None,
+                        split: CandidateSplit | None, scored: list[_Scored],
+                        scale: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The offsets of the `scored` groups at their strengths times each row's `scale` ``[G]`` (None: 1)
+        and each row's KL ``[G]``: (the candidate grid ``[G, K]``, the dense rows' guided logits
+        ``[Gd, V]`` in float32 or None, KL)."""
+        grid, dense = self._group_offsets(layout, base, scored, scale)
+        kl = split.kl(grid) if split is not None else base.new_zeros(len(layout.requests))  # [G]
+        if dense is None:
+            return grid, None, kl
+        rows = layout.dense_rows
+        if layout.max_k:  # a dense row's KL needs all of its offsets, the grid's too
+            dense.scatter_add_(1, top.indices[rows], grid[rows])
+        guided, dense_kl = guided_logits_and_kl(base if layout.all_dense else base[rows], dense,
+                                                layout.dense_temperature)
+        return grid, guided, kl.index_copy_(0, rows, dense_kl)
+
+    def _group_offsets(self, layout: Layout, base: Tensor, scored: list[_Scored],
+                       scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The `scored` groups' offsets at their strengths times each row's `scale`: sparse groups' on the
+        candidate grid ``[G, K]``, dense groups' over the vocabulary ``[Gd, V]`` of the dense rows (None
+        when no dense group steers: a dense row's offsets are then its grid's, and `split` has its KL)."""
+        grid = base.new_zeros(len(layout.requests), layout.max_k)
+        dense = None
+        for group, scores, candidates, valid in scored:
+            strength = group.strength if scale is None else group.strength * scale[group.index].unsqueeze(1)
+            info = self._catalog[group.model]
+            offsets = group.module.offsets(scores, strength, info.head_type, self._atoms[group.model])
+            if valid is not None:
+                offsets = offsets.masked_fill(~valid, 0.0)
+            if group.sparse:
+                grid[:, :group.max_k].index_add_(0, group.index, offsets)
+                continue
+            if candidates is not None:
+                offsets = base.new_zeros(len(group.rows), base.shape[-1]).scatter_(1, candidates, offsets)
+            if dense is None and group.fills_dense:
+                dense = offsets  # the only dense group, every dense row once and in order: nothing to add
+                continue
+            if dense is None:
+                dense = base.new_zeros(len(layout.dense_rows), layout.vocab)
+            dense.index_add_(0, group.dense_index, offsets)
         return grid, dense
 
     def _feed(self, layout: Layout) -> Tensor:
@@ -304,9 +409,9 @@ class GuidanceBatch:
             hidden = model.prefill(slots, [torch.tensor(t, device=self._device) for t in tokens])
         self._last_hidden[name][feed.slot_index if every else model.cache.index(slots)] = hidden
 
-    def _offsets(self, group: Group, candidates: Tensor | None, valid: Tensor | None) -> Tensor:
-        """The group's offsets at its candidates ``[b, k]`` (0 where not `valid`), or at every token
-        ``[b, V]`` (candidates None; Q-type only)."""
+    def _scores(self, group: Group, candidates: Tensor | None) -> Tensor:
+        """The group's guide-model scores (float32) at its candidates ``[b, k(, m)]``, or at every token
+        ``[b, V(, m)]`` (candidates None; Q-type only)."""
         model, info = self._models[group.model], self._catalog[group.model]
         if info.scoring == "v":
             scores = model.score_candidates(group.slots, candidates)  # [b, k(, m)]
@@ -320,24 +425,22 @@ class GuidanceBatch:
                 index = candidates if scores.dim() == 2 else candidates.unsqueeze(-1).expand(-1, -1, scores.shape[-1])
                 scores = scores.gather(1, index)
         # Token-reward heads serve their rewards scaled to unit spread of the sequence reward (models.runtime.heads).
-        scores = scores.float() * model.head.reward_scale if model.head.reward_scale != 1.0 else scores.float()
-        d = group.module.offsets(scores, group.strength, info.head_type, self._atoms[group.model])
-        return d if valid is None else d.masked_fill(~valid, 0.0)
-
-    def _dense_offsets(self, group: Group, base: Tensor) -> Tensor:
-        """Offsets ``[b, V]`` of a group that steers every token, or more candidates than the grid takes."""
-        if group.whole:
-            return self._offsets(group, None, None)
-        candidates, valid = candidate_mask(base[group.index], group.top_k, group.max_k)
-        d = self._offsets(group, candidates, valid)
-        return base.new_zeros(len(group.rows), base.shape[-1]).scatter_(1, candidates, d)
+        return scores.float() * model.head.reward_scale if model.head.reward_scale != 1.0 else scores.float()
 
     # Reports.
 
-    def _totals(self, request: _Request) -> tuple[Tensor | float, Tensor | int]:
-        end = len(request.output_ids)
-        kl = request.carried_kl + self._kl_at[request.stat, request.first_output:end].sum()
-        return kl, request.carried_steps + self._steered_at[request.stat, request.first_output:end].sum()
+    def _totals(self, request: _Request) -> _Totals:
+        span, carried = slice(request.first_output, len(request.output_ids)), request.carried
+        kl = carried.kl + self._kl_at[request.stat, span].sum()
+        steered = self._steered_at[request.stat, span]
+        if request.budget is None:
+            return _Totals(kl, carried.steps + steered.sum())
+        scale, on = self._scale_at[request.stat, span], steered > 0
+        # The carried min and max join the span's, so an empty span has them too.
+        low = torch.cat([torch.where(on, scale, float("inf")), torch.as_tensor(carried.scale_min).reshape(1)])
+        high = torch.cat([torch.where(on, scale, float("-inf")), torch.as_tensor(carried.scale_max).reshape(1)])
+        return _Totals(kl, carried.steps + steered.sum(), carried.scale_sum + (scale * steered).sum(),
+                       low.min(), high.max())
 
     def collect(self, keys: Sequence[str]) -> dict[str, GuidanceReport]:
         """Reports of the given requests (finished or still in the batch); each is returned once."""
@@ -345,12 +448,12 @@ class GuidanceBatch:
         reports = {}
         for key in keys:
             if key in self._uncollected:
-                kl, steps = self._uncollected.pop(key)
+                totals, budgeted = self._uncollected.pop(key)
             elif key in active and not active[key].collected:
-                kl, steps = self._totals(active[key])
+                totals, budgeted = self._totals(active[key]), active[key].budget is not None
                 active[key].collected = True
             else:
                 continue
-            reports[key] = GuidanceReport(kl=float(kl), steps=int(steps))
+            reports[key] = totals.report(budgeted)
         return reports
 

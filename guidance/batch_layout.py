@@ -4,7 +4,7 @@ request sits in which row, built once after the rows change instead of at every 
 It holds the row and stat indices, the temperatures (None where every row samples at 1), each
 guide model's rows and KV slots, the (guide model, module) groups with their strengths, top-k and
 candidate masks, which groups' offsets stay sparse (k candidates per row, on one ``[G, K]`` grid of
-the top-K tokens) and which rows get dense ``[Gd, V]`` offsets, and the entropy gates.
+the top-K tokens) and which rows get dense ``[Gd, V]`` offsets, the entropy gates, and the KL budgets.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from guidance.kl_budget import budget_bounds
 from guidance.module import WHOLE_VOCABULARY, GuidanceModule
 from guidance.spec import ResolvedGuidance
 from models.runtime.guide import GuideModel
@@ -78,6 +79,14 @@ class Gates:
 
 
 @dataclass
+class BudgetBounds:
+    """The KL budgets of a layout where some request has one (`guidance.kl_budget`)."""
+
+    max_kl: Tensor  # [G] nats for the whole response (inf: no bound, every row without a budget)
+    kl_per_token: Tensor  # [G] nats per generated token (inf: no bound)
+
+
+@dataclass
 class Layout:
     """What `apply` needs of the requests in the rows; built again after the rows change."""
 
@@ -96,13 +105,14 @@ class Layout:
     dense_temperature: Tensor | None  # [Gd] their temperatures (None: all at 1)
     all_dense: bool  # every row is a dense row (dense_rows is 0..G-1)
     gates: Gates | None
+    budget: BudgetBounds | None  # None: no request has a KL budget
     position: Tensor | None = None  # [G] each row's output position, where its KL goes
 
 
 def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], vocab: int,
                  device: torch.device) -> Layout:
-    """The layout of the requests in `rows` (row -> request with `slots`, `stat`, `temperature` and
-    `guidance`)."""
+    """The layout of the requests in `rows` (row -> request with `slots`, `stat`, `temperature`,
+    `guidance` and `budget`)."""
     ordered = sorted(rows)
     requests = [rows[r] for r in ordered]
     row_index = torch.tensor(ordered, device=device)
@@ -133,6 +143,11 @@ def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], voca
         row_bound=torch.tensor([min(e.params.min_entropy for e in q.guidance) for q in requests], device=device),
     ) if gated else None
     dense_index = torch.tensor(dense_rows, device=device) if dense_rows else None
+    bounds = [budget_bounds(q.budget) for q in requests]
+    budget = BudgetBounds(
+        max_kl=torch.tensor([b[0] for b in bounds], device=device),
+        kl_per_token=torch.tensor([b[1] for b in bounds], device=device),
+    ) if any(q.budget is not None for q in requests) else None
     temperatures = [q.temperature for q in requests]
     dense_temperatures = [temperatures[i] for i in dense_rows]
     return Layout(
@@ -144,7 +159,7 @@ def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], voca
         split=gates is not None or len(dense_rows) < len(ordered), dense_rows=dense_index,
         dense_take=None if dense_index is None else row_index[dense_index],
         dense_temperature=_temperatures(dense_temperatures, device), all_dense=len(dense_rows) == len(ordered),
-        gates=gates)
+        gates=gates, budget=budget)
 
 
 def _temperatures(temperatures: list[float], device: torch.device) -> Tensor | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from guidance.errors import GuidanceError
 
@@ -18,6 +18,9 @@ class GuidanceParams(BaseModel):
     whole vocabulary, None the module's default. Tokens outside C get offset 0.
     `min_entropy` gates the entry: at a position where the base distribution's entropy
     H = -sum_y p(y) log p(y) is below it, the entry adds nothing (and scores nothing).
+    `max_kl` (nats for the whole response) and `kl_per_token` (nats per generated token) set a
+    KL budget (`guidance.kl_budget`): each step uses the largest strength, up to `strength`, whose
+    exact KL fits. With a budget `strength` may be left out; the cap is then `MAX_STRENGTH`.
     """
 
     # NaN and infinities are refused as such ("Input should be a finite number"), not by a bound.
@@ -25,12 +28,33 @@ class GuidanceParams(BaseModel):
 
     type: str
     model: str = Field(min_length=1, description="A guide model configured by the operator.")
-    strength: float = Field(ge=0.0, le=MAX_STRENGTH, description="Guidance strength; 0 = unguided.")
+    strength: float = Field(
+        ge=0.0, le=MAX_STRENGTH,
+        description="Guidance strength; 0 = unguided. With a KL budget, the largest strength it may use "
+                    "(default: the maximum).")
     top_k: int | None = Field(default=None, description="Candidate tokens: top-k of the base logits; -1 = all.")
     min_entropy: float = Field(
         default=0.0, ge=0.0,
         description="Steer only positions where the base distribution's entropy (nats, at the sampling "
                     "temperature) is at least this; 0 = every position.")
+
+    max_kl: float | None = Field(
+        default=None, ge=0.0,
+        description="KL budget of the whole response (nats, at the sampling temperature): each step steers with "
+                    "the largest strength (up to `strength`) whose exact KL fits what is left of it.")
+    kl_per_token: float | None = Field(
+        default=None, ge=0.0,
+        description="KL budget of each generated token (nats, at the sampling temperature): each step steers "
+                    "with the largest strength (up to `strength`) whose exact KL is at most this.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_caps_strength(cls, data: Any) -> Any:
+        """With a KL budget and no `strength`, the budget alone sets the strength, up to MAX_STRENGTH."""
+        if (isinstance(data, dict) and "strength" not in data
+                and any(data.get(name) is not None for name in ("max_kl", "kl_per_token"))):
+            return {**data, "strength": MAX_STRENGTH}
+        return data
 
     @field_validator("top_k")
     @classmethod

@@ -26,8 +26,11 @@ class ResolvedGuidance:
     top_k: int
 
     def describe(self) -> dict[str, Any]:
+        """The entry as it steers: the budget fields appear only when set."""
+        budget = {name: value for name in ("max_kl", "kl_per_token")
+                  if (value := getattr(self.params, name)) is not None}
         return {"type": self.module.name, "model": self.params.model, "strength": self.params.strength,
-                "top_k": self.top_k, "min_entropy": self.params.min_entropy}
+                "top_k": self.top_k, "min_entropy": self.params.min_entropy, **budget}
 
 
 def parse_guidance(

@@ -40,6 +40,7 @@ from guidance.adapters.vllm import (
 )
 from guidance.adapters.vllm import engine_config as guidance_engine_config
 from guidance.batch import GuidanceReport, StepTimings
+from guidance.kl_budget import request_budget
 from guidance.catalog import GuideCatalog
 from guidance.loading import step_model_names
 from guidance.search.report import SearchReport
@@ -47,7 +48,7 @@ from server.engine_args import ENGINE_ARGS
 from server.errors import EngineDead, EngineTimeout, vllm_client_error
 from server.machine import resolve_dtype
 from server.metrics import observe_guidance
-from server.report_batcher import ReportBatcher
+from server.report_batcher import Report, ReportBatcher
 from server.settings import Settings
 from server.streams import merge
 from server.tracking import Stage, current_request, stage
@@ -253,11 +254,14 @@ class Engine:
 
     async def _guidance_report(self, key: str, options: SamplingOptions) -> GuidanceReport:
         """The worker's KL report of a finished guided request (zero if it was never guided)."""
-        kl, steps = await self._reports.get(key)
+        kl, steps, scale = await self._reports.get(key)
         observe_guidance([entry["type"] for entry in options.guidance], kl, steps)
-        return GuidanceReport(kl=kl, steps=steps)
+        budget = request_budget(options.guidance)
+        return GuidanceReport(  # a msgpack'd scale arrives as a list
+            kl=kl, steps=steps, scale=None if budget is None or scale is None else tuple(scale), budget=budget,
+            caps=tuple(entry["strength"] for entry in options.guidance) if budget is not None else ())
 
-    async def _fetch_reports(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+    async def _fetch_reports(self, keys: list[str]) -> dict[str, Report]:
         return (await self._worker_call(REPORTS_RPC, "the KL report of guided requests", (keys,)))[self._reply_rank]
 
     async def _worker_call(self, method: str, what: str, args: tuple = ()) -> list[Any]:

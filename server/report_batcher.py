@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-Report = tuple[float, int]  # (KL summed over the request's tokens, steered steps)
+# (KL summed over the request's tokens, steered steps, with a KL budget the strength scale's (mean, min, max))
+Report = tuple[float, int, tuple[float, float, float] | None]
 FetchReports = Callable[[list[str]], Awaitable[dict[str, Report]]]
 
 
@@ -22,7 +23,7 @@ class ReportBatcher:
         self._flush: asyncio.Task | None = None
 
     async def get(self, key: str) -> Report:
-        """The report of request `key` ((0.0, 0) if the worker has none: it was never guided)."""
+        """The report of request `key` ((0.0, 0, None) if the worker has none: it was never guided)."""
         future = asyncio.get_running_loop().create_future()
         self._waiting[key] = future
         if self._flush is None:
@@ -41,7 +42,7 @@ class ReportBatcher:
         else:
             for key, future in waiting.items():
                 if not future.done():
-                    future.set_result(reports.get(key, (0.0, 0)))
+                    future.set_result(reports.get(key, (0.0, 0, None)))
         finally:
             self._flush = None
             if self._waiting:  # asked while this fetch was in flight: the next batch

@@ -19,6 +19,10 @@ blockwise: per block, K continuations of at most M tokens of prompt + blocks kep
 the kept block is emitted, and the next round starts, until a block stops (EOS or a stop
 string) or max_tokens is reached.
 
+A KL budget (`guidance.kl_budget`) applies per candidate sequence: each best-of-N candidate has the
+whole budget; a blockwise candidate block may spend what the blocks kept before it left of `max_kl`,
+so the kept sequence stays within it.
+
 Closing a stream (client gone) aborts every engine request it runs; an engine error in
 one candidate fails the choice, aborting the others.
 """
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 
 from guidance.batch import GuidanceReport
+from guidance.kl_budget import spend
 from guidance.search.report import Checkpoint, SearchReport
 from guidance.search.scorers import Completion, Scorer, ScorerCatalog
 from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
@@ -140,13 +145,14 @@ class Search:
         size, rounds = search.candidates, math.ceil(options.max_tokens / search.block_tokens)
         kept_ids: list[int] = []
         kept_text = ""
-        kl, steps, generated = 0.0, 0, 0
+        report, generated = None, 0
         round_scores: list[tuple[float, ...]] = []
         kept_indexes: list[int] = []
         for round_ in range(rounds):
             block_options = replace(
                 options, n=size, max_tokens=min(search.block_tokens, options.max_tokens - len(kept_ids)),
                 seed=None if options.seed is None else options.seed + (pick * rounds + round_) * size,
+                guidance=spend(options.guidance, 0.0 if report is None else report.kl),
             )
             block = [ChoiceOutput() for _ in range(size)]
             async for delta in self.engine.generate(f"{request_id}-b{round_}", prompt_ids + kept_ids, block_options):
@@ -162,12 +168,13 @@ class Search:
             round_scores.append(tuple(scores))
             kept_indexes.append(kept)
             if chosen.guidance is not None:
-                kl, steps = kl + chosen.guidance.kl, steps + chosen.guidance.steps
+                # The first block's report holds the request's own budget (later blocks': what was left).
+                report = chosen.guidance if report is None else report.then(chosen.guidance)
             stopped = chosen.finish_reason == "stop"
             done = stopped or len(kept_ids) >= options.max_tokens or round_ == rounds - 1
             yield _kept_delta(
                 pick, chosen, options, ("stop" if stopped else "length") if done else None,
-                GuidanceReport(kl=kl, steps=steps) if done and options.guidance else None,
+                (report or GuidanceReport(kl=0.0, steps=0)) if done and options.guidance else None,
                 SearchReport(score=scores[kept], candidate_scores=tuple(round_scores),
                              selected=tuple(kept_indexes), generated_tokens=generated) if done else None,
                 first=round_ == 0,  # later blocks' prompts hold the kept tokens too

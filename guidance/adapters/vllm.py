@@ -141,11 +141,12 @@ class GuidanceLogitsProcessor(LogitsProcessor):
 class GuidanceWorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``) for collective RPCs."""
 
-    def alignserve_guidance_reports(self, keys: list[str]) -> dict[str, tuple[float, int]]:
+    def alignserve_guidance_reports(self, keys: list[str]) -> dict[str, tuple[float, int, tuple | None]]:
+        """(KL, steered steps, the strength scale's (mean, min, max) or None without a KL budget) per key."""
         if _worker_batch is None:
             return {}
         reports: dict[str, GuidanceReport] = _worker_batch.collect(keys)
-        return {key: (r.kl, r.steps) for key, r in reports.items()}
+        return {key: (r.kl, r.steps, r.scale) for key, r in reports.items()}
 
     def alignserve_guidance_timings(self) -> dict | None:
         """`StepTimings` as a plain dict (RPC results cross processes as msgpack)."""

@@ -31,8 +31,11 @@ class ChoiceCollector:
 
 def guidance_report(report: GuidanceReport | None, search: SearchReport | None = None) -> dict:
     """A guided or searched choice's `guidance` object: exact KL(guided || base) summed over its
-    tokens (0 without per-step guidance), and the search's scores when it was searched."""
+    tokens (0 without per-step guidance), with a KL budget the budget and each entry's strength
+    over the steered tokens (mean, min, max), and the search's scores when it was searched."""
     result = {"kl": 0.0, "steps": 0} if report is None else {"kl": report.kl, "steps": report.steps}
+    if report is not None and report.budget is not None:
+        result.update(budget=report.budget.as_dict(), strengths=report.strengths())
     if search is not None:
         result.update(search.as_dict())
     return result

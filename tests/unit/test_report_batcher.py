@@ -22,13 +22,13 @@ class Worker:
 
 
 def test_requests_finishing_together_share_one_fetch_and_get_their_own_report():
-    worker = Worker({"a": (0.5, 3), "b": (1.25, 7)})
+    worker = Worker({"a": (0.5, 3, None), "b": (1.25, 7, (0.5, 0.25, 1.0))})
 
     async def run():
         batcher = ReportBatcher(worker.fetch)
         return await asyncio.gather(*(batcher.get(k) for k in ("a", "b", "never-guided")))
 
-    assert asyncio.run(run()) == [(0.5, 3), (1.25, 7), (0.0, 0)]
+    assert asyncio.run(run()) == [(0.5, 3, None), (1.25, 7, (0.5, 0.25, 1.0)), (0.0, 0, None)]
     assert worker.calls == [["a", "b", "never-guided"]]
 
 
