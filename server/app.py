@@ -33,6 +33,8 @@ from server.errors import EngineDead, install_error_handlers
 from server.lifecycle import Lifecycle
 from server.metrics import ENGINE_ALIVE, REQUEST_STAGES
 from server.middleware import ApiKeyAuth, BodySizeLimit, RequestOutcomes
+from server.playground.router import PLAYGROUND_PATHS
+from server.playground.router import router as playground_router
 from server.prompts import PromptRenderer
 from server.tool_calls import ToolCalling
 from server.search import Search
@@ -42,7 +44,8 @@ from server.tracking import RequestTracker, Stage
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/version"})
+# The playground's page and assets are open: its API calls carry the key its user enters.
+OPEN_PATHS = frozenset({"/health", "/ready", "/version"}) | PLAYGROUND_PATHS
 
 
 async def watch_engine(engine: Engine, tracker: RequestTracker, lifecycle: Lifecycle, interval_s: float = 0.5
@@ -116,7 +119,7 @@ def create_app(
     app.state.lifecycle = lifecycle
     install_error_handlers(app)
     for router in (health_router, metrics_router, models_router, tokenize_router, guidance_router, completions_router,
-                   chat_router, messages_router):
+                   chat_router, messages_router, playground_router):
         app.include_router(router)
     if settings.debug_key:
         app.include_router(debug_router)
