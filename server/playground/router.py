@@ -16,7 +16,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 PREFIX = "/playground/"
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 PLAYGROUND_PATHS = frozenset({PREFIX.rstrip("/"), PREFIX, *(PREFIX + name for name in ASSETS)})
-# The page's scripts and styles come from this server only: nothing external can load or run.
+# The page's scripts and styles come from this server only: nothing external can load or run. no-cache: after
+# an upgrade the browser revalidates, so it never runs an old script against the new API.
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:", "Cache-Control": "no-cache"}
 
 router = APIRouter(include_in_schema=False)
