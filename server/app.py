@@ -35,6 +35,8 @@ from server.errors import EngineDead, install_error_handlers
 from server.lifecycle import Lifecycle
 from server.metrics import ENGINE_ALIVE, REQUEST_STAGES
 from server.middleware import ApiKeyAuth, BodySizeLimit, RequestOutcomes
+from server.playground.router import PLAYGROUND_PATHS
+from server.playground.router import router as playground_router
 from server.prompts import PromptRenderer
 from server.tool_calls import ToolCalling
 from server.search import Search
@@ -44,7 +46,8 @@ from server.tracking import RequestTracker, Stage
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/version"})
+# The playground's page and assets are open: its API calls carry the key its user enters.
+OPEN_PATHS = frozenset({"/health", "/ready", "/version"}) | PLAYGROUND_PATHS
 
 
 async def watch_engine(engine: Engine, tracker: RequestTracker, lifecycle: Lifecycle, interval_s: float = 0.5
@@ -119,7 +122,7 @@ def create_app(
     app.state.response_store = ResponseStore(settings.responses_store_max_entries)
     install_error_handlers(app)
     for router in (health_router, metrics_router, models_router, tokenize_router, guidance_router, completions_router,
-                   chat_router, messages_router, responses_router):
+                   chat_router, messages_router, responses_router, playground_router):
         app.include_router(router)
     if settings.debug_key:
         app.include_router(debug_router)
