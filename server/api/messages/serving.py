@@ -26,6 +26,8 @@ from server.tracking import TrackedRequest
 
 
 class MessagesServing(ChatServing):
+    endpoint = "message"  # the request tracker's name for it (the chat path runs it)
+
     async def create(self, request: Request, body: MessagesRequest) -> Response:
         chat = self.chat_request(body)
         response = await self.serve(request, chat)
