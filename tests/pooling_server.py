@@ -2,8 +2,8 @@
 
     python -m tests.pooling_server --port PORT
 
-A text scores its length in characters; a conversation (``messages``) the length of its last
-message's content. ``POST /control {"mode": ...}`` sets how later scoring requests are answered:
+A text scores ``text_score(text)`` (its CRC-32 scaled to [0, 1): distinct texts score apart); a
+conversation (``messages``) that of its last message's content. ``POST /control {"mode": ...}`` sets how later scoring requests are answered:
 ``ok``; ``error`` (HTTP 500); ``hang`` (never answers); ``exit`` (the process exits while the
 request is open, as a server going away). ``GET /calls`` lists the bodies of the scoring requests
 received so far.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import zlib
 from typing import Any, Literal
 
 import uvicorn
@@ -29,11 +30,15 @@ class Control(BaseModel):
     mode: Literal["ok", "error", "hang", "exit"]
 
 
+def text_score(text: str) -> float:
+    return zlib.crc32(text.encode()) / 2**32
+
+
 def scores_of(body: dict) -> list[float]:
     if "messages" in body:
-        return [float(len(body["messages"][-1]["content"]))]
+        return [text_score(body["messages"][-1]["content"])]
     texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
-    return [float(len(text)) for text in texts]
+    return [text_score(text) for text in texts]
 
 
 async def answer(body: dict, api: str) -> JSONResponse:

@@ -16,6 +16,7 @@ import pytest
 
 from models.demo.paths import demo_guides_file
 from tests.conftest import RunningServer, start_server, stop_server
+from tests.pooling_server import text_score
 from workflows.server_process import free_port, stop_process
 
 pytestmark = pytest.mark.engine
@@ -95,7 +96,7 @@ def best_of(n: int, scorer: str) -> dict:
 def complete(server: RunningServer, scorer: str, n: int = 4, seed: int = 5) -> httpx.Response:
     return httpx.post(f"{server.base_url}/v1/completions", timeout=120, json={
         "model": "demo-base", "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, "seed": seed,
-        "search": best_of(n, scorer)})
+        "cache": False, "search": best_of(n, scorer)})
 
 
 def test_best_of_n_keeps_the_candidate_the_remote_scorer_scores_highest(remote_server, pooling):
@@ -109,7 +110,7 @@ def test_best_of_n_keeps_the_candidate_the_remote_scorer_scores_highest(remote_s
     assert len(calls) == 1 and calls[0]["api"] == "classify" and calls[0]["model"] == "rm"
     texts = calls[0]["input"]  # all candidates in one call: the prompt's text + each completion
     assert len(texts) == 4 and all(PROMPT in text for text in texts)
-    assert report["candidate_scores"] == [float(len(text)) for text in texts]
+    assert report["candidate_scores"] == [text_score(text) for text in texts]
     assert report["selected"] == report["candidate_scores"].index(max(report["candidate_scores"]))
     assert texts[report["selected"]].endswith(choice["text"])
 
@@ -120,15 +121,14 @@ def test_chat_best_of_n_sends_the_conversation_as_messages(remote_server, poolin
     messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": PROMPT}]
     response = httpx.post(f"{remote_server.base_url}/v1/chat/completions", timeout=120, json={
         "model": "demo-base", "messages": messages, "max_tokens": 8, "temperature": 1.0, "seed": 9,
-        "search": best_of(3, "rm")})
+        "cache": False, "search": best_of(3, "rm")})
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
     calls = pooling.calls()[before:]
     assert len(calls) == 3 and all(call["messages"][:2] == messages for call in calls)
-    replies = sorted(call["messages"][2]["content"] for call in calls)
+    replies = [call["messages"][2]["content"] for call in calls]
     assert choice["message"]["content"] in replies
-    assert choice["guidance"]["score"] == max(len(reply) for reply in replies) \
-        == len(choice["message"]["content"])
+    assert choice["guidance"]["score"] == max(map(text_score, replies)) == text_score(choice["message"]["content"])
 
 
 def test_pooling_api_with_text_conversation(remote_server, pooling):
@@ -136,7 +136,7 @@ def test_pooling_api_with_text_conversation(remote_server, pooling):
     before = len(pooling.calls())
     response = httpx.post(f"{remote_server.base_url}/v1/chat/completions", timeout=120, json={
         "model": "demo-base", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
-        "temperature": 1.0, "seed": 9, "search": best_of(3, "rm-pool")})
+        "temperature": 1.0, "seed": 9, "cache": False, "search": best_of(3, "rm-pool")})
     assert response.status_code == 200, response.text
     calls = pooling.calls()[before:]
     assert len(calls) == 1 and calls[0]["api"] == "pooling" and len(calls[0]["input"]) == 3
@@ -200,7 +200,7 @@ def test_an_unreachable_scorer_streams_an_error_event_naming_it(remote_server):
     response = complete(remote_server, "rm-gone")
     assert_scorer_error(response, 503, "scorer_unavailable", "rm-gone")
     with httpx.stream("POST", f"{remote_server.base_url}/v1/completions", timeout=120, json={
-            "model": "demo-base", "prompt": PROMPT, "max_tokens": 8, "stream": True,
+            "model": "demo-base", "prompt": PROMPT, "max_tokens": 8, "stream": True, "cache": False,
             "search": best_of(2, "rm-gone")}) as streamed:
         events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
