@@ -46,10 +46,11 @@ def start_pooling_server(model_dir: Path, log_path: Path, cpu_bind: str | None =
 
 
 def guide_table(work: Path, pooling_url: str) -> Path:
-    """The demo guide models plus `rm-vllm`: the pooling server by URL, scoring the rendered text."""
+    """The demo guide models plus `rm-vllm`: the pooling server by URL, sent the token ids the embedded
+    scorer reads."""
     table = {name: str((demo_guides_file().parent / path).resolve())
              for name, path in json.loads(demo_guides_file().read_text()).items()}
-    table[REMOTE] = {"url": pooling_url, "model": SERVED_NAME, "conversation": "text", "timeout_s": 30}
+    table[REMOTE] = {"url": pooling_url, "model": SERVED_NAME, "format": "token_ids", "timeout_s": 30}
     path = work / "guides.json"
     path.write_text(json.dumps(table))
     return path

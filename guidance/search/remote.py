@@ -4,15 +4,19 @@ A guide-model table entry that is an object with a ``url`` names one (``RemoteSc
 
     {"rm": {"url": "http://reward:8000", "api": "classify", "model": "rm", "timeout_s": 10, "retries": 2}}
 
-What is sent, in vLLM 0.32's shapes (``vllm.entrypoints.pooling``):
+What is sent, in vLLM 0.32's shapes (``vllm.entrypoints.pooling``), by the entry's ``format``:
 
-- a completion (or a chat request with ``conversation: "text"``): one POST for all candidates,
-  ``{"model", "input": [prompt + completion, ...], "use_activation"}``, the prompt as the request's
-  rendered text (for chat: the base model's chat template applied);
-- a chat request (``conversation: "messages"``, the default): the reward model renders the
-  conversation with its own chat template; vLLM's chat-style pooling request holds one conversation,
-  so each candidate is one POST ``{"model", "messages": [..., {"role": "assistant", "content":
-  completion}], "use_activation"}``, all sent at once on the pooled connections.
+- ``messages`` (the default), for a chat request: the reward model renders the conversation with its
+  own chat template; vLLM's chat-style pooling request holds one conversation, so each candidate is
+  one POST ``{"model", "messages": [..., {"role": "assistant", "content": completion}],
+  "use_activation"}``, all sent at once on the pooled connections. A completion request is sent as
+  ``text``.
+- ``text``: one POST for all candidates, ``{"model", "input": [prompt + completion, ...],
+  "add_special_tokens": false, "use_activation"}``: the prompt as the base model's tokens spell it
+  (special tokens and, for chat, the base model's chat template included), so none are added twice.
+- ``token_ids``: one POST for all candidates, ``{"model", "input": [prompt ids + completion ids, ...],
+  "use_activation"}``: exactly the tokens an embedded scorer reads (the completion's end-of-sequence
+  token included); the reward model must share the base model's tokenizer.
 
 What is read: ``/classify`` answers ``{"data": [{"index", "probs": [...]}]}``, ``/pooling``
 ``{"data": [{"index", "data": [...]}]}``; the score is entry ``score_index`` of that vector. By
@@ -59,9 +63,9 @@ class RemoteScorerConfig(BaseModel):
     backoff_s: float = Field(0.1, ge=0, le=10, description="Wait before the first repeat; doubled per repeat.")
     use_activation: bool = Field(False, description="Ask for vLLM's activation (sigmoid/softmax) of the output.")
     score_index: int = Field(0, ge=0, description="Which entry of each output vector is the score.")
-    conversation: Literal["messages", "text"] = Field(
-        "messages", description="How a chat request's candidates are sent: the messages (rendered by the reward "
-        "model's chat template) or the text rendered by the base model's.")
+    format: Literal["messages", "text", "token_ids"] = Field(
+        "messages", description="What is sent: a chat request's messages (rendered by the reward model's chat "
+        "template; others as text), the text as the base model's tokens spell it, or those token ids.")
     api_key_env: str | None = Field(
         None, min_length=1, description="Environment variable holding a Bearer key for the scorer (never the key).")
 
@@ -143,10 +147,15 @@ class RemoteScorer(Scorer):
 
     def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion],
               reference: Any = None, conversation: Conversation | None = None) -> list[float]:
-        if conversation is not None and self.config.conversation == "messages":
+        form = self.config.format
+        if form == "messages" and conversation is not None:
             bodies = [self._body(messages=conversation.with_reply(c.text)) for c in completions]
             return [scores[0] for scores in self._posts.map(lambda body: self._post(body, 1), bodies)]
-        return self._post(self._body(input=[prompt_text + c.text for c in completions]), len(completions))
+        if form == "token_ids":
+            body = self._body(input=[[*prompt_ids, *c.token_ids] for c in completions])
+        else:
+            body = self._body(input=[prompt_text + c.text for c in completions], add_special_tokens=False)
+        return self._post(body, len(completions))
 
     def attempts(self) -> dict[str, int]:
         """HTTP attempts so far by outcome (ok, retried, timeout, unreachable, bad_response)."""
@@ -156,13 +165,13 @@ class RemoteScorer(Scorer):
     def describe(self) -> dict[str, Any]:
         config = self.config
         return {**super().describe(), "host": config.host, "api": config.api, "model": config.model,
-                "conversation": config.conversation}
+                "format": config.format}
 
     def identity(self) -> str:
         """What its scores depend on, for cache keys: the endpoint, the served model, how it reads."""
         config = self.config
         return (f"{config.endpoint} model={config.model} activation={config.use_activation} "
-                f"index={config.score_index} conversation={config.conversation}")
+                f"index={config.score_index} format={config.format}")
 
     def close(self) -> None:
         self._posts.shutdown(wait=False, cancel_futures=True)

@@ -148,10 +148,6 @@ class ScorerCatalog:
     def names(self) -> list[str]:
         return sorted(self._scorers)
 
-    def of_kind(self, kind: str) -> list[Scorer]:
-        """The scorers of one kind ("verifier", "model", "remote"), by name."""
-        return [self._scorers[name] for name in self.names() if self._scorers[name].kind == kind]
-
     def reference_names(self) -> list[str]:
         """Scorers that need the request's ``search.reference``."""
         return sorted(name for name, scorer in self._scorers.items()

@@ -74,13 +74,13 @@ def pooling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PoolingServer]
 @pytest.fixture(scope="module")
 def remote_server(pooling: PoolingServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     """The demo model served with the demo guide models plus remote scorers: `rm` (/classify), `rm-pool`
-    (/pooling, the rendered text even for chat) and `rm-gone` (a port nothing listens on)."""
+    (/pooling, format text: the rendered text even for chat) and `rm-gone` (a port nothing listens on)."""
     work = tmp_path_factory.mktemp("remote-server")
     guides = {name: str((demo_guides_file().parent / path).resolve())
               for name, path in json.loads(demo_guides_file().read_text()).items()}
     common = {"timeout_s": TIMEOUT_S, "retries": RETRIES, "backoff_s": 0.05}
     guides |= {"rm": {"url": pooling.url, "model": "rm", **common},
-               "rm-pool": {"url": pooling.url, "api": "pooling", "conversation": "text", **common},
+               "rm-pool": {"url": pooling.url, "api": "pooling", "format": "text", **common},
                "rm-gone": {"url": f"http://127.0.0.1:{free_port()}", **common}}
     table = work / "guides.json"
     table.write_text(json.dumps(guides))
@@ -131,7 +131,7 @@ def test_chat_best_of_n_sends_the_conversation_as_messages(remote_server, poolin
     assert choice["guidance"]["score"] == max(map(text_score, replies)) == text_score(choice["message"]["content"])
 
 
-def test_pooling_api_with_text_conversation(remote_server, pooling):
+def test_pooling_api_with_format_text(remote_server, pooling):
     pooling.ensure_running()
     before = len(pooling.calls())
     response = httpx.post(f"{remote_server.base_url}/v1/chat/completions", timeout=120, json={
@@ -140,13 +140,14 @@ def test_pooling_api_with_text_conversation(remote_server, pooling):
     assert response.status_code == 200, response.text
     calls = pooling.calls()[before:]
     assert len(calls) == 1 and calls[0]["api"] == "pooling" and len(calls[0]["input"]) == 3
+    assert calls[0]["add_special_tokens"] is False
     assert all(PROMPT in text for text in calls[0]["input"])  # the base model's rendering of the chat
 
 
 def test_guidance_lists_remote_scorers_with_host_and_no_secrets(remote_server, pooling):
     scorers = {s["name"]: s for s in httpx.get(f"{remote_server.base_url}/v1/guidance").json()["search"]["scorers"]}
     assert scorers["rm"] == {"name": "rm", "kind": "remote", "host": f"127.0.0.1:{pooling.port}", "api": "classify",
-                             "model": "rm", "conversation": "messages"}
+                             "model": "rm", "format": "messages"}
     assert scorers["demo-reward"]["kind"] == "model"
 
 

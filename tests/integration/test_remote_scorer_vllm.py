@@ -4,6 +4,7 @@ embedded (less its head's bias, which the classifier has not)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 
@@ -17,6 +18,8 @@ from tests.conftest import RunningServer, start_server, stop_server
 from workflows.server_process import ServerProcess
 
 pytestmark = pytest.mark.engine
+
+CHAT = "rm-vllm-chat"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,11 @@ def vllm_pooling(exported) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="module")
 def rm_server(exported, vllm_pooling: ServerProcess) -> Iterator[RunningServer]:
     work, _ = exported
-    running = start_server(work / "server.log", "--guide-models", str(guide_table(work, vllm_pooling.url)))
+    table = guide_table(work, vllm_pooling.url)
+    entries = json.loads(table.read_text())
+    entries[CHAT] = {**entries[REMOTE], "format": "messages"}  # the conversation, rendered by vLLM
+    table.write_text(json.dumps(entries))
+    running = start_server(work / "server.log", "--guide-models", str(table))
     yield running
     stop_server(running)
 
@@ -61,3 +68,17 @@ def test_best_of_n_scored_by_vllm_keeps_what_the_embedded_model_keeps(rm_server,
                 pytest.approx(theirs["candidate_scores"], abs=1e-3)
             assert theirs["selected"] == ours["selected"]
             assert remote["choices"][0]["text"] == embedded["choices"][0]["text"]
+
+
+def test_chat_best_of_n_scored_by_vllm_on_the_conversation(rm_server, vllm_pooling):
+    messages = [{"role": "user", "content": "234+567="}]
+    response = httpx.post(f"{rm_server.base_url}/v1/chat/completions", timeout=300, json={
+        "model": "demo-base", "messages": messages, "max_tokens": 8, "temperature": 1.0, "seed": 2, "cache": False,
+        "search": {"type": "best_of_n", "n": 4, "scorer": CHAT}})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    direct = httpx.post(f"{vllm_pooling.url}/classify", timeout=60, json={
+        "model": "rm", "use_activation": False,
+        "messages": [*messages, {"role": "assistant", "content": choice["message"]["content"]}]}).json()
+    assert choice["guidance"]["score"] == pytest.approx(direct["data"][0]["probs"][0], abs=1e-4)
+    assert choice["guidance"]["score"] == max(choice["guidance"]["candidate_scores"])

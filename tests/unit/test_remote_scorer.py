@@ -38,7 +38,8 @@ def test_completions_go_in_one_batched_classify_call_and_scores_follow_the_index
 
     assert scorer(handler).score("1+1=", [5, 6], CANDIDATES) == [0.5, -1.0, 2.0]
     assert sent == [(httpx.URL("http://rm:8000/classify"),
-                     {"model": "rm", "input": ["1+1=801", "1+1=9", "1+1="], "use_activation": False})]
+                     {"model": "rm", "input": ["1+1=801", "1+1=9", "1+1="], "add_special_tokens": False,
+                      "use_activation": False})]
 
 
 def test_pooling_reads_the_data_vector_at_score_index_and_may_ask_for_the_activation():
@@ -78,7 +79,7 @@ def test_a_continued_final_message_gets_the_completion_appended():
                                             {"role": "assistant", "content": "It is 2"}]
 
 
-def test_conversation_text_sends_the_rendered_prompt_even_for_a_chat_request():
+def test_format_text_sends_the_rendered_prompt_even_for_a_chat_request():
     bodies = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -86,8 +87,20 @@ def test_conversation_text_sends_the_rendered_prompt_even_for_a_chat_request():
         return httpx.Response(200, json=classify_answer([1.0, 2.0, 3.0]))
 
     conversation = Conversation(({"role": "user", "content": "1+1?"},))
-    scorer(handler, conversation="text").score("<user>1+1?", [], CANDIDATES, conversation=conversation)
+    scorer(handler, format="text").score("<user>1+1?", [], CANDIDATES, conversation=conversation)
     assert [body["input"] for body in bodies] == [["<user>1+1?801", "<user>1+1?9", "<user>1+1?"]]
+
+
+def test_format_token_ids_sends_prompt_and_completion_ids_in_one_call():
+    bodies = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json=classify_answer([1.0, 2.0, 3.0]))
+
+    conversation = Conversation(({"role": "user", "content": "1+1?"},))
+    scorer(handler, format="token_ids").score("1+1=", [5, 6], CANDIDATES, conversation=conversation)
+    assert bodies == [{"model": "rm", "input": [[5, 6, 1], [5, 6, 2], [5, 6]], "use_activation": False}]
 
 
 def test_connect_errors_and_5xx_are_retried_then_reported_unreachable_naming_scorer_and_url():
@@ -198,8 +211,21 @@ def test_remote_scorers_join_the_catalog_listed_as_remote_with_their_host():
     catalog = ScorerCatalog.load(GuideCatalog({}), remote=remote)
     assert "rm" in catalog and catalog["rm"].describe() == {
         "name": "rm", "kind": "remote", "host": "rm.internal:8000", "api": "classify", "model": "rm",
-        "conversation": "messages"}
+        "format": "messages"}
     assert "rm" not in catalog.prefix_names() and "rm" not in catalog.reference_names()
-    assert [s.name for s in catalog.of_kind("remote")] == ["rm"]
     with pytest.raises(ValueError, match="remote scorer 'demo-verifier' has the name of a verifier"):
         ScorerCatalog.load(GuideCatalog({}), remote=load_remote_scorers({"demo-verifier": {"url": "http://x"}}, {}))
+
+
+def test_the_guide_table_splits_directories_from_url_entries(tmp_path):
+    from models.demo.build import demo_base_dir
+    from server.settings import Settings
+
+    table = tmp_path / "guides.json"
+    table.write_text(json.dumps({"my-value": "value", "rm": {"url": "http://rm:8000"}}))
+    settings = Settings(model=demo_base_dir(), guide_models=table)
+    assert settings.guide_model_paths() == {"my-value": (tmp_path / "value").resolve()}
+    assert settings.remote_scorer_entries() == {"rm": {"url": "http://rm:8000"}}
+    table.write_text(json.dumps({"rm": ["http://rm:8000"]}))
+    with pytest.raises(ValueError, match="name -> directory"):
+        settings.guide_table()
