@@ -26,13 +26,13 @@ one candidate fails the choice, aborting the others.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any
 
 import torch
@@ -195,7 +195,7 @@ class Search:
         began = time.perf_counter()
         extra = {"conversation": prompt.conversation} if scorer.reads_conversation else {}
         call = asyncio.get_running_loop().run_in_executor(
-            self._scoring, partial(scorer.score, prompt.text, prompt.ids, completions, reference, **extra))
+            self._scoring, functools.partial(scorer.score, prompt.text, prompt.ids, completions, reference, **extra))
         try:
             with stage(Stage.SCORING):
                 scores = await asyncio.wait_for(call, self.scorer_timeout_s)

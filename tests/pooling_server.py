@@ -3,9 +3,9 @@
     python -m tests.pooling_server --port PORT
 
 A text scores ``text_score(text)`` (its CRC-32 scaled to [0, 1): distinct texts score apart); a
-conversation (``messages``) that of its last message's content. ``POST /control {"mode": ...}`` sets how later scoring requests are answered:
-``ok``; ``error`` (HTTP 500); ``hang`` (never answers); ``exit`` (the process exits while the
-request is open, as a server going away). ``GET /calls`` lists the bodies of the scoring requests
+conversation (``messages``) that of its last message's content. ``POST /control {"mode": ...}``
+sets how later scoring requests are answered: ``ok``; ``error`` (HTTP 500); ``hang`` (never
+answers); ``exit`` (the process exits while the request is open, as a server going away). ``GET /calls`` lists the bodies of the scoring requests
 received so far.
 """
 
