@@ -58,7 +58,7 @@ class RemoteScorerConfig(BaseModel):
     url: str = Field(description="Base URL of the pooling server, e.g. http://reward:8000 (no path).")
     api: Literal["classify", "pooling"] = Field("classify", description="vLLM endpoint: /classify or /pooling.")
     model: str | None = Field(None, min_length=1, description="Served model name sent in each request.")
-    timeout_s: float = Field(10.0, gt=0, description="Timeout of one HTTP attempt (connect, send, read).")
+    timeout_s: float = Field(10.0, gt=0, description="Timeout of each phase of one HTTP attempt (connect, send, read).")
     retries: int = Field(2, ge=0, le=10, description="Repeats after a connection error or a 5xx.")
     backoff_s: float = Field(0.1, ge=0, le=10, description="Wait before the first repeat; doubled per repeat.")
     use_activation: bool = Field(False, description="Ask for vLLM's activation (sigmoid/softmax) of the output.")
