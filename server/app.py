@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from guidance.adapters.vllm import resolve_guide_dtype
 from guidance.catalog import GuideCatalog
 from guidance.kv_budget import guide_kv_capacity, guide_kv_plans
 from guidance.loading import check_tokenizers
+from guidance.search.remote import load_remote_scorers
 from guidance.search.scorers import ScorerCatalog
 from server.api.chat.router import router as chat_router
 from server.api.completions.router import router as completions_router
@@ -33,7 +35,7 @@ from server.engine import Engine
 from server.diagnostics import log_state
 from server.errors import EngineDead, install_error_handlers
 from server.lifecycle import Lifecycle
-from server.metrics import ENGINE_ALIVE, REQUEST_STAGES
+from server.metrics import ENGINE_ALIVE, REMOTE_SCORER_ATTEMPTS, REQUEST_STAGES
 from server.middleware import ApiKeyAuth, BodySizeLimit, RequestOutcomes
 from server.playground.router import PLAYGROUND_PATHS
 from server.playground.router import router as playground_router
@@ -86,8 +88,11 @@ def create_app(
         renderer = PromptRenderer.load(settings.model)
         catalog = GuideCatalog.from_paths(settings.guide_model_paths())
         check_tokenizers(settings.model, catalog)
-        scorers = ScorerCatalog.load(catalog)
-        cache = ResponseCache.from_settings(settings, catalog.paths_by_name())
+        remote = load_remote_scorers(settings.remote_scorer_entries(), os.environ)
+        scorers = ScorerCatalog.load(catalog, remote=remote)
+        REMOTE_SCORER_ATTEMPTS.scorers = remote
+        cache = ResponseCache.from_settings(settings, catalog.paths_by_name(),
+                                            {s.name: s.identity() for s in remote})
         engine = start_engine(settings, catalog)
         # The worker sizes the guide caches by the same budget and dtype (guidance.adapters.vllm).
         guide_dtype = resolve_guide_dtype(settings.guide_dtype, engine.model_dtype)
@@ -115,6 +120,8 @@ def create_app(
             for watcher in watchers:
                 watcher.cancel()
             await cache.close()
+            for scorer in remote:
+                scorer.close()
             engine.shutdown()
 
     app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan)

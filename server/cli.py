@@ -140,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from guidance.catalog import GuideCatalog
+    from guidance.search.remote import read_remote_entry
     from server.app import create_app
     from server.engine import EngineSettingsError, engine_args, engine_config
 
@@ -150,6 +151,12 @@ def _serve(args: argparse.Namespace) -> int:
         engine_config(engine_args(settings, GuideCatalog.from_paths(settings.guide_model_paths())))
     except EngineSettingsError as exc:
         print(f"alignserve serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        for name, entry in settings.remote_scorer_entries().items():
+            read_remote_entry(name, entry, os.environ)
+    except ValueError as exc:
+        print(f"alignserve serve: invalid guide_models: {exc}", file=sys.stderr)
         return 2
     if settings.preload_tcmalloc:
         restart_with_tcmalloc()  # returns only when tcmalloc is preloaded already, or not installed

@@ -15,15 +15,20 @@ Exception tree (raise these from serving code; `install_error_handlers` maps the
     ├── ResponseNotFound          404 invalid_request_error: no stored response has the id (/v1/responses)
     ├── PayloadTooLarge           413 invalid_request_error
     ├── TooManyRequests           429 rate_limit_error, with a Retry-After header
+    ├── BadGateway                502 bad_gateway, code "scorer_bad_response": a remote scorer refused the
+    │                             request (4xx) or answered without a score per candidate
     └── ServiceUnavailable        503 service_unavailable, code "draining" while shutting down, or:
         ├── EngineDead            code "engine_dead": vLLM's engine core died; the process exits for a restart
         ├── EngineTimeout         code "engine_timeout": a call to the engine's workers did not answer in time
         ├── ScorerTimeout         code "scorer_timeout": a search's scorer did not answer in time
+        ├── ScorerUnavailable     code "scorer_unavailable": a remote scorer could not be reached, or answered
+        │                         5xx, on every attempt
         ├── DeadlineExceeded      code "deadline_exceeded": the request's deadline passed (timeout_s)
         └── RequestStalled        code "request_stalled": no progress while the engine held none of its work
 
 A 503 means the request may be retried as it is: on another replica at once, or here once
-/ready answers 200 again (after engine_dead: once the restarted server is ready).
+/ready answers 200 again (after engine_dead: once the restarted server is ready). A 502 will fail
+again until the operator fixes the scorer's configuration or server.
 
 pydantic validation errors become 400 with `param` set to the exact field path
 (e.g. ``messages[0].content``, ``guidance[0].strength``), never 422.
@@ -109,6 +114,12 @@ class TooManyRequests(APIError):
         self.headers = {"Retry-After": str(retry_after_s)}
 
 
+class BadGateway(APIError):
+    status = 502
+    type = "bad_gateway"
+    code = "scorer_bad_response"
+
+
 class ServiceUnavailable(APIError):
     status = 503
     type = "service_unavailable"
@@ -127,6 +138,10 @@ class EngineTimeout(ServiceUnavailable):
 
 class ScorerTimeout(ServiceUnavailable):
     code = "scorer_timeout"
+
+
+class ScorerUnavailable(ServiceUnavailable):
+    code = "scorer_unavailable"
 
 
 class DeadlineExceeded(ServiceUnavailable):

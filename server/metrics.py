@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from guidance.batch import STEP_SECONDS_BUCKETS, StepTimings
+from guidance.search.remote import RemoteScorer
 from guidance.verifiers import error_counts
 
 REQUESTS = Counter(
@@ -46,8 +47,13 @@ SEARCH_SCORES = Histogram(
     buckets=(-5.0, -2.0, -1.0, -0.5, 0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 2.0, 5.0),
 )
 SCORER_SECONDS = Histogram(
-    "alignserve_scorer_seconds", "Time of one scoring call (all candidates of one pick or block).", ["scorer"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+    "alignserve_scorer_seconds", "Time of one successful scoring call (all candidates of one pick or block).",
+    ["scorer"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+SCORER_CALLS = Counter(
+    "alignserve_scorer_calls_total",
+    "Scoring calls of searches by scorer and outcome (ok, timeout, unavailable, bad_response).",
+    ["scorer", "outcome"],
 )
 PRUNED_CANDIDATES = Counter(
     "alignserve_search_pruned_candidates_total", "Best-of-N candidates aborted early at pruning checkpoints.")
@@ -136,6 +142,27 @@ class VerifierErrorsCollector(Collector):
 REGISTRY.register(VerifierErrorsCollector())
 
 
+class RemoteScorerAttemptsCollector(Collector):
+    """`alignserve_remote_scorer_attempts_total`: HTTP attempts of the scorers served by URL, by scorer and
+    outcome (ok, retried, timeout, unreachable, bad_response), read from each scorer at scrape time."""
+
+    def __init__(self) -> None:
+        self.scorers: list[RemoteScorer] = []
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily("alignserve_remote_scorer_attempts",
+                                     "HTTP attempts of remote scorers by outcome (retried: followed by a repeat).",
+                                     labels=["scorer", "outcome"])
+        for scorer in self.scorers:
+            for outcome, count in scorer.attempts().items():
+                family.add_metric([scorer.name, outcome], count)
+        yield family
+
+
+REMOTE_SCORER_ATTEMPTS = RemoteScorerAttemptsCollector()
+REGISTRY.register(REMOTE_SCORER_ATTEMPTS)
+
+
 def observe_guidance(modules: list[str], kl: float, steps: int) -> None:
     for module in modules:
         GUIDED_CHOICES.labels(module).inc()
@@ -148,3 +175,4 @@ def observe_search(search: str, scorer: str, scores: list[float], seconds: float
     for score in scores:
         SEARCH_SCORES.labels(search, scorer).observe(score)
     SCORER_SECONDS.labels(scorer).observe(seconds)
+    SCORER_CALLS.labels(scorer, "ok").inc()

@@ -30,6 +30,7 @@ one candidate fails the choice, aborting the others.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import time
@@ -43,12 +44,13 @@ import torch
 from guidance.batch import GuidanceReport
 from guidance.kl_budget import spend
 from guidance.search.report import Checkpoint, SearchReport
-from guidance.search.scorers import Completion, Scorer, ScorerCatalog
+from guidance.search.remote import RemoteScorerError, ScorerBadResponse, ScorerTimedOut, ScorerUnreachable
+from guidance.search.scorers import Completion, Conversation, Scorer, ScorerCatalog
 from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
 from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams
 from server.engine import ChoiceDelta, ChoiceOutput, Engine, SamplingOptions
-from server.errors import ScorerTimeout
-from server.metrics import PRUNED_CANDIDATES, observe_search
+from server.errors import APIError, BadGateway, ScorerTimeout, ScorerUnavailable
+from server.metrics import PRUNED_CANDIDATES, SCORER_CALLS, observe_search
 from server.streams import merge
 from server.tracking import Stage, stage
 
@@ -82,30 +84,32 @@ class Search:
         self._scoring = ThreadPoolExecutor(max_workers=max(4, os.cpu_count() or 1), thread_name_prefix="scorer")
 
     def generate(self, request_id: str, prompt_ids: list[int], prompt_text: str, options: SamplingOptions,
-                 search: SearchParams) -> AsyncIterator[ChoiceDelta]:
-        """Deltas of the `options.n` searched choices of one prompt."""
+                 search: SearchParams, conversation: Conversation | None = None) -> AsyncIterator[ChoiceDelta]:
+        """Deltas of the `options.n` searched choices of one prompt (`conversation`: a chat request's
+        messages, for scorers that read them)."""
+        prompt = _Prompt(prompt_ids, prompt_text, conversation)
         if isinstance(search, BestOfN):
-            return self._best_of_n(request_id, prompt_ids, prompt_text, options, search)
-        return merge([self._blockwise_choice(f"{request_id}-{j}", j, prompt_ids, prompt_text, options, search)
+            return self._best_of_n(request_id, prompt, options, search)
+        return merge([self._blockwise_choice(f"{request_id}-{j}", j, prompt, options, search)
                       for j in range(options.n)])
 
-    async def _best_of_n(self, request_id: str, prompt_ids: list[int], prompt_text: str, options: SamplingOptions,
+    async def _best_of_n(self, request_id: str, prompt: _Prompt, options: SamplingOptions,
                          search: BestOfN) -> AsyncIterator[ChoiceDelta]:
-        size = search.n
+        size, prompt_ids = search.n, prompt.ids
         picks = [_Candidates([ChoiceOutput() for _ in range(size)]) for _ in range(options.n)]
         async for delta in self.engine.generate(request_id, prompt_ids, replace(options, n=options.n * size)):
             pick, index = divmod(delta.index, size)
             group = picks[pick]
             group.outputs[index].add(delta)
             if search.prune is not None and group.next_checkpoint:
-                await self._prune(request_id, pick, group, search, prompt_text, prompt_ids)
+                await self._prune(request_id, pick, group, search, prompt)
             if delta.finish_reason is None:
                 continue
             group.finished += 1
             if group.finished < size:
                 continue
             unpruned = [c for c in range(size) if c not in group.pruned]
-            scores, kept = await self._keep(search, prompt_text, prompt_ids,
+            scores, kept = await self._keep(search, prompt,
                                             [Completion(group.outputs[c].text, tuple(group.outputs[c].token_ids))
                                              for c in unpruned], selection_generator(options.seed, pick))
             by_candidate: list[float | None] = [None] * size
@@ -117,8 +121,8 @@ class Search:
                                            selected=unpruned[kept], generated_tokens=group.generated_tokens(),
                                            checkpoints=None if search.prune is None else tuple(group.checkpoints)))
 
-    async def _prune(self, request_id: str, pick: int, group: _Candidates, search: BestOfN, prompt_text: str,
-                     prompt_ids: list[int]) -> None:
+    async def _prune(self, request_id: str, pick: int, group: _Candidates, search: BestOfN, prompt: _Prompt
+                     ) -> None:
         """Run every checkpoint of `group` that its live candidates have reached (module docstring)."""
         prune: Prune = search.prune
         while group.next_checkpoint:
@@ -131,7 +135,7 @@ class Search:
                 return
             group.next_checkpoint += 1
             partial = [group.outputs[c].token_ids[:length] for c in live]
-            scores = await self._score(prune.scorer, "prune", prompt_text, prompt_ids,
+            scores = await self._score(prune.scorer, "prune", prompt,
                                        [Completion(self.decode(ids), tuple(ids)) for ids in partial], search.reference)
             pruned = tuple(sorted(lowest_scored(live, scores, count)))
             group.pruned.update(pruned)
@@ -140,8 +144,9 @@ class Search:
             PRUNED_CANDIDATES.inc(len(pruned))
             await asyncio.gather(*(self.engine.abort(request_id, pick * search.n + c) for c in pruned))
 
-    async def _blockwise_choice(self, request_id: str, pick: int, prompt_ids: list[int], prompt_text: str,
-                                options: SamplingOptions, search: Blockwise) -> AsyncIterator[ChoiceDelta]:
+    async def _blockwise_choice(self, request_id: str, pick: int, prompt: _Prompt, options: SamplingOptions,
+                                search: Blockwise) -> AsyncIterator[ChoiceDelta]:
+        prompt_ids = prompt.ids
         size, rounds = search.candidates, math.ceil(options.max_tokens / search.block_tokens)
         kept_ids: list[int] = []
         kept_text = ""
@@ -159,7 +164,7 @@ class Search:
                 block[delta.index].add(delta)
             generated += sum(len(c.token_ids) for c in block)
             scores, kept = await self._keep(
-                search, prompt_text, prompt_ids,
+                search, prompt,
                 [Completion(kept_text + c.text, (*kept_ids, *c.token_ids)) for c in block],
                 selection_generator(options.seed, pick, round_))
             chosen = block[kept]
@@ -182,29 +187,56 @@ class Search:
             if done:
                 return
 
-    async def _keep(self, search: SearchParams, prompt_text: str, prompt_ids: list[int],
-                    completions: list[Completion], generator: torch.Generator) -> tuple[list[float], int]:
+    async def _keep(self, search: SearchParams, prompt: _Prompt, completions: list[Completion],
+                    generator: torch.Generator) -> tuple[list[float], int]:
         """Score candidates and pick one: (scores, index kept)."""
-        scores = await self._score(search.scorer, search.type, prompt_text, prompt_ids, completions,
-                                   search.reference)
+        scores = await self._score(search.scorer, search.type, prompt, completions, search.reference)
         return scores, select(torch.tensor(scores), search.temperature, generator)
 
-    async def _score(self, name: str, search_type: str, prompt_text: str, prompt_ids: list[int],
-                     completions: list[Completion], reference: Any) -> list[float]:
+    async def _score(self, name: str, search_type: str, prompt: _Prompt, completions: list[Completion],
+                     reference: Any) -> list[float]:
         """Scores by scorer `name` (a verifier compares with `reference`), off the event loop (a model
-        scorer runs a forward), observed under `search_type` ("prune" for pruning checkpoints)."""
+        scorer runs a forward, a remote one waits on HTTP), observed under `search_type` ("prune" for
+        pruning checkpoints). A scorer that fails fails the request with a 502/503 naming it."""
         scorer: Scorer = self.scorers[name]
         began = time.perf_counter()
-        call = asyncio.get_running_loop().run_in_executor(self._scoring, scorer.score, prompt_text, prompt_ids,
-                                                          completions, reference)
+        extra = {"conversation": prompt.conversation} if scorer.reads_conversation else {}
+        call = asyncio.get_running_loop().run_in_executor(
+            self._scoring, functools.partial(scorer.score, prompt.text, prompt.ids, completions, reference, **extra))
         try:
             with stage(Stage.SCORING):
                 scores = await asyncio.wait_for(call, self.scorer_timeout_s)
-        except TimeoutError as exc:
-            raise ScorerTimeout(f"The scorer {name!r} did not answer within {self.scorer_timeout_s:g} s "
-                                "(--scorer-timeout-s); retry the request.") from exc
+        except (TimeoutError, RemoteScorerError) as exc:
+            error = _scorer_error(name, exc, self.scorer_timeout_s)
+            SCORER_CALLS.labels(scorer.name, _OUTCOMES[type(error)]).inc()
+            raise error from exc
         observe_search(search_type, scorer.name, scores, time.perf_counter() - began)
         return scores
+
+
+_OUTCOMES: dict[type[APIError], str] = {ScorerTimeout: "timeout", ScorerUnavailable: "unavailable",
+                                        BadGateway: "bad_response"}
+
+
+def _scorer_error(name: str, exc: Exception, timeout_s: float) -> APIError:
+    """The API error of a scoring call that failed: ours timed out, or a remote scorer's failed."""
+    if isinstance(exc, ScorerTimedOut):
+        return ScorerTimeout(f"{exc}; retry the request.")
+    if isinstance(exc, ScorerUnreachable):
+        return ScorerUnavailable(f"{exc}; retry the request.")
+    if isinstance(exc, ScorerBadResponse):
+        return BadGateway(str(exc))
+    return ScorerTimeout(f"The scorer {name!r} did not answer within {timeout_s:g} s (--scorer-timeout-s); "
+                         "retry the request.")
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """What scorers read of a prompt: its token ids, its rendered text, and a chat request's messages."""
+
+    ids: list[int]
+    text: str
+    conversation: Conversation | None
 
 
 def _kept_delta(pick: int, chosen: ChoiceOutput, options: SamplingOptions, finish_reason: str | None,

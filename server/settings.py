@@ -58,7 +58,8 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     )
     guide_models: Path | None = Field(
         default=None,
-        description="JSON file mapping guide-model names to directories (relative to the file); "
+        description="JSON file mapping guide-model names to directories (relative to the file), or to "
+        "{\"url\": ...} for a reward model served by URL (docs/guidance.md, Remote scorers); "
         "default: the demo guide models when serving the demo model, else none.",
     )
     guide_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -168,17 +169,35 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
                                  f"({', '.join(known)})")
         return self
 
-    def guide_model_paths(self) -> dict[str, Path]:
-        """The operator's guide-model table, {name: directory}."""
-        table_file = self.guide_models
-        if table_file is None and self.model.resolve() == demo_base_dir().resolve() and demo_guides_file().is_file():
-            table_file = demo_guides_file()
+    def guide_table_file(self) -> Path | None:
+        """--guide-models, or the demo guide models' table when serving the demo model."""
+        if self.guide_models is None and self.model.resolve() == demo_base_dir().resolve() \
+                and demo_guides_file().is_file():
+            return demo_guides_file()
+        return self.guide_models
+
+    def guide_table(self) -> dict[str, str | dict]:
+        """The operator's guide-model table as written: {name: directory} or {name: {"url": ...}}."""
+        table_file = self.guide_table_file()
         if table_file is None:
             return {}
         table = json.loads(table_file.read_text())
-        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-            raise ValueError(f"guide_models: {table_file} must hold a JSON object of name -> directory")
-        return {name: (table_file.parent / path).resolve() for name, path in table.items()}
+        if not isinstance(table, dict) or not all(isinstance(v, (str, dict)) for v in table.values()):
+            raise ValueError(f"guide_models: {table_file} must hold a JSON object of name -> directory "
+                             "(or name -> {\"url\": ...} for a scorer served by URL)")
+        return table
+
+    def guide_model_paths(self) -> dict[str, Path]:
+        """The guide models of the operator's table, {name: directory}."""
+        table_file = self.guide_table_file()
+        if table_file is None:
+            return {}
+        return {name: (table_file.parent / entry).resolve() for name, entry in self.guide_table().items()
+                if isinstance(entry, str)}
+
+    def remote_scorer_entries(self) -> dict[str, dict]:
+        """The scorers served by URL in the operator's table, {name: entry} (guidance.search.remote)."""
+        return {name: entry for name, entry in self.guide_table().items() if isinstance(entry, dict)}
 
     @property
     def api_key_list(self) -> list[str]:

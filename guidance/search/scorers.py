@@ -8,10 +8,12 @@ A scorer maps (prompt, completions) to one score per completion, all in one call
   (``models.runtime.sequence.SequenceScorer``): a V-type scalar head (``reward``,
   ``expected``, ``bernoulli``, ``histogram``) reads the last token — a sequence reward
   model, or a prefix scorer on prompt + block in blockwise search; an ARM or GenARM
-  head (``arm``, ``lm``) sums the completion's token rewards.
+  head (``arm``, ``lm``) sums the completion's token rewards;
+- a reward model served on its own engine, reached by URL (``guidance.search.remote``), scores
+  the text, or for a chat request the conversation rendered with its own chat template.
 
 Requests name scorers; the operator configures them (verifiers are built in or installed
-plug-ins, except those not served, such as ``python-tests``; models come from the guide-model
+plug-ins, except those not served, such as ``python-tests``; models and URLs come from the guide-model
 table). Scoring runs in the caller's thread: the server calls it off its event loop.
 """
 
@@ -38,10 +40,29 @@ class Completion:
     token_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Conversation:
+    """A chat request's messages (OpenAI's shape), for scorers that render them with their own template."""
+
+    messages: tuple[dict[str, Any], ...]
+    continues_last: bool = False  # the completion continues the last (assistant) message
+
+    def with_reply(self, text: str) -> list[dict[str, Any]]:
+        """The conversation with the candidate `text` as the assistant's reply."""
+        if self.continues_last:
+            *head, last = self.messages
+            content = last.get("content") or ""
+            begun = content if isinstance(content, str) else "".join(part["text"] for part in content)
+            return [*head, {**last, "content": begun + text}]
+        return [*self.messages, {"role": "assistant", "content": text}]
+
+
 class Scorer(ABC):
     name: str
     kind: str
     max_length: int | None = None  # longest prompt + completion it can score (None: any)
+    # Whether `score` takes a chat request's `conversation=` (keyword) besides the rendered prompt text.
+    reads_conversation: bool = False
 
     @abstractmethod
     def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion],
@@ -100,9 +121,9 @@ class ScorerCatalog:
 
     @classmethod
     def load(cls, catalog: GuideCatalog, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu") -> "ScorerCatalog":
-        """The served verifiers plus every sequence-scoring guide model of `catalog`, loaded; a guide
-        model may not take a verifier's name."""
+             device: torch.device | str = "cpu", remote: Sequence[Scorer] = ()) -> "ScorerCatalog":
+        """The served verifiers, every sequence-scoring guide model of `catalog` (loaded) and the
+        `remote` scorers; neither a guide model nor a remote scorer may take a verifier's name."""
         verifiers = [get_verifier(name) for name in verifier_names()]
         scorers: list[Scorer] = [VerifierScorer(v.name, v) for v in verifiers if v.served]
         for name in catalog.names():
@@ -112,6 +133,10 @@ class ScorerCatalog:
             if name in verifier_names():
                 raise ValueError(f"guide model {name!r} has the name of a verifier; rename it")
             scorers.append(ModelScorer(info, SequenceScorer.load(info.path, dtype=dtype, device=device)))
+        for scorer in remote:
+            if scorer.name in verifier_names():
+                raise ValueError(f"remote scorer {scorer.name!r} has the name of a verifier; rename it")
+            scorers.append(scorer)
         return cls(scorers)
 
     def __contains__(self, name: object) -> bool:

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from guidance.kv_budget import request_blocks
+from guidance.search.scorers import Conversation
 from guidance.search.spec import SearchParams
 from guidance.spec import ResolvedGuidance
 from server.api.choices import ChoiceCollector, usage, with_token_ids
@@ -38,6 +39,7 @@ class PreparedPrompt:
     token_ids: list[int]
     text: str
     options: SamplingOptions
+    conversation: Conversation | None = None  # a chat request's messages, for scorers that read them
 
 
 @dataclass
@@ -136,7 +138,8 @@ class GenerationServing(ABC):
         if search is None:
             return services.engine.generate(request_id, prompt.token_ids, prompt.options)
         prompt_text = services.renderer.decode(prompt.token_ids)
-        return services.search.generate(request_id, prompt.token_ids, prompt_text, prompt.options, search)
+        return services.search.generate(request_id, prompt.token_ids, prompt_text, prompt.options, search,
+                                        prompt.conversation)
 
     def response(self, body: SamplingRequest, prepared: Prepared, collector: ChoiceCollector,
                  request_id: str, created: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 from guidance.search.spec import SearchParams
@@ -25,13 +26,16 @@ class ResponseCache:
         self._guide_revisions = guide_revisions
 
     @classmethod
-    def from_settings(cls, settings, guide_paths: dict[str, Path]) -> "ResponseCache":
+    def from_settings(cls, settings, guide_paths: dict[str, Path],
+                      remote_scorers: Mapping[str, str] | None = None) -> "ResponseCache":
+        """`remote_scorers`: {name: identity} of the scorers served by URL (their endpoint and model)."""
         backend: CacheBackend | None = None
         if settings.cache == "on":
             backend = (RedisBackend(settings.redis_url, settings.redis_timeout_s, settings.redis_cooldown_s)
                        if settings.redis_url else MemoryBackend(settings.cache_max_entries))
         return cls(backend, settings.cache_namespace, settings.cache_ttl_s, settings.model_name,
-                   model_revision(settings.model), {name: model_revision(p) for name, p in guide_paths.items()})
+                   model_revision(settings.model),
+                   {**{name: model_revision(p) for name, p in guide_paths.items()}, **(remote_scorers or {})})
 
     def key_for(self, endpoint: str, body, guidance: list[ResolvedGuidance],
                 search: SearchParams | None = None) -> str | None:
@@ -53,7 +57,8 @@ class ResponseCache:
             "guidance": [g.describe() for g in guidance],
         }
         if search is not None:
-            # A model scorer is identified by its weights; a verifier (code) by its name.
+            # A model scorer is identified by its weights, a remote one by its endpoint and model; a verifier
+            # (code) by its name.
             identity["scorer"] = {"name": search.scorer, "revision": self._guide_revisions.get(search.scorer)}
             if (prune := getattr(search, "prune", None)) is not None:
                 identity["prune_scorer"] = {"name": prune.scorer, "revision": self._guide_revisions[prune.scorer]}

@@ -170,3 +170,13 @@ def test_rejected_engine_settings_exit_2_before_any_engine_starts():
     assert result.returncode == 2
     assert "vLLM rejects the engine settings (tensor_parallel_size=3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_invalid_remote_scorer_entry_exits_2_naming_the_field(tmp_path):
+    table = tmp_path / "guides.json"
+    table.write_text('{"rm": {"url": "http://rm:8000", "retries": 99}}')
+    result = subprocess.run([str(ALIGNSERVE), "serve", "--guide-models", str(table), "--port", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "invalid guide_models: rm.retries: Input should be less than or equal to 10" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ OVERLAY = DEPLOY / "model-volume"
 TENSOR_PARALLEL = DEPLOY / "tensor-parallel"
 MULTI_NODE = DEPLOY / "multi-node"
 SESSION_AFFINITY = DEPLOY / "session-affinity"
-OVERLAYS = (OVERLAY, TENSOR_PARALLEL, MULTI_NODE, SESSION_AFFINITY)
+REMOTE_SCORER = DEPLOY / "remote-scorer"
+OVERLAYS = (OVERLAY, TENSOR_PARALLEL, MULTI_NODE, SESSION_AFFINITY, REMOTE_SCORER)
 ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
 
@@ -417,6 +420,81 @@ def test_session_affinity_hashes_the_api_key_onto_the_service():
     assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
 
+# ---------------------------------------------------------------- remote scorer overlay
+
+
+def reward_objects(kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in load(REMOTE_SCORER / "reward-model.yaml") if doc["kind"] == kind]
+
+
+def test_remote_scorer_runs_vllms_pooling_runner_non_root_and_bounded():
+    (deployment,) = reward_objects("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["vllm", "serve"]
+    args = container["args"]
+    assert args[args.index("--runner") + 1] == "pooling"
+    assert container["image"] in {i["name"] for i in kustomization(REMOTE_SCORER)["images"]}
+    assert selects(deployment["spec"]["selector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    for bound in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][bound])
+    port = int(args[args.index("--port") + 1])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+        assert container_port(container, container[probe]["httpGet"]["port"]) == port
+
+
+def test_remote_scorer_table_entry_reaches_the_reward_service():
+    from guidance.search.remote import read_remote_entry
+
+    (deployment,) = reward_objects("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    (service,) = reward_objects("Service")
+    assert selects(service["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    (service_port,) = service["spec"]["ports"]
+    assert container_port(container, service_port["targetPort"]) == int(args[args.index("--port") + 1])
+    table = json.loads(load(REMOTE_SCORER / "guides-configmap-patch.yaml")[0]["data"]["guides.json"])
+    remote = {name: entry for name, entry in table.items() if isinstance(entry, dict)}
+    assert list(remote) == ["reward"]
+    config, api_key = read_remote_entry("reward", remote["reward"], {})
+    assert config.host == f"{service['metadata']['name']}:{service_port['port']}" and api_key is None
+    assert config.model == args[args.index("--served-model-name") + 1]
+    # The demo guide models stay as the base serves them.
+    assert {name: path for name, path in table.items() if isinstance(path, str)} == demo_table_in_configmap()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_remote_scorer_overlay_builds_with_the_table_and_image_it_patches():
+    built = subprocess.run(["kubectl", "kustomize", str(REMOTE_SCORER)], capture_output=True, text=True, timeout=60,
+                           check=True)
+    objects = {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(built.stdout) if doc}
+    table = json.loads(objects[("ConfigMap", "alignserve-guides")]["data"]["guides.json"])
+    assert table["reward"]["url"] == "http://alignserve-reward:8000"
+    (container,) = objects[("Deployment", "alignserve-reward")]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "vllm/vllm-openai:v0.32.0"
+    assert ("Deployment", SERVER) in objects and ("Service", "alignserve-reward") in objects
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from kubernetes_validate.utils import latest_version
+
+    for obj in objects.values():
+        if obj["apiVersion"] != "monitoring.coreos.com/v1":  # a CRD
+            kubernetes_validate.validate(obj, latest_version(), strict=True)
+
+
+def test_remote_scorer_is_reachable_from_the_server_only():
+    (policy,) = reward_objects("NetworkPolicy")
+    (deployment,) = reward_objects("Deployment")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], deployment["spec"]["template"]["metadata"]["labels"])
+    (rule,) = policy["spec"]["ingress"]
+    server_labels = find("Deployment", SERVER)["spec"]["template"]["metadata"]["labels"]
+    assert selects(rule["from"][0]["podSelector"]["matchLabels"], server_labels)
+
+
 # ---------------------------------------------------------------- API schemas (optional tool)
 
 
@@ -429,7 +507,8 @@ def test_manifests_match_the_kubernetes_api_schemas():
     group = leader_worker_set()["spec"]["leaderWorkerTemplate"]
     pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"alignserve-{t}", **group[t]["metadata"]},
              "spec": group[t]["spec"]} for t in ("leaderTemplate", "workerTemplate")]
-    objects = base_objects() + load(OVERLAY / "models-pvc.yaml") + load(SESSION_AFFINITY / "ingress.yaml") + pods
+    objects = base_objects() + load(OVERLAY / "models-pvc.yaml") + load(SESSION_AFFINITY / "ingress.yaml") + pods \
+        + load(REMOTE_SCORER / "reward-model.yaml") + load(REMOTE_SCORER / "guides-configmap-patch.yaml")
     validated = set()
     for obj in objects:
         for version in versions:
@@ -440,4 +519,4 @@ def test_manifests_match_the_kubernetes_api_schemas():
             else:
                 validated.add(obj["kind"])
     assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap", "Ingress",
-            "Pod"} <= validated
+            "Pod", "NetworkPolicy", "PersistentVolumeClaim"} <= validated

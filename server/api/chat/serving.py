@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
 
+from guidance.search.scorers import Conversation
 from server.api.chat.protocol import ChatCompletionRequest
 from server.api.choices import ChoiceCollector, guidance_report, token_name
 from server.api.common import check_n, completion_budget, truncate_prompt
@@ -46,7 +47,10 @@ class ChatServing(GenerationServing):
         services.check_search_fits(search, len(prompt_ids), max_tokens, limit_param)
         options = body.sampling_options(max_tokens, body.num_logprobs, guidance,
                                         tools.request if tools is not None else vllm_request)
-        return ChatPrepared([PreparedPrompt(prompt_ids, "", options)], guidance, search, tools=tools)
+        conversation = None if search is None else Conversation(
+            tuple(m.model_dump(mode="json", exclude_none=True) for m in body.messages),
+            continues_last=body.continue_final_message)
+        return ChatPrepared([PreparedPrompt(prompt_ids, "", options, conversation)], guidance, search, tools=tools)
 
     def render(self, body: ChatCompletionRequest, vllm_request: VllmChatRequest) -> list[int]:
         """The prompt's token ids: the chat template applied to the messages, with the tools (as vLLM
