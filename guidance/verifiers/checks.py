@@ -12,6 +12,7 @@ import logging
 import re
 from typing import Any
 
+import sympy
 from jsonschema.validators import validator_for
 from math_verify import parse, verify
 
@@ -22,12 +23,31 @@ logging.getLogger("math_verify").setLevel(logging.ERROR)
 def math_equal(reference: str, completion: str) -> bool:
     """Whether the completion's final answer equals the reference mathematically (math-verify:
     LaTeX, ``\\boxed{}``, fractions, thousands separators, symbolic equality). The reference is
-    read as it is, else as inline LaTeX ``$reference$``; ValueError when neither gives an answer."""
-    gold = parse(reference, parsing_timeout=None) or parse(f"${reference}$", parsing_timeout=None)
+    read as inline LaTeX ``$reference$``, else as it is; ValueError when neither gives an answer. When the
+    reference is a number, the answer must be written as one (``is_number``)."""
+    # As inline LaTeX first: read as plain text, "2+\\sqrt{3}" gives only its first number.
+    gold = parse(f"${reference}$", parsing_timeout=None) or parse(reference, parsing_timeout=None)
     if not gold:
         raise ValueError(f"math-verify reads no answer in the reference {reference!r}")
     answer = parse(completion, parsing_timeout=None)
-    return bool(answer) and verify(gold, answer, timeout_seconds=None)
+    if not answer or (is_number(gold[0]) and not is_number(answer[0])):
+        return False  # a number's answer is a number: "18 + 17" restates "What is 18+17?", it does not answer it
+    return verify(gold, answer, timeout_seconds=None)
+
+
+def is_number(expression: Any) -> bool:
+    """Whether a parsed answer is written as a number: an integer, a decimal, a fraction p/q or a percentage,
+    optionally negative; not an unevaluated sum, product or power of numbers."""
+    if isinstance(expression, sympy.Number):
+        return True
+    if not isinstance(expression, sympy.Mul):
+        return False
+    factors = [f for f in expression.args if f != -1]
+    numbers = [f for f in factors if isinstance(f, sympy.Number)]
+    divisors = [f for f in factors if isinstance(f, sympy.Pow) and isinstance(f.base, sympy.Number) and f.exp == -1]
+    percent = [f for f in factors if isinstance(f, sympy.UnevaluatedExpr) and f.args[0] == sympy.Rational(1, 100)]
+    return len(numbers) == 1 and len(numbers) + len(divisors) + len(percent) == len(factors) \
+        and len(divisors) + len(percent) <= 1
 
 
 def regex_search(pattern: str, completion: str) -> bool:

@@ -228,6 +228,13 @@ def test_json_schema_reads_json_or_a_fenced_block() -> None:
     ("We get $(x+1)^2$", "x^2+2x+1", 1.0),
     ("The answer is 41", "42", 0.0),
     ("forty-two", "42", 0.0),
+    ("The answer is $2+\\sqrt{3}$", "2+\\sqrt{3}", 1.0),  # a LaTeX reference is read whole, not as "2"
+    ("It is 2", "2+\\sqrt{3}", 0.0),
+    ("-3/4", "-0.75", 1.0),  # a fraction, a negative number and a percentage are numbers
+    ("12.5%", "0.125", 1.0),
+    ("18 + 17 is a classic problem", "35", 0.0),  # an expression restating the question is not a number's answer
+    ("$5 \\times 7$", "35", 0.0),
+    ("$2^3$", "8", 0.0),
 ])
 def test_math_compares_final_answers(completion: str, reference: object, reward: float) -> None:
     assert get_verifier("math")("p", completion, reference) == reward
@@ -239,13 +246,14 @@ def test_math_bad_references_and_runaway_answers_score_0(monkeypatch) -> None:
     assert verify("p", "42", True) == 0.0 and verify("p", "42", ["42"]) == 0.0
     monkeypatch.setattr(answers, "MATH_TIMEOUT_S", 2.0)
     began = time.monotonic()
-    assert verify("p", "\\boxed{9^{9^{9^{9}}}}", "5") == 0.0  # sympy would compute for ever, holding the GIL
+    # A power reference, so the answer is compared by value: sympy would compute for ever, holding the GIL.
+    assert verify("p", "\\boxed{9^{9^{9^{9}}}}", "2^{10}") == 0.0
     assert time.monotonic() - began < 15 and verify.errors == before + 3
     assert verify("p", "5", "5") == 1.0
 
 
 COMPLETIONS_FOR_31 = ["31", "31.", "The answer is 31", "12 + 19 = 31", "\\boxed{31}", "$31$", "30", "The answer is 13",
-                      "12 + 19 = 30", "thirty-one", "", "31!"]
+                      "12 + 19 = 30", "thirty-one", "", "31!", "12 + 19 is a classic sum", "The number is 12+19."]
 
 
 @pytest.mark.parametrize("completion", COMPLETIONS_FOR_31)
