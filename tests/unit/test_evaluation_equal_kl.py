@@ -113,6 +113,12 @@ def test_frontiers_start_at_the_base_and_follow_kl(tmp_path):
                          ("best-of-4(s)", math.log(4) - 0.75, 0.65)]}
     plot_frontier(table, ROWS, tmp_path / "f.png", "title")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    without_best_of_1 = [r for r in ROWS if r.config != "best-of-1(s)"]
+    table = equal_kl_table(without_best_of_1)
+    assert [c.config for c in frontiers(table, without_best_of_1)["best-of-n(s)"]] == [
+        "base", "best-of-2(s)", "best-of-4(s)"]
+    plot_frontier(table, without_best_of_1, tmp_path / "g.png", "title")
+    assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_results_md_and_json_carry_the_equal_kl_table(tmp_path):

@@ -83,20 +83,26 @@ def _curves(rows: Sequence[ResultRow]) -> dict[str, list[ResultRow]]:
 
 def plot_frontier(table: EqualKLTable, rows: Sequence[ResultRow], path: Path, title: str) -> None:
     """reward_kl_frontier.png: ``frontiers(table, rows)``, pass@1 ± standard error against mean KL, the
-    budgets as dotted vertical lines."""
+    budgets as dotted vertical lines; best-of-N dashed, its points labelled with N."""
     figure, axes = plt.subplots(figsize=(7.5, 5))
     for budget in table.budgets:
         axes.axvline(budget, color="grey", linestyle=":", linewidth=0.8)
+        axes.text(budget, 1.0, f"{budget:g}", transform=axes.get_xaxis_transform(), fontsize=7, color="grey",
+                  ha="center", va="bottom")
     kinds = {m.method: m.kind for m in table.methods}
     for method, points in frontiers(table, rows).items():
-        axes.errorbar([c.mean_kl for c in points], [c.pass_at_1 for c in points],
-                      yerr=[c.pass_at_1_stderr or 0.0 for c in points], marker="o", capsize=3,
-                      linestyle="-" if kinds[method] == "budget" else "--", label=method)
+        bars = axes.errorbar([c.mean_kl for c in points], [c.pass_at_1 for c in points],
+                             yerr=[c.pass_at_1_stderr or 0.0 for c in points], marker="o", capsize=3,
+                             linestyle="-" if kinds[method] == "budget" else "--", label=method)
+        if kinds[method] == "best-of-n":
+            for c in points[1:] if points[0].config == BASE_NAME else points:
+                axes.annotate(f"N={c.strength:g}", (c.mean_kl, c.pass_at_1), textcoords="offset points",
+                              xytext=(4, -10), fontsize=7, color=bars.lines[0].get_color())
     if table.base is not None:
         axes.scatter([0.0], [table.base.pass_at_1], marker="*", s=180, color="black", zorder=3, label="base")
     axes.set_xlabel("mean KL to the base (nats per response)")
     axes.set_ylabel("pass@1 (± standard error)")
-    axes.set_title(title, fontsize=10)
+    axes.set_title(title, fontsize=10, pad=14)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
