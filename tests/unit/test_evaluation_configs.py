@@ -165,7 +165,7 @@ def test_budget_variants_of_a_file_configuration_keep_its_strengths_as_caps():
                                                         {"type": "cd", "model": "p", "strength": 1.0}))
     variants = budget_variants(composed, (0.25, 1.0))
     assert [(c.name, c.method, c.strength, c.kl_budget) for c in variants] == [
-        ("mix max_kl=0.25", "q+cd max_kl", 4.0, 0.25), ("mix max_kl=1", "q+cd max_kl", 4.0, 1.0)]
+        ("mix max_kl=0.25", "mix max_kl", 4.0, 0.25), ("mix max_kl=1", "mix max_kl", 4.0, 1.0)]
     assert variants[0].extension == {"guidance": [{"type": "qsharp", "model": "v", "strength": 4.0, "max_kl": 0.25},
                                                   {"type": "cd", "model": "p", "strength": 1.0, "max_kl": 0.25}]}
     searched = EvalConfig("q+bo", "q+bo", 4.0, guidance=composed.guidance[:1],

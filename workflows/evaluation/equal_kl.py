@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from workflows.evaluation.configs import BASE_NAME
 from workflows.evaluation.metrics import BON_BOUND, KL_BUDGET_RTOL, REPORTED, SOFT_BON_BOUND, ResultRow
@@ -44,7 +44,7 @@ class Cell:
 @dataclass(frozen=True)
 class MethodRow:
     method: str
-    kind: str  # "budget" or "best-of-n"
+    kind: Literal["budget", "best-of-n"]
     cells: tuple[Cell | None, ...]  # one per budget; None: no configuration fits
 
 

@@ -119,12 +119,12 @@ def parse_guide_model(text: str) -> GuideModel:
 
 def budget_variants(config: EvalConfig, budgets: tuple[float, ...]) -> list[EvalConfig]:
     """``config`` once per budget B, each of its guidance entries given ``max_kl`` B (their strengths
-    stay: caps, and the shares of a composition); [] for a configuration with a search, without
-    guidance, or with a budget already."""
+    stay: caps, and the shares of a composition), on a curve of their own, ``NAME max_kl``; [] for a
+    configuration with a search, without guidance, or with a budget already."""
     if config.search is not None or not config.guidance or any(
             entry.get(name) is not None for entry in config.guidance for name in ("max_kl", "kl_per_token")):
         return []
-    return [EvalConfig(name=f"{config.name} max_kl={budget:g}", method=f"{config.method} max_kl",
+    return [EvalConfig(name=f"{config.name} max_kl={budget:g}", method=f"{config.name} max_kl",
                        strength=config.strength, guidance=tuple({**entry, "max_kl": budget} for entry in config.guidance))
             for budget in budgets]
 
