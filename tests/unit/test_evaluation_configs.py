@@ -144,7 +144,8 @@ def test_kl_budgets_run_every_per_step_method_at_each_budget_uncapped():
         ("cd(c) max_kl=0.5", "cd(c) max_kl", None, 0.5), ("cd(c) max_kl=2", "cd(c) max_kl", None, 2.0),
         ("arm(a) max_kl=0.5", "arm(a) max_kl", None, 0.5), ("arm(a) max_kl=2", "arm(a) max_kl", None, 2.0),
         ("genarm(g) max_kl=0.5", "genarm(g) max_kl", None, 0.5), ("genarm(g) max_kl=2", "genarm(g) max_kl", None, 2.0),
-        ("best-of-1(verifier)", "best-of-n(verifier)", 1.0, None), ("best-of-4(verifier)", "best-of-n(verifier)", 4.0, None)]
+        ("best-of-1(verifier)", "best-of-n(verifier)", 1.0, None),
+        ("best-of-4(verifier)", "best-of-n(verifier)", 4.0, None)]
     assert configs[2].extension == {"guidance": [{"type": "cd", "model": "c", "max_kl": 0.5}]}  # the server's cap
 
 

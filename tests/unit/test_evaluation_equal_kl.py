@@ -56,8 +56,8 @@ def test_pass_at_1_stderr_is_over_prompts_of_their_mean_reward():
 
 
 def test_over_budget_counts_responses_past_the_relative_tolerance():
-    samples = [sample(0, 0, 1.0, kl=0.5), sample(0, 1, 1.0, kl=0.5 * (1 + 1e-6)), sample(1, 0, 1.0, kl=0.5 * (1 + 3e-6)),
-               sample(1, 1, 1.0, kl=0.7), sample(2, 0, 0.0, kl=0.0)]
+    samples = [sample(0, 0, 1.0, kl=0.5), sample(0, 1, 1.0, kl=0.5 * (1 + 1e-6)),
+               sample(1, 0, 1.0, kl=0.5 * (1 + 3e-6)), sample(1, 1, 1.0, kl=0.7), sample(2, 0, 0.0, kl=0.0)]
     assert over_budget(samples, 0.5) == 2
     budgeted = EvalConfig("q max_kl=0.5", "q max_kl", guidance=({"type": "qsharp", "model": "v", "max_kl": 0.5},))
     summary = summarize(budgeted, samples, 1.0, with_majority=False)
@@ -70,7 +70,8 @@ def test_equal_kl_table_cells_best_of_n_choice_left_out_methods_and_budget_check
     table = equal_kl_table(ROWS)
     assert table.budgets == (0.5, 1.0)  # from the comparable budgeted rows
     assert (table.base.config, table.base.pass_at_1, table.base.mean_kl) == ("base", 0.5, 0.0)
-    assert [(m.method, m.kind) for m in table.methods] == [("qsharp(v) max_kl", "budget"), ("best-of-n(s)", "best-of-n")]
+    assert [(m.method, m.kind) for m in table.methods] == [("qsharp(v) max_kl", "budget"),
+                                                          ("best-of-n(s)", "best-of-n")]
     qsharp, best_of_n = table.methods
     assert [(c.config, c.pass_at_1, c.pass_at_1_stderr, c.mean_kl, c.over_budget) for c in qsharp.cells] == [
         ("qsharp(v) max_kl=0.5", 0.6, 0.05, 0.45, 0), ("qsharp(v) max_kl=1", 0.7, 0.06, 0.9, 1)]

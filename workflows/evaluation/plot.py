@@ -1,6 +1,7 @@
 """reward_vs_kl.png: pass@1 against mean KL to the base, one curve per method;
 reward_kl_frontier.png: the methods of the equal-KL table (``equal_kl``), each through its budgets
-(best-of-N through its N) from the base at KL 0, with standard-error bars; and pass_vs_compute.png: pass@1 against generated tokens per sample (every candidate of a search,
+(best-of-N through its N) from the base at KL 0, with standard-error bars; and
+pass_vs_compute.png: pass@1 against generated tokens per sample (every candidate of a search,
 pruned ones up to their abort) and against wall seconds per sample (the configuration's run
 time over its samples, all configurations at the same concurrency on the same server).
 

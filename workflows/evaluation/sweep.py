@@ -125,7 +125,8 @@ def budget_variants(config: EvalConfig, budgets: tuple[float, ...]) -> list[Eval
             entry.get(name) is not None for entry in config.guidance for name in ("max_kl", "kl_per_token")):
         return []
     return [EvalConfig(name=f"{config.name} max_kl={budget:g}", method=f"{config.name} max_kl",
-                       strength=config.strength, guidance=tuple({**entry, "max_kl": budget} for entry in config.guidance))
+                       strength=config.strength,
+                       guidance=tuple({**entry, "max_kl": budget} for entry in config.guidance))
             for budget in budgets]
 
 
