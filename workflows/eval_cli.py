@@ -3,11 +3,13 @@
     alignserve eval --prompts heldout.jsonl --verifier arith-first-line --out eval/ \\
         --model BASE_DIR --guide-models guides.json \\
         --qsharp value --cd prefix --strengths 0.5,1,2,4,8 --best-of-n arith-first-line value --n 1,2,4,8,16
+    alignserve eval ... --qsharp value --cd prefix --kl-budgets 0.25,0.5,1,2 --best-of-n value --n 1,2,4,8
 
 With ``--model`` it starts ``alignserve serve`` on a free port (log: OUT/server.log) and stops it
 at the end; with ``--url`` it uses a running server. The configurations are the base, the
 sweep the flags describe (``workflows.evaluation.sweep``) and those of ``--configs FILE``
-(``workflows.evaluation.configs``); docs/eval.md explains the outputs. The evaluation modules
+(``workflows.evaluation.configs``), with ``--kl-budgets`` their per-step guidance at each budget
+(``sweep.budget_variants``); docs/eval.md explains the outputs. The evaluation modules
 (httpx, matplotlib) are imported when the command runs, so building the CLI stays fast.
 """
 
@@ -27,11 +29,12 @@ from workflows.evaluation.sweep import (
     DEFAULT_BLOCK_CANDIDATES,
     DEFAULT_BLOCK_TOKENS,
     DEFAULT_NS,
-    DEFAULT_STRENGTHS,
     GUIDED_METHODS,
     Sweep,
+    budget_variants,
     parse_counts,
     parse_guide_model,
+    parse_kl_budgets,
     parse_strengths,
     sweep_configs,
 )
@@ -115,8 +118,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{method}", nargs="+", default=[], metavar="MODEL",
                            type=_argument_type(parse_guide_model),
                            help=f"sweep `{method}` guidance of these guide models over the strengths")
-    group.add_argument("--strengths", type=_argument_type(parse_strengths), default=DEFAULT_STRENGTHS,
-                       metavar="S,S,...", help="guidance strengths [default: 0.5,1,2,4,8]")
+    group.add_argument("--strengths", type=_argument_type(parse_strengths), metavar="S,S,...",
+                       help="guidance strengths [default: 0.5,1,2,4,8; none with --kl-budgets]")
+    group.add_argument("--kl-budgets", type=_argument_type(parse_kl_budgets), default=(), metavar="B,B,...",
+                       help="also run each per-step guide model (and each --configs entry with guidance and no "
+                            "search) at these KL budgets, nats per response: its entry gets \"max_kl\": B and no "
+                            "strength cap (a --configs entry keeps its strength as the cap); results.md then "
+                            "tables pass@1 at equal KL (best-of-N at the largest N whose KL fits) and checks "
+                            "every response's KL against its budget; reward_kl_frontier.png draws each "
+                            "method's frontier. Strengths are then run only where given (--strengths, MODEL@S)")
     group.add_argument("--best-of-n", nargs="+", default=[], metavar="SCORER",
                        help="best-of-N by these scorers (verifiers or guide models), one config per N")
     group.add_argument("--n", type=_argument_type(parse_counts), default=DEFAULT_NS, metavar="N,N,...",
@@ -140,7 +150,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs(args: argparse.Namespace) -> list[EvalConfig]:
-    """The base, the flags' sweep, then the --configs file's; ConfigError on a name used twice."""
+    """The base, the flags' sweep, the --configs file's, then their --kl-budgets variants; ConfigError on a
+    name used twice or budgets with nothing to budget."""
     if args.prune is not None and not args.best_of_n:
         raise ConfigError("--prune prunes best-of-N: give --best-of-n SCORER too")
     prune = None if args.prune is None else {"scorer": args.prune, "every": args.prune_every,
@@ -148,8 +159,13 @@ def _configs(args: argparse.Namespace) -> list[EvalConfig]:
     sweep = Sweep(guided={m: tuple(getattr(args, m)) for m in GUIDED_METHODS}, strengths=args.strengths,
                   best_of_n=tuple(args.best_of_n), ns=args.n, blockwise=tuple(args.blockwise),
                   block_candidates=args.block_candidates, block_tokens=args.block_tokens, prune=prune,
-                  min_entropies=tuple(h for h in args.min_entropy if h > 0))
-    configs = [BASE, *sweep_configs(sweep), *(read_config_file(args.configs) if args.configs else [])]
+                  min_entropies=tuple(h for h in args.min_entropy if h > 0), kl_budgets=args.kl_budgets)
+    listed = read_config_file(args.configs) if args.configs else []
+    variants = [variant for config in listed for variant in budget_variants(config, args.kl_budgets)]
+    if args.kl_budgets and not any(sweep.guided.values()) and not variants:
+        raise ConfigError("--kl-budgets budgets per-step guidance: give --qsharp, --cd, --arm or --genarm, or "
+                          "--configs entries with guidance, no search and no budget of their own")
+    configs = [BASE, *sweep_configs(sweep), *listed, *variants]
     check_unique(configs)
     return configs
 
@@ -230,11 +246,18 @@ def add_eval_command(commands: argparse._SubParsersAction) -> None:
         "samples.jsonl, reward_vs_kl.png (pass@1 against mean KL to the base, one curve per method) and\n"
         "pass_vs_compute.png (pass@1 against generated tokens and wall seconds per sample)\n"
         "to --out. KL: the server's exact report for per-step guidance; log N - (N-1)/N for best-of-N;\n"
-        "not estimated for blockwise selection (docs/eval.md).",
+        "not estimated for blockwise selection (docs/eval.md). With --kl-budgets B,B,... each per-step\n"
+        "method also runs under each KL budget (max_kl), and results.md adds pass@1 at equal KL (with\n"
+        "standard errors, the mean KL spent and a count of responses over budget, which should be 0)\n"
+        "and reward_kl_frontier.png each method's reward-KL frontier.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  alignserve eval --url http://127.0.0.1:8000 --prompts heldout.jsonl "
                "--verifier demo-verifier --out eval/ \\\n"
-               "      --qsharp demo-value --strengths 1,2,4 --best-of-n demo-verifier --n 2,4,8")
+               "      --qsharp demo-value --strengths 1,2,4 --best-of-n demo-verifier --n 2,4,8\n"
+               "  alignserve eval --url http://127.0.0.1:8000 --prompts heldout.jsonl "
+               "--verifier demo-verifier --out eval-kl/ \\\n"
+               "      --qsharp demo-value --cd demo-prefix --kl-budgets 0.25,0.5,1,2 --best-of-n demo-verifier "
+               "--n 1,2,4,8,16")
     evaluate_parser.add_argument("--prompts", type=Path, required=True, metavar="FILE",
                                  help="prompt file (JSON Lines of {messages or prompt, answer?, id?})")
     evaluate_parser.add_argument("--verifier", required=True, metavar="NAME",

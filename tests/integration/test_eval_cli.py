@@ -90,3 +90,38 @@ def test_eval_refuses_a_configuration_the_server_rejects_before_the_run(server, 
     assert result.returncode == 1
     assert "config 'qsharp(no-such-guide)@1'" in result.stderr and "HTTP 4" in result.stderr
     assert not (out / "results.csv").exists()
+
+
+def test_eval_at_kl_budgets_tables_pass_at_1_at_equal_kl_within_every_budget(server, tmp_path):
+    result, out = run_eval(server, tmp_path, "--qsharp", "demo-value", "--kl-budgets", "0.1,0.5",
+                           "--best-of-n", "demo-verifier", "--n", "1,2")
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    body = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in body["results"]}
+    # --kl-budgets replaces the default strength grid: the guide model runs at the budgets only.
+    assert list(rows) == ["base", "qsharp(demo-value) max_kl=0.1", "qsharp(demo-value) max_kl=0.5",
+                          "best-of-1(demo-verifier)", "best-of-2(demo-verifier)"]
+    configs = {c["name"]: c for c in body["configs"]}
+    assert configs["qsharp(demo-value) max_kl=0.5"]["guidance"] == [
+        {"type": "qsharp", "model": "demo-value", "max_kl": 0.5}]
+    for budget in (0.1, 0.5):
+        row = rows[f"qsharp(demo-value) max_kl={budget:g}"]
+        assert row["kl_budget"] == budget and row["over_budget"] == 0
+        assert 0 < row["mean_kl"] <= budget and row["pass_at_1_stderr"] is not None
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for s in samples:
+        if "max_kl" in s["config"]:
+            assert s["kl"] <= float(s["config"].rsplit("=", 1)[1]) * (1 + 1e-6), s
+
+    table = body["equal_kl"]
+    assert table["budgets"] == [0.1, 0.5] and table["over_budget"] == 0 and table["budgeted_responses"] == 16
+    methods = {m["method"]: m for m in table["methods"]}
+    assert list(methods) == ["qsharp(demo-value) max_kl", "best-of-n(demo-verifier)"]
+    # KL of best-of-2 is log 2 - 1/2 = 0.193: over 0.1 (best-of-1 stands there), within 0.5.
+    assert [c["config"] for c in methods["best-of-n(demo-verifier)"]["cells"]] == [
+        "best-of-1(demo-verifier)", "best-of-2(demo-verifier)"]
+    report = (out / "results.md").read_text()
+    assert "## pass@1 at equal KL" in report and "| method | KL <= 0.1 | KL <= 0.5 |" in report
+    assert "- budget check: 0 of 16 budgeted responses reported a KL over their `max_kl`" in report
+    assert (out / "reward_kl_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,8 @@ import textwrap
 import httpx
 import pytest
 
-from server.cli import main
+from server.cli import build_parser, main
+from workflows.eval_cli import _configs
 from workflows.server_process import start_server
 
 
@@ -43,6 +44,14 @@ def test_bad_input_is_refused_naming_the_flag(capsys, prompts, tmp_path):
         (["--verifier", "demo-verifier", "--prune", "v"], "--prune prunes best-of-N: give --best-of-n"),
         (["--verifier", "demo-verifier", "--prune-fraction", "1"], "argument --prune-fraction: must be in (0, 1)"),
         (["--verifier", "demo-verifier", "--min-entropy", "-1"], "argument --min-entropy: strength -1 must be >= 0"),
+        (["--verifier", "demo-verifier", "--qsharp", "v", "--kl-budgets", "0.5,x"],
+         "argument --kl-budgets: 'x' is not a number"),
+        (["--verifier", "demo-verifier", "--qsharp", "v", "--kl-budgets", "0"],
+         "argument --kl-budgets: budget 0 must be a finite number > 0"),
+        (["--verifier", "demo-verifier", "--qsharp", "v", "--kl-budgets", "1,1"],
+         "argument --kl-budgets: budget 1 is given twice"),
+        (["--verifier", "demo-verifier", "--best-of-n", "demo-verifier", "--kl-budgets", "1"],
+         "--kl-budgets budgets per-step guidance: give --qsharp, --cd, --arm or --genarm"),
     ]
     for flags, message in cases:
         code, err = run(capsys, *common, *flags)
@@ -58,6 +67,22 @@ def test_bad_input_is_refused_naming_the_flag(capsys, prompts, tmp_path):
                               ("no_such_module:check", "verifier 'no_such_module:check': cannot import it")):
         code, err = run(capsys, *common, "--verifier", verifier)
         assert code == 2 and message in err, (verifier, err)
+
+
+def test_kl_budgets_budget_the_flags_guide_models_and_the_config_files_guidance(prompts, tmp_path):
+    listed = tmp_path / "configs.json"
+    listed.write_text(json.dumps([
+        {"name": "mix", "method": "q+cd", "strength": 2,
+         "guidance": [{"type": "qsharp", "model": "v", "strength": 2}, {"type": "cd", "model": "p", "strength": 1}]},
+        {"name": "bo2", "method": "bo", "strength": 2, "search": {"type": "best_of_n", "n": 2, "scorer": "v"}}]))
+    args = build_parser().parse_args(
+        ["eval", "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--url", "http://x", "--verifier",
+         "demo-verifier", "--arm", "a", "--configs", str(listed), "--kl-budgets", "0.5,1"])
+    configs = _configs(args)
+    assert [(c.name, c.kl_budget) for c in configs] == [
+        ("base", None), ("arm(a) max_kl=0.5", 0.5), ("arm(a) max_kl=1", 1.0), ("mix", None), ("bo2", None),
+        ("mix max_kl=0.5", 0.5), ("mix max_kl=1", 1.0)]
+    assert configs[-1].guidance[1] == {"type": "cd", "model": "p", "strength": 1, "max_kl": 1.0}
 
 
 def test_an_unreachable_server_is_an_error(capsys, prompts, tmp_path):

@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from workflows.evaluation.configs import BASE, ConfigError, EvalConfig, check_unique, read_config_file
-from workflows.evaluation.sweep import GuideModel, Sweep, parse_counts, parse_guide_model, parse_strengths, sweep_configs
+from workflows.evaluation.sweep import (
+    GuideModel,
+    Sweep,
+    budget_variants,
+    parse_counts,
+    parse_guide_model,
+    parse_kl_budgets,
+    parse_strengths,
+    sweep_configs,
+)
 
 
 def write(tmp_path: Path, body) -> Path:
@@ -115,3 +124,56 @@ def test_sweep_pruned_and_gated_variants():
     assert configs[1].extension == {"guidance": [{"type": "qsharp", "model": "v", "strength": 2.0,
                                                   "min_entropy": 0.5}]}
     assert configs[4].extension == {"search": {"type": "best_of_n", "n": 8, "scorer": "verifier", "prune": prune}}
+
+
+def test_parse_kl_budgets():
+    assert parse_kl_budgets("0.25,0.5,1,2") == (0.25, 0.5, 1.0, 2.0)
+    for bad, message in (("0.5,x", "'x' is not a number"), ("0", "budget 0 must be a finite number > 0"),
+                         ("-1", "budget -1 must be"), ("inf", "budget inf must be"), ("nan", "budget nan must be"),
+                         ("1,1.0", "budget 1.0 is given twice")):
+        with pytest.raises(ValueError, match=message):
+            parse_kl_budgets(bad)
+
+
+def test_kl_budgets_run_every_per_step_method_at_each_budget_uncapped():
+    guided = {m: (GuideModel(m[0]),) for m in ("qsharp", "cd", "arm", "genarm")}
+    configs = sweep_configs(Sweep(guided=guided, kl_budgets=(0.5, 2.0), best_of_n=("verifier",), ns=(1, 4)))
+    # Without given strengths the default grid is not run: only the budgets, then best-of-N as ever.
+    assert [(c.name, c.method, c.strength, c.kl_budget) for c in configs] == [
+        ("qsharp(q) max_kl=0.5", "qsharp(q) max_kl", None, 0.5), ("qsharp(q) max_kl=2", "qsharp(q) max_kl", None, 2.0),
+        ("cd(c) max_kl=0.5", "cd(c) max_kl", None, 0.5), ("cd(c) max_kl=2", "cd(c) max_kl", None, 2.0),
+        ("arm(a) max_kl=0.5", "arm(a) max_kl", None, 0.5), ("arm(a) max_kl=2", "arm(a) max_kl", None, 2.0),
+        ("genarm(g) max_kl=0.5", "genarm(g) max_kl", None, 0.5), ("genarm(g) max_kl=2", "genarm(g) max_kl", None, 2.0),
+        ("best-of-1(verifier)", "best-of-n(verifier)", 1.0, None),
+        ("best-of-4(verifier)", "best-of-n(verifier)", 4.0, None)]
+    assert configs[2].extension == {"guidance": [{"type": "cd", "model": "c", "max_kl": 0.5}]}  # the server's cap
+
+
+def test_kl_budgets_keep_the_strengths_given_and_the_gates():
+    configs = sweep_configs(Sweep(guided={"qsharp": (GuideModel("v", (4.0,)), GuideModel("w"))}, strengths=(1.0,),
+                                  kl_budgets=(1.0,), min_entropies=(0.5,)))
+    assert [c.name for c in configs] == [
+        "qsharp(v)@4", "qsharp(v) max_kl=1", "qsharp(v)@4 H>=0.5", "qsharp(v) H>=0.5 max_kl=1",
+        "qsharp(w)@1", "qsharp(w) max_kl=1", "qsharp(w)@1 H>=0.5", "qsharp(w) H>=0.5 max_kl=1"]
+    assert configs[3].method == "qsharp(v) H>=0.5 max_kl"
+    assert configs[3].extension == {"guidance": [{"type": "qsharp", "model": "v", "min_entropy": 0.5, "max_kl": 1.0}]}
+    assert [c.name for c in sweep_configs(Sweep(guided={"cd": (GuideModel("p"),)}))] == [
+        "cd(p)@0.5", "cd(p)@1", "cd(p)@2", "cd(p)@4", "cd(p)@8"]  # no budgets: the default grid
+
+
+def test_budget_variants_of_a_file_configuration_keep_its_strengths_as_caps():
+    composed = EvalConfig("mix", "q+cd", 4.0, guidance=({"type": "qsharp", "model": "v", "strength": 4.0},
+                                                        {"type": "cd", "model": "p", "strength": 1.0}))
+    variants = budget_variants(composed, (0.25, 1.0))
+    assert [(c.name, c.method, c.strength, c.kl_budget) for c in variants] == [
+        ("mix max_kl=0.25", "mix max_kl", 4.0, 0.25), ("mix max_kl=1", "mix max_kl", 4.0, 1.0)]
+    assert variants[0].extension == {"guidance": [{"type": "qsharp", "model": "v", "strength": 4.0, "max_kl": 0.25},
+                                                  {"type": "cd", "model": "p", "strength": 1.0, "max_kl": 0.25}]}
+    searched = EvalConfig("q+bo", "q+bo", 4.0, guidance=composed.guidance[:1],
+                          search={"type": "best_of_n", "n": 4, "scorer": "v"})
+    budgeted = EvalConfig("own", "own", None, guidance=({"type": "cd", "model": "p", "strength": 1, "max_kl": 3},))
+    per_token = EvalConfig("tok", "tok", None, guidance=({"type": "cd", "model": "p", "kl_per_token": 0.1},))
+    assert budget_variants(searched, (1.0,)) == budget_variants(budgeted, (1.0,)) == []
+    assert budget_variants(per_token, (1.0,)) == [] and budget_variants(BASE, (1.0,)) == []
+    assert budgeted.kl_budget == 3.0 and per_token.kl_budget is None and BASE.kl_budget is None
+    assert EvalConfig("m", "m", None, guidance=({"max_kl": 2}, {"max_kl": 0.5})).kl_budget == 0.5  # the tightest

@@ -12,11 +12,13 @@ from workflows.evaluation.reports import CSV_COLUMNS, RunInfo, markdown_report, 
 
 
 def row(config: str, method: str, strength, pass_at_1: float, mean_kl, kl_source: str = "reported",
-        complete: bool = True, counted: str = "all generated") -> ResultRow:
+        complete: bool = True, counted: str = "all generated", stderr: float | None = 0.125,
+        kl_budget: float | None = None, over_budget: int | None = None) -> ResultRow:
     return ResultRow(config=config, method=method, strength=strength, prompts=4, samples_per_prompt=2,
-                     pass_at_1=pass_at_1, maj_at_k=None if method == "bw" else 0.5, mean_kl=mean_kl,
-                     kl_source=kl_source, kl_per_token=None if mean_kl is None else mean_kl / 8,
-                     reported_kl=mean_kl or 0.0, kl_complete=complete, tokens=64, tokens_counted=counted,
+                     pass_at_1=pass_at_1, pass_at_1_stderr=stderr, maj_at_k=None if method == "bw" else 0.5,
+                     mean_kl=mean_kl, kl_source=kl_source, kl_per_token=None if mean_kl is None else mean_kl / 8,
+                     reported_kl=mean_kl or 0.0, kl_complete=complete, kl_budget=kl_budget,
+                     over_budget=over_budget, tokens=64, tokens_counted=counted,
                      seconds=1.25, generated_tokens_per_sample=8.0 * (strength or 1) if counted != "all generated"
                      else 8.0, steered_fraction=0.75 if method == "qsharp" else None)
 

@@ -55,6 +55,12 @@ class EvalConfig:
     def search_type(self) -> str | None:
         return None if self.search is None else self.search["type"]
 
+    @property
+    def kl_budget(self) -> float | None:
+        """The request's ``max_kl``: the smallest its guidance entries give (the server's rule), None without."""
+        budgets = [float(entry["max_kl"]) for entry in self.guidance if entry.get("max_kl") is not None]
+        return min(budgets) if budgets else None
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "strength": self.strength, **self.extension}
 

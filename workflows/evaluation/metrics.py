@@ -1,6 +1,9 @@
 """Per-configuration metrics over the K samples of each of P prompts.
 
 - pass@1 = (1 / PK) sum_i sum_j r_ij, the mean verifier reward.
+- its standard error: the standard error of the mean over prompts of each prompt's mean reward
+  m_i = (1 / K) sum_j r_ij, SE = sqrt(sum_i (m_i - pass@1)^2 / (P - 1)) / sqrt(P) (the K samples
+  of a prompt are not independent draws of the prompt set; the P prompts are); None for P = 1.
 - maj@k (verifiers with an answer extractor): for prompt i, a_i = the most common non-None
   answer among its K samples (ties: the answer seen first); the prompt scores 1 when some
   sample carrying a_i has reward 1, else 0 (also 0 when no sample gives an answer); maj@k is
@@ -23,6 +26,9 @@
 - KL per token = sum_ij KL_ij / sum_ij T_ij, with T_ij the completion's tokens.
 - generated tokens per sample: the tokens the server generated for a sample, every candidate
   of a search included (the search report's ``generated_tokens``): the compute it cost.
+- over budget (configurations whose guidance gives ``max_kl`` B): the number of samples whose
+  reported KL exceeds B (1 + KL_BUDGET_RTOL), the server's float32 rounding of the running sum;
+  the server guarantees 0.
 - steered fraction (per-step guidance): sum_ij steps_ij / sum_ij T_ij, the share of tokens an
   entry steered (below 1 with entropy-gated entries, ``min_entropy``).
 """
@@ -44,11 +50,30 @@ SOFT_BON_BOUND = "log N bound"
 SELECTION_NOT_ESTIMATED = "selection KL not estimated"
 TOKENS_ALL = "all generated"
 TOKENS_KEPT = "kept candidates only"
+# Relative tolerance of the budget check: the float32 rounding of the server's running KL sum.
+KL_BUDGET_RTOL = 1e-6
 
 
 def pass_at_1(samples: Sequence[Sample]) -> float:
     """Mean verifier reward over all samples."""
     return sum(s.reward for s in samples) / len(samples)
+
+
+def pass_at_1_stderr(samples: Sequence[Sample]) -> float | None:
+    """Standard error over prompts of the per-prompt mean reward (module docstring); None for one prompt."""
+    by_prompt: dict[int, list[float]] = {}
+    for sample in samples:
+        by_prompt.setdefault(sample.prompt_index, []).append(sample.reward)
+    means = [sum(rewards) / len(rewards) for rewards in by_prompt.values()]
+    if len(means) < 2:
+        return None
+    mean = sum(means) / len(means)
+    return math.sqrt(sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means))
+
+
+def over_budget(samples: Sequence[Sample], max_kl: float) -> int:
+    """The samples whose reported KL exceeds ``max_kl`` by more than the relative KL_BUDGET_RTOL."""
+    return sum(s.kl > max_kl * (1 + KL_BUDGET_RTOL) for s in samples)
 
 
 def majority_answer(answers: Sequence[Hashable | None]) -> Hashable | None:
@@ -110,12 +135,15 @@ class ResultRow:
     prompts: int
     samples_per_prompt: int
     pass_at_1: float
+    pass_at_1_stderr: float | None  # None: one prompt
     maj_at_k: float | None  # None: the verifier names no answers
     mean_kl: float | None  # nats per completion; None: not estimated
     kl_source: str
     kl_per_token: float | None
     reported_kl: float  # mean of the responses' guidance.kl alone
     kl_complete: bool  # False when the search's selection is left out of mean_kl
+    kl_budget: float | None  # the guidance's max_kl; None without
+    over_budget: int | None  # samples whose reported KL exceeds kl_budget; None without a budget
     tokens: int
     tokens_counted: str
     seconds: float
@@ -136,12 +164,15 @@ def summarize(config: EvalConfig, samples: Sequence[Sample], seconds: float, wit
     else:
         mean_kl = reported + selection
     tokens = sum(s.completion_tokens for s in samples)
+    budget = config.kl_budget
     return ResultRow(
         config=config.name, method=config.method, strength=config.strength, prompts=prompts,
         samples_per_prompt=len(samples) // prompts, pass_at_1=pass_at_1(samples),
+        pass_at_1_stderr=pass_at_1_stderr(samples),
         maj_at_k=maj_at_k(samples) if with_majority else None, mean_kl=mean_kl, kl_source=kl_source(config),
         kl_per_token=None if mean_kl is None or tokens == 0 else mean_kl * len(samples) / tokens,
-        reported_kl=reported, kl_complete=selection is not None, tokens=tokens,
+        reported_kl=reported, kl_complete=selection is not None, kl_budget=budget,
+        over_budget=None if budget is None else over_budget(samples, budget), tokens=tokens,
         tokens_counted=TOKENS_ALL if config.search is None else TOKENS_KEPT, seconds=seconds,
         generated_tokens_per_sample=sum(s.completion_tokens if s.generated_tokens is None else s.generated_tokens
                                         for s in samples) / len(samples),

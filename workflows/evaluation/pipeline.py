@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 from guidance.verifiers import resolve_verifier
 from workflows.evaluation.configs import EvalConfig
 from workflows.evaluation.metrics import ResultRow, summarize
-from workflows.evaluation.plot import plot_pass_vs_compute, plot_reward_vs_kl
+from workflows.evaluation.equal_kl import equal_kl_table
+from workflows.evaluation.plot import plot_frontier, plot_pass_vs_compute, plot_reward_vs_kl
 from workflows.evaluation.reports import RunInfo, markdown_report, write_csv, write_json, write_samples
 from workflows.evaluation.runner import EvalRequestError, Runner, SamplingSettings
 from workflows.evaluation.samples import Sample
@@ -26,6 +27,7 @@ from workflows.prompt_file import PromptRecord
 logger = logging.getLogger(__name__)
 
 RESULT_FILES = ("results.csv", "results.md", "results.json", "samples.jsonl", "reward_vs_kl.png", "pass_vs_compute.png")
+FRONTIER_FILE = "reward_kl_frontier.png"  # written when some configuration has a KL budget
 # Run settings that must match for a resumed run to reuse earlier results (the command may differ).
 RESUME_KEYS = ("model", "prompts_file", "prompts", "verifier", "samples", "temperature", "top_p", "max_tokens", "seed")
 
@@ -63,7 +65,7 @@ def served_model_name(url: str) -> str:
 
 def write_results(out: Path, rows: Sequence[ResultRow], configs: Sequence[EvalConfig],
                   samples: dict[str, list[Sample]], info: RunInfo) -> None:
-    """Every file of RESULT_FILES for the configurations finished so far."""
+    """Every file of RESULT_FILES for the configurations finished so far, and FRONTIER_FILE with KL budgets."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     (out / "results.md").write_text(markdown_report(rows, info))
@@ -73,6 +75,11 @@ def write_results(out: Path, rows: Sequence[ResultRow], configs: Sequence[EvalCo
              f"T={info.temperature:g}, top_p={info.top_p:g}")
     plot_reward_vs_kl(rows, out / "reward_vs_kl.png", title)
     plot_pass_vs_compute(rows, out / "pass_vs_compute.png", title)
+    table = equal_kl_table(rows)
+    if table is None:
+        (out / FRONTIER_FILE).unlink(missing_ok=True)  # an earlier run's, in the same --out
+    else:
+        plot_frontier(table, rows, out / FRONTIER_FILE, title)
 
 
 async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[EvalConfig],
@@ -107,6 +114,9 @@ async def evaluate(url: str, records: Sequence[PromptRecord], configs: Sequence[
                                           with_majority=extractor is not None))
                 # Reused results too: a failure further on must not drop them from the files.
                 write_results(out, rows, configs[: len(rows)], samples, info)
+    if (table := equal_kl_table(rows)) is not None and table.over_budget:
+        logger.warning("%d of %d budgeted responses reported a KL over their max_kl: %s", table.over_budget,
+                       table.budgeted_responses, ", ".join(table.over_budget_configs))
     if errors := verifier.errors - errors_before:
         logger.warning("verifier %r failed on %d samples; they scored 0", verifier.name, errors)
     return rows

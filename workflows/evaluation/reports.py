@@ -2,8 +2,9 @@
 
 - results.csv: one row per configuration, the columns of ``metrics.ResultRow`` (empty cell: none);
 - results.md: the run's settings (with the exact command line) and a table of the main columns,
-  with notes on how each KL was obtained and what the token counts cover;
-- results.json: ``{"run": settings, "configs": [...], "results": [...]}``;
+  with notes on how each KL was obtained and what the token counts cover; with KL budgets, then
+  the table of pass@1 at equal KL (``equal_kl``) and the budget check;
+- results.json: ``{"run": settings, "configs": [...], "results": [...], "equal_kl": table or null}``;
 - samples.jsonl: every sample (configuration, prompt, seed, completion, reward, answer, KL, tokens).
 """
 
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from workflows.evaluation.configs import EvalConfig
+from workflows.evaluation.equal_kl import equal_kl_table, markdown_equal_kl
 from workflows.evaluation.metrics import (
     BON_BOUND,
     REPORTED,
@@ -106,11 +108,15 @@ def markdown_report(rows: Sequence[ResultRow], info: RunInfo) -> str:
         notes.append("- tokens of search configurations count the kept completions only (the server's "
                      "`usage.completion_tokens`); generated/sample counts every candidate generated, "
                      "pruned ones up to where they were aborted.")
-    return "\n".join(header) + "\n" + markdown_table(rows) + "\n" + "\n".join(notes) + "\n"
+    report = "\n".join(header) + "\n" + markdown_table(rows) + "\n" + "\n".join(notes) + "\n"
+    table = equal_kl_table(rows)
+    return report if table is None else report + "\n" + markdown_equal_kl(table)
 
 
 def write_json(rows: Sequence[ResultRow], configs: Sequence[EvalConfig], info: RunInfo, path: Path) -> None:
-    body = {"run": asdict(info), "configs": [c.to_json() for c in configs], "results": [r.to_json() for r in rows]}
+    table = equal_kl_table(rows)
+    body = {"run": asdict(info), "configs": [c.to_json() for c in configs], "results": [r.to_json() for r in rows],
+            "equal_kl": None if table is None else table.to_json()}
     Path(path).write_text(json.dumps(body, indent=2) + "\n")
 
 

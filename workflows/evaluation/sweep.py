@@ -6,15 +6,23 @@
     --blockwise my-prefix --block-candidates 4 --block-tokens 4 blockwise CD, one config per candidate count
     --prune my-value --prune-every 8 --prune-fraction 0.5       also pruned best-of-N, per scorer and N >= 2
     --min-entropy 0.5,1                                         also entropy-gated variants of per-step configs
+    --kl-budgets 0.25,0.5,1,2                                   per-step guidance at each KL budget (max_kl)
 
 Each guide model or scorer is one curve (``method``): ``qsharp(my-value)``, ``best-of-n(my-value)``,
 ``blockwise(my-prefix)``; the strength of a point is the guidance strength, N, or the
 candidates per block. Pruned best-of-N is a curve of its own, ``best-of-n(my-value) pruned(v)``,
 and so is each gate, ``qsharp(my-value) H>=0.5``.
+
+With KL budgets each per-step guide model is also run once per budget B, its entry
+``{"type": ..., "model": ..., "max_kl": B}`` with no strength (the server's cap, 1000), so the
+budget alone sets the strength: the curve ``qsharp(my-value) max_kl``, point ``qsharp(my-value)
+max_kl=B``. The default strength grid is then not run; strengths given (``--strengths``,
+``MODEL@S``) still are. ``budget_variants`` does the same for a configuration of a file.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from workflows.evaluation.configs import EvalConfig
@@ -38,7 +46,7 @@ class GuideModel:
 @dataclass(frozen=True)
 class Sweep:
     guided: dict[str, tuple[GuideModel, ...]] = field(default_factory=dict)  # guidance type -> models
-    strengths: tuple[float, ...] = DEFAULT_STRENGTHS
+    strengths: tuple[float, ...] | None = None  # None: DEFAULT_STRENGTHS, or none with kl_budgets
     best_of_n: tuple[str, ...] = ()  # scorers
     ns: tuple[int, ...] = DEFAULT_NS
     blockwise: tuple[str, ...] = ()  # scorers
@@ -46,6 +54,15 @@ class Sweep:
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     prune: dict | None = None  # best-of-N's `prune` object, for the pruned variants
     min_entropies: tuple[float, ...] = ()  # gates of the per-step variants
+    kl_budgets: tuple[float, ...] = ()  # max_kl of the budgeted per-step variants
+
+    def strengths_of(self, guide: GuideModel) -> tuple[float, ...]:
+        """The fixed strengths a guide model is run at (module docstring)."""
+        if guide.strengths is not None:
+            return guide.strengths
+        if self.strengths is not None:
+            return self.strengths
+        return () if self.kl_budgets else DEFAULT_STRENGTHS
 
 
 def parse_strengths(text: str) -> tuple[float, ...]:
@@ -76,6 +93,22 @@ def parse_counts(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def parse_kl_budgets(text: str) -> tuple[float, ...]:
+    """``"0.25,0.5,1"`` -> (0.25, 0.5, 1.0); ValueError unless every item is a finite number > 0, given once."""
+    values: list[float] = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"{item.strip()!r} is not a number (expected nats, e.g. 0.25,0.5,1,2)") from None
+        if not 0 < value < math.inf:
+            raise ValueError(f"budget {item.strip()} must be a finite number > 0 (nats per response)")
+        if value in values:
+            raise ValueError(f"budget {item.strip()} is given twice")
+        values.append(value)
+    return tuple(values)
+
+
 def parse_guide_model(text: str) -> GuideModel:
     """``"MODEL"`` or ``"MODEL@1,2,4"`` (that model's own strengths)."""
     model, at, strengths = text.partition("@")
@@ -84,18 +117,36 @@ def parse_guide_model(text: str) -> GuideModel:
     return GuideModel(model, parse_strengths(strengths) if at else None)
 
 
-def _guided(method: str, guide: GuideModel, default: tuple[float, ...], min_entropy: float) -> list[EvalConfig]:
+def budget_variants(config: EvalConfig, budgets: tuple[float, ...]) -> list[EvalConfig]:
+    """``config`` once per budget B, each of its guidance entries given ``max_kl`` B (their strengths
+    stay: caps, and the shares of a composition), on a curve of their own, ``NAME max_kl``; [] for a
+    configuration with a search, without guidance, or with a budget already."""
+    if config.search is not None or not config.guidance or any(
+            entry.get(name) is not None for entry in config.guidance for name in ("max_kl", "kl_per_token")):
+        return []
+    return [EvalConfig(name=f"{config.name} max_kl={budget:g}", method=f"{config.name} max_kl",
+                       strength=config.strength,
+                       guidance=tuple({**entry, "max_kl": budget} for entry in config.guidance))
+            for budget in budgets]
+
+
+def _guided(method: str, guide: GuideModel, sweep: Sweep, min_entropy: float) -> list[EvalConfig]:
     gate, suffix = ({"min_entropy": min_entropy}, f" H>={min_entropy:g}") if min_entropy else ({}, "")
     label = f"{method}({guide.model})"
-    return [EvalConfig(name=f"{label}@{strength:g}{suffix}", method=label + suffix, strength=strength,
-                       guidance=({"type": method, "model": guide.model, "strength": strength, **gate},))
-            for strength in (guide.strengths or default)]
+    entry = {"type": method, "model": guide.model, **gate}
+    fixed = [EvalConfig(name=f"{label}@{strength:g}{suffix}", method=label + suffix, strength=strength,
+                        guidance=({**entry, "strength": strength},))
+             for strength in sweep.strengths_of(guide)]
+    budgeted = [EvalConfig(name=f"{label}{suffix} max_kl={budget:g}", method=f"{label}{suffix} max_kl",
+                           guidance=({**entry, "max_kl": budget},))
+                for budget in sweep.kl_budgets]
+    return fixed + budgeted
 
 
 def sweep_configs(sweep: Sweep) -> list[EvalConfig]:
     """The configurations of ``sweep``, per-step methods first, then best-of-N, then blockwise."""
     configs = [config for method in GUIDED_METHODS for guide in sweep.guided.get(method, ())
-               for gate in (0.0, *sweep.min_entropies) for config in _guided(method, guide, sweep.strengths, gate)]
+               for gate in (0.0, *sweep.min_entropies) for config in _guided(method, guide, sweep, gate)]
     configs += [EvalConfig(name=f"best-of-{n}({scorer})", method=f"best-of-n({scorer})", strength=float(n),
                            search={"type": "best_of_n", "n": n, "scorer": scorer})
                 for scorer in sweep.best_of_n for n in sweep.ns]
