@@ -1,12 +1,15 @@
-"""Contrast of a tuned and an untuned model: offset s * (log pi_expert(y | s) - log pi_reference(y | s)).
+"""Contrast of a tuned and an untuned model: offset strength * (log pi_expert(y | s) - log pi_reference(y | s)).
 
 Proxy-tuning (Liu et al. 2024, "Tuning Language Models by Proxy") and emulated fine-tuning
 (Mitchell et al. 2023, "An Emulator for Fine-Tuning Large Language Models using Small Language
 Models") steer a base model with the log-probability ratio of a small fine-tuned model (the expert)
-and that model before fine-tuning (the reference): pi(y | s) ~ pi_base(y | s) (pi_expert(y | s) /
-pi_reference(y | s))^s. Mitchell et al. read the ratio as the reward the fine-tuning learnt, so no
-reward model is needed. At s = 1 it is their rule; s scales the ratio like the other modules'
-strengths.
+and that model before fine-tuning (the reference), for prefix s and next token y:
+
+    pi(y | s)  ~  pi_base(y | s) * (pi_expert(y | s) / pi_reference(y | s))^strength
+
+Mitchell et al. read the ratio as the reward the fine-tuning learnt, so no reward model is needed.
+At strength 1 it is their rule; the strength scales the ratio as the other modules' strengths scale
+their rewards.
 
 An entry names two guide models with `lm` heads and the base's tokenizer: `model` (the expert) and
 `reference`. It has two terms: the expert's log-softmax at weight +1 and the reference's at weight

@@ -49,7 +49,8 @@ def test_offsets_are_zero_at_strength_zero_and_for_one_model_against_itself():
 
 def test_an_entry_reads_the_expert_at_weight_one_and_the_reference_at_minus_one():
     [entry] = parse_guidance([ENTRY], CATALOG)
-    assert [(t.field, t.model, t.weight) for t in entry.terms] == [("model", "rlm", 1.0), ("reference", "rlm-ref", -1.0)]
+    assert [(t.field, t.model, t.weight) for t in entry.terms] == [
+        ("model", "rlm", 1.0), ("reference", "rlm-ref", -1.0)]
     assert entry.models == ("rlm", "rlm-ref")
     assert entry.describe() == {"type": "contrast", "model": "rlm", "reference": "rlm-ref", "strength": 1.5,
                                 "top_k": -1, "min_entropy": 0.0}

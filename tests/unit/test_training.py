@@ -372,10 +372,11 @@ def test_train_expert_writes_an_expert_and_its_reference_that_serve_contrast(tmp
     guidance = parse_guidance([{"type": "contrast", "model": "expert", "reference": "expert-reference",
                                 "strength": 1.0}], catalog)
     batch = GuidanceBatch(models, catalog, max_requests=1, max_len=32)
-    prompt = list(records[0].prompt_ids)
-    batch.add(0, "c", guidance, prompt, [])
+    prompt, output = list(records[0].prompt_ids), []
+    batch.add(0, "c", guidance, prompt, output)
     logits = torch.randn(1, catalog["expert"].vocab_size)
     out_logits = batch.apply(logits.clone())
+    output.append(int(out_logits[0].argmax()))  # the engine samples: the step's KL is the token's
     with torch.no_grad():
         log_probs = {name: torch.log_softmax(models[name].score_next(models[name].backbone.forward(
             torch.tensor([prompt]))[:, -1])[0].double(), -1) for name in ("expert", "expert-reference")}
