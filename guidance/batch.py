@@ -238,7 +238,7 @@ class GuidanceBatch:
             output_ids=output_ids,
             stat=stat,
             temperature=1.0 if temperature < GREEDY_TEMPERATURE else float(temperature),
-            slots={name: self._models[name].cache.allocate() for name in {g.params.model for g in active}},
+            slots={name: self._models[name].cache.allocate() for name in {m for g in active for m in g.models}},
             first_output=len(output_ids),
             carried=carried,
         )
@@ -424,8 +424,11 @@ class GuidanceBatch:
             if candidates is not None:
                 index = candidates if scores.dim() == 2 else candidates.unsqueeze(-1).expand(-1, -1, scores.shape[-1])
                 scores = scores.gather(1, index)
-        # Token-reward heads serve their rewards scaled to unit spread of the sequence reward (models.runtime.heads).
-        return scores.float() * model.head.reward_scale if model.head.reward_scale != 1.0 else scores.float()
+        # Token-reward heads serve their rewards scaled to unit spread of the sequence reward (models.runtime.heads),
+        # to the modules that read them as rewards.
+        if group.module.uses_reward_scale and model.head.reward_scale != 1.0:
+            return scores.float() * model.head.reward_scale
+        return scores.float()
 
     # Reports.
 

@@ -5,6 +5,10 @@ It holds the row and stat indices, the temperatures (None where every row sample
 guide model's rows and KV slots, the (guide model, module) groups with their strengths, top-k and
 candidate masks, which groups' offsets stay sparse (k candidates per row, on one ``[G, K]`` grid of
 the top-K tokens) and which rows get dense ``[Gd, V]`` offsets, the entropy gates, and the KL budgets.
+
+An entry that reads several guide models (`GuideTerm`s: contrast's expert and reference) joins one
+group per term, at its strength times the term's weight; the groups' offsets add like those of
+separate entries.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor
 
 from guidance.kl_budget import budget_bounds
-from guidance.module import WHOLE_VOCABULARY, GuidanceModule
+from guidance.module import WHOLE_VOCABULARY, GuidanceModule, GuideTerm
 from guidance.spec import ResolvedGuidance
 from models.runtime.guide import GuideModel
 
@@ -37,8 +41,8 @@ class Feed:
 
 @dataclass
 class Group:
-    """The entries of one (guide model, module) pair: a row appears once per entry it has, and every
-    per-entry list and tensor is in that order."""
+    """The entries of one (guide model, module) pair: a row appears once per entry (term) it has, and
+    every per-entry list and tensor is in that order."""
 
     model: str
     module: GuidanceModule
@@ -47,7 +51,7 @@ class Group:
     bounds: list[float]  # min_entropy
     index: Tensor  # [b] layout positions
     slot_index: Tensor  # [b]
-    strength: Tensor  # [b, 1]
+    strength: Tensor  # [b, 1] each entry's strength times its term's weight
     top_k: Tensor  # [b] candidates (the vocabulary size: every token)
     max_k: int
     whole: bool  # every entry steers every token
@@ -122,10 +126,11 @@ def build_layout(rows: Mapping[int, Any], models: Mapping[str, GuideModel], voca
         if members := [i for i, q in enumerate(requests) if name in q.slots]:
             slots = [requests[i].slots[name] for i in members]
             feeds[name] = Feed(members, slots, model.cache.index(slots))
-    by_pair: dict[tuple[str, str], list[tuple[int, ResolvedGuidance]]] = {}
+    by_pair: dict[tuple[str, str], list[tuple[int, ResolvedGuidance, GuideTerm]]] = {}
     for i, q in enumerate(requests):
         for entry in q.guidance:
-            by_pair.setdefault((entry.params.model, entry.module.name), []).append((i, entry))
+            for term in entry.terms:
+                by_pair.setdefault((term.model, entry.module.name), []).append((i, entry, term))
     groups = [_group(entries, requests, models, vocab, device) for entries in by_pair.values()]
     dense_rows = sorted({i for g in groups if not g.sparse for i in g.rows})
     for g in groups:
@@ -167,21 +172,21 @@ def _temperatures(temperatures: list[float], device: torch.device) -> Tensor | N
     return None if all(t == 1.0 for t in temperatures) else torch.tensor(temperatures, device=device)
 
 
-def _group(entries: list[tuple[int, ResolvedGuidance]], requests: list[Any], models: Mapping[str, GuideModel],
-           vocab: int, device: torch.device) -> Group:
-    """The `Group` of one (guide model, module) pair's (layout position, entry) pairs."""
-    rows = [i for i, _ in entries]
-    model = entries[0][1].params.model
+def _group(entries: list[tuple[int, ResolvedGuidance, GuideTerm]], requests: list[Any],
+           models: Mapping[str, GuideModel], vocab: int, device: torch.device) -> Group:
+    """The `Group` of one (guide model, module) pair's (layout position, entry, term) triples."""
+    rows = [i for i, _, _ in entries]
+    model = entries[0][2].model
     slots = [requests[i].slots[model] for i in rows]
     # Candidates per entry: its top_k, at most the vocabulary (all of it for WHOLE_VOCABULARY).
-    top_k = [vocab if e.top_k == WHOLE_VOCABULARY else min(e.top_k, vocab) for _, e in entries]
+    top_k = [vocab if e.top_k == WHOLE_VOCABULARY else min(e.top_k, vocab) for _, e, _ in entries]
     max_k = max(top_k)
     sparse = max_k < vocab and max_k <= MAX_SPARSE_CANDIDATES
     top_k_index = torch.tensor(top_k, device=device)
     return Group(
         model=model, module=entries[0][1].module, rows=rows, slots=slots,
-        bounds=[e.params.min_entropy for _, e in entries], index=torch.tensor(rows, device=device),
+        bounds=[e.params.min_entropy for _, e, _ in entries], index=torch.tensor(rows, device=device),
         slot_index=models[model].cache.index(slots),
-        strength=torch.tensor([[e.params.strength] for _, e in entries], device=device),
+        strength=torch.tensor([[term.weight * e.params.strength] for _, e, term in entries], device=device),
         top_k=top_k_index, max_k=max_k, whole=min(top_k) == vocab, sparse=sparse,
         valid=torch.arange(max_k, device=device) < top_k_index[:, None] if sparse else None)

@@ -3,6 +3,8 @@
 Built from ``{name: directory}``. Reading a catalog touches only the small JSON
 files (``config.json``, ``guide_head.json``), so the HTTP process can validate
 requests and list models without loading weights; the engine's worker loads them.
+A plain causal-LM checkpoint (no ``guide_head.json``) is an ``lm`` guide model
+(``models.runtime.heads.read_head_config``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.runtime.heads import HEAD_CONFIG_FILE
+from models.runtime.heads import read_head_config
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class GuideCatalog:
 def read_guide_info(name: str, path: Path) -> GuideModelInfo:
     """Describe the guide model in `path`; ValueError naming the model if it is not one."""
     try:
-        head = json.loads((path / HEAD_CONFIG_FILE).read_text())
+        head = read_head_config(path)
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"guide model {name!r}: {path} is not a guide-model directory ({exc})") from exc

@@ -14,7 +14,7 @@ together, so one rule covers a single entry and a composition:
   d(t) = sum_e d_e(t s_e) is the summed offset of the entries at strengths t s_e: exactly the
   per-token KL a report sums.
 
-Why bisection finds it: where every offset is linear in its strength (cd, arm, genarm, and any
+Why bisection finds it: where every offset is linear in its strength (cd, arm, genarm, contrast, and any
 composition of them) d(t) = t d(1), and with q_t = softmax((l + t d(1)) / T), d' = d(1) / T,
 dKL/dt = t Var_{q_t}(d') >= 0: KL is non-decreasing in t. Q-sharp's Bernoulli offset
 log(1 - p + p e^{t s}) is not linear, but both it and its derivative in t increase with p, so

@@ -16,11 +16,12 @@ from importlib.metadata import entry_points
 from guidance.module import GuidanceModule
 from guidance.modules.arm import ARM
 from guidance.modules.cd import ControlledDecoding
+from guidance.modules.contrast import Contrast
 from guidance.modules.genarm import GenARM
 from guidance.modules.qsharp import QSharp
 
 ENTRY_POINT_GROUP = "alignserve.guidance"
-BUILTIN_MODULES: tuple[type[GuidanceModule], ...] = (QSharp, ControlledDecoding, ARM, GenARM)
+BUILTIN_MODULES: tuple[type[GuidanceModule], ...] = (QSharp, ControlledDecoding, ARM, GenARM, Contrast)
 
 
 class UnknownGuidanceModule(KeyError):

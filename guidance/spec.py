@@ -12,7 +12,7 @@ from typing import Any
 
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
-from guidance.module import WHOLE_VOCABULARY, GuidanceModule
+from guidance.module import WHOLE_VOCABULARY, GuidanceModule, GuideTerm
 from guidance.params import GuidanceParams, validate_entry
 from guidance.registry import UnknownGuidanceModule, get_module
 
@@ -25,11 +25,22 @@ class ResolvedGuidance:
     params: GuidanceParams
     top_k: int
 
+    @property
+    def terms(self) -> tuple[GuideTerm, ...]:
+        """The guide models the entry reads, each with the weight of its offset."""
+        return self.module.terms(self.params)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The names of the guide models the entry reads."""
+        return tuple(term.model for term in self.terms)
+
     def describe(self) -> dict[str, Any]:
-        """The entry as it steers: the budget fields appear only when set."""
+        """The entry as it steers: its guide models by field, and the budget fields only when set."""
+        models = {term.field: term.model for term in self.terms}
         budget = {name: value for name in ("max_kl", "kl_per_token")
                   if (value := getattr(self.params, name)) is not None}
-        return {"type": self.module.name, "model": self.params.model, "strength": self.params.strength,
+        return {"type": self.module.name, **models, "strength": self.params.strength,
                 "top_k": self.top_k, "min_entropy": self.params.min_entropy, **budget}
 
 
@@ -61,18 +72,24 @@ def _parse_entry(entry: Any, catalog: GuideCatalog, check_models: bool, param: s
         raise GuidanceError("guidance type must be a string", f"{param}.type")
     params = validate_entry(module.params_class, entry, param)
     top_k = module.default_top_k if params.top_k is None else params.top_k
-    if not check_models:
-        return ResolvedGuidance(module, params, top_k)
-    if params.model not in catalog:
+    resolved = ResolvedGuidance(module, params, top_k)
+    if check_models:
+        for term in resolved.terms:
+            _check_model(term, module, top_k, catalog, param)
+    return resolved
+
+
+def _check_model(term: GuideTerm, module: GuidanceModule, top_k: int, catalog: GuideCatalog, param: str) -> None:
+    """The guide model of one term is configured and can serve the module; GuidanceError naming its field."""
+    if term.model not in catalog:
         known = ", ".join(catalog.names()) or "none are configured"
-        raise GuidanceError(f"Unknown guide model {params.model!r}; configured: {known}", f"{param}.model")
-    info = catalog[params.model]
+        raise GuidanceError(f"Unknown guide model {term.model!r}; configured: {known}", f"{param}.{term.field}")
+    info = catalog[term.model]
     if info.head_type not in module.head_types:
         raise GuidanceError(
-            f"Guide model {params.model!r} has a {info.head_type!r} head; {module.name!r} needs one of "
-            f"{', '.join(module.head_types)}", f"{param}.model")
+            f"Guide model {term.model!r} has a {info.head_type!r} head; {module.name!r} needs one of "
+            f"{', '.join(module.head_types)}", f"{param}.{term.field}")
     if info.scoring == "v" and top_k == WHOLE_VOCABULARY:
         raise GuidanceError(
-            f"Guide model {params.model!r} scores candidates one by one; set top_k to a positive number",
+            f"Guide model {term.model!r} scores candidates one by one; set top_k to a positive number",
             f"{param}.top_k")
-    return ResolvedGuidance(module, params, top_k)

@@ -1,6 +1,7 @@
-"""Shared by the GuidanceBatch tests: small guide models of every head type (the `catalog` and
-`models` fixtures), references computed from the definitions by full recompute, the guidance
-specs the tests use, and `FakeEngine`, which drives a batch as vLLM does and checks every step."""
+"""Shared by the GuidanceBatch tests: small guide models of every head type and a plain causal-LM
+checkpoint (the `catalog` and `models` fixtures), references computed from the definitions by full
+recompute, the guidance specs the tests use, and `FakeEngine`, which drives a batch as vLLM does and
+checks every step."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ HEADS = {
     "arm": {"type": "arm", "scoring": "q", "rank": 4},
     "rlm": {"type": "lm", "scoring": "q"},
 }
+PLAIN_LM = "plain"  # a causal-LM checkpoint without a guide head: served as an lm head
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,18 @@ def catalog(tmp_path_factory) -> GuideCatalog:
                 p.normal_(0, 0.3)
         save_head(built, path)
         paths[name] = path
+    torch.manual_seed(len(HEADS))
+    LlamaForCausalLM(config).save_pretrained(root / PLAIN_LM)
+    paths[PLAIN_LM] = root / PLAIN_LM
     return GuideCatalog.from_paths(paths)
+
+
+def full_recompute_log_probs(model, tokens: list[int]) -> torch.Tensor:
+    """log pi(y | tokens) of an lm-head guide model over the vocabulary ``[V]``, in float64, by a forward
+    over the whole prefix."""
+    with torch.no_grad():
+        hidden = model.backbone.forward(torch.tensor([tokens]))[:, -1]
+        return torch.log_softmax(model.head(hidden, model.backbone.output_embedding)[0].double(), -1)
 
 
 @pytest.fixture
@@ -72,10 +85,15 @@ def reference_offsets(models, catalog, guidance, tokens: list[int], logits: torc
     for entry in guidance:
         if entry.params.strength == 0 or reference_entropy(logits, temperature) < entry.params.min_entropy:
             continue
-        model, info = models[entry.params.model], catalog[entry.params.model]
-        atoms = torch.tensor(info.atoms) if info.atoms else None
         k = V if entry.top_k == -1 else entry.top_k
         candidates = torch.topk(logits, k).indices
+        if entry.module.name == "contrast":  # s * (log pi_expert - log pi_reference), from the definition
+            ratio = (full_recompute_log_probs(models[entry.params.model], tokens)
+                     - full_recompute_log_probs(models[entry.params.reference], tokens))
+            total[candidates] += (entry.params.strength * ratio[candidates]).float()
+            continue
+        model, info = models[entry.params.model], catalog[entry.params.model]
+        atoms = torch.tensor(info.atoms) if info.atoms else None
         strength = torch.tensor([[entry.params.strength]])
         with torch.no_grad():
             if info.scoring == "q":
@@ -111,6 +129,13 @@ SPECS = {
                     {"type": "cd", "model": "prefix", "strength": 1.5, "top_k": 4},
                     {"type": "genarm", "model": "rlm", "strength": 0.5, "top_k": 2}],
     "q whole": [{"type": "qsharp", "model": "value", "strength": 2.0, "top_k": -1}],
+    "contrast": [{"type": "contrast", "model": "rlm", "reference": PLAIN_LM, "strength": 1.5}],
+    # top-6 of the contrast and top-10 of a genarm entry on the same lm model: four groups, sparse offsets
+    "contrast top_k+genarm": [{"type": "contrast", "model": PLAIN_LM, "reference": "rlm", "strength": 0.8,
+                               "top_k": 6},
+                              {"type": "genarm", "model": "rlm", "strength": 0.5, "top_k": 10}],
+    "contrast gated": [{"type": "contrast", "model": "rlm", "reference": PLAIN_LM, "strength": 2.0,
+                        "min_entropy": 3.0}],
 }
 
 

@@ -4,6 +4,8 @@
     alignserve train rollouts --base B --prompts P ...   sample and label rollouts on the engine
     alignserve train value --base B --prompts P --verifier V --rounds 2 --out OUT
     alignserve train prefix|arm|genarm|reward --base B (--rollouts F... | --prompts P --verifier V) --out OUT
+    alignserve train expert --base B (--rollouts F... | --prompts P --verifier V) --out OUT
+                                                         an expert and its reference, for `contrast` guidance
 
 Trainers run data parallel under ``torchrun --nproc_per_node N`` (all-reduce of gradients,
 ``models.training.loop``); rollouts use vLLM's engine and are sampled before such a run.
@@ -47,6 +49,10 @@ TRAINERS: dict[str, tuple[dict[str, Any], str, str]] = {
                "GenARM reward LM: -log sigmoid(beta (log pi_r(y_w|x) - log pi_r(y_l|x))) on (correct, incorrect) pairs"),
     "reward": ({"type": "reward", "scoring": "v"}, "preference",
                "sequence reward model: Bradley-Terry on the last token's score, (correct, incorrect) pairs"),
+    "expert": ({"type": "lm", "scoring": "q"}, "likelihood",
+               "expert and reference for contrast guidance: rejection-sampling fine-tuning (maximum likelihood of "
+               "the completions the verifier marked right) of the backbone, written as NAME, and the backbone "
+               "before tuning, written as NAME-reference"),
 }
 
 

@@ -5,6 +5,7 @@ A work directory (``--out``) collects what a user trains for one base model:
     OUT/rollouts-r1.jsonl        round-1 rollouts (base roll-in)
     OUT/rollouts-r2.jsonl        round-2 rollouts (roll-in with the round-1 guided policy)
     OUT/value-r1/, OUT/value-r2/ guide-model directories, each with its guide_card.json
+    OUT/expert/, OUT/expert-reference/  an expert (``train expert``) and its backbone before tuning
     OUT/guides.json              {name: directory}: serve with --guide-models OUT/guides.json
 
 Each stage whose output exists is skipped, and an interrupted fit resumes from its last
@@ -29,7 +30,7 @@ from transformers import AutoTokenizer
 from guidance.catalog import GuideCatalog
 from guidance.loading import check_tokenizers, tokenizer_difference
 from guidance.verifiers import RegisteredVerifier, resolve_verifier
-from models.training.guides import Backbone, GuideRecipe, save_guide, shared_features, train_guide
+from models.training.guides import Backbone, GuideRecipe, save_guide, save_untuned, shared_features, train_guide
 from models.training.rollouts import (
     RolloutRecord,
     informative_groups,
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 GUIDES_TABLE = "guides.json"
 STATE_DIR = ".state"
+RIGHT_REWARD = 1.0  # the verifier's reward of a right rollout: the expert's training data
 
 
 @dataclass(frozen=True)
@@ -152,19 +154,31 @@ def split_groups(records: Sequence[RolloutRecord], validation_fraction: float, s
     return [r for r in records if r.group not in valid], [r for r in records if r.group in valid]
 
 
+def reference_name(expert: str) -> str:
+    """The guide-model name of an expert's reference (its backbone before tuning)."""
+    return f"{expert}-reference"
+
+
 def train_from_rollouts(base: Path, rollout_files: Sequence[Path], recipe: GuideRecipe, backbone: Backbone,
                         out: Path, seed: int = 0, validation_fraction: float = 0.1,
                         progress: bool = True) -> dict[str, Any]:
     """Train ``recipe`` on the aggregated rollouts of ``rollout_files`` and write ``out/<name>``
-    (and its ``guides.json`` entry); returns the guide's card."""
+    (and its ``guides.json`` entry); returns the guide's card. An expert (the likelihood objective) trains
+    on the right rollouts only (rejection-sampling fine-tuning), and its reference, the backbone before
+    tuning, is written beside it as ``out/<name>-reference``."""
     if backbone.init_from.resolve() != base.resolve():
         check_same_tokenizer(base, backbone.init_from)
     records = [r for file in rollout_files for r in read_rollouts(file)]
     if recipe.objective == "value":  # Q-sharp: prompts whose samples all agree carry no signal
         records = informative_groups(records)
+        unusable = "every prompt's samples were all right or all wrong"
+    elif recipe.objective == "likelihood":
+        records = [r for r in records if r.reward == RIGHT_REWARD]
+        unusable = f"no rollout has reward {RIGHT_REWARD}"
+    else:
+        unusable = "the files hold no rollouts"
     if not records:
-        raise ValueError(f"{recipe.name}: no usable rollouts in {[str(f) for f in rollout_files]} "
-                         "(every prompt's samples were all right or all wrong)")
+        raise ValueError(f"{recipe.name}: no usable rollouts in {[str(f) for f in rollout_files]} ({unusable})")
     train_records, valid_records = split_groups(records, validation_fraction, seed)
     pad_id = AutoTokenizer.from_pretrained(base).pad_token_id or 0
     data = {"train": to_tensors(train_records, pad_id), "valid": to_tensors(valid_records, pad_id)}
@@ -183,9 +197,19 @@ def train_from_rollouts(base: Path, rollout_files: Sequence[Path], recipe: Guide
         **card,
         "feature_seconds": round(feature_seconds, 1),
     }
+    if recipe.objective == "likelihood":
+        card["reference"] = reference_name(recipe.name)
     if is_rank_zero():
         save_guide(model, backbone, base, out / recipe.name, card)
         write_table_entry(out, recipe.name, out / recipe.name)
+        if recipe.objective == "likelihood":
+            reference = reference_name(recipe.name)
+            save_untuned(backbone, base, out / reference, {
+                "name": reference, "base": str(base), "reference_of": recipe.name,
+                "backbone": {key: card["backbone"][key] for key in ("init_from", "layers")},
+                "objective": "none: the backbone before tuning",
+                "validation": card["untuned_validation"]})
+            write_table_entry(out, reference, out / reference)
         state.unlink(missing_ok=True)
     return card
 

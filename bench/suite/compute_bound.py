@@ -22,7 +22,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-HEAD_WEIGHTS = "head.safetensors"
+from models.runtime.heads import HEAD_WEIGHTS_FILE, read_head_config
 
 
 def _config(model_dir: Path) -> dict:
@@ -49,9 +49,11 @@ def head_macs(guide_dir: Path) -> int:
     """Weight MACs of one head evaluation: its own weights, plus the output embedding for heads that
     score through it (ARM, GenARM: `e_y . W h` over the vocabulary)."""
     config = _config(guide_dir)
-    head = json.loads((guide_dir / "guide_head.json").read_text())
-    with safe_open(str(guide_dir / HEAD_WEIGHTS), "pt") as weights:
-        own = sum(_numel(weights.get_slice(name).get_shape()) for name in weights.keys())
+    head = read_head_config(guide_dir)
+    own = 0  # a plain causal-LM checkpoint has no head weights of its own
+    if (guide_dir / HEAD_WEIGHTS_FILE).is_file():
+        with safe_open(str(guide_dir / HEAD_WEIGHTS_FILE), "pt") as weights:
+            own = sum(_numel(weights.get_slice(name).get_shape()) for name in weights.keys())
     through_embedding = config["hidden_size"] * config["vocab_size"] if head["type"] in ("arm", "lm") else 0
     return own + through_embedding
 

@@ -15,6 +15,7 @@ demo-prefix     expected   v       CD-FUDGE: MSE of every prefix (its last token
 demo-arm        arm        q       Bradley-Terry on summed token rewards, correct vs incorrect pairs
 demo-genarm     lm         q       GenARM: -log sigmoid(beta (log pi_r(y_w|x) - log pi_r(y_l|x)))
 demo-reward     reward     v       sequence reward model: Bradley-Terry on the last token's score, same pairs
+demo-reference  lm         q       none: the base checkpoint itself, the reference of `contrast` entries
 =============== ========== ======= ==========================================================
 
 Value models use every generated position of every rollout (the Q-sharp / CD-FUDGE
@@ -22,8 +23,9 @@ regression with all cut points at once); reward models (demo-reward scores whole
 sequences for best-of-N, via ``models.runtime.sequence.SequenceScorer``) use every
 (correct, incorrect) pair of rollouts of one problem. ``alignserve demo eval`` measures
 what each per-step guide buys. Each guide directory holds the HF checkpoint, the head and the base's
-tokenizer files; ``guides.json`` maps names to directories and ``guides_card.json``
-describes the build.
+tokenizer files; ``guides.json`` maps names to directories (``demo-reference`` to the base's own, a
+plain causal-LM checkpoint served as an lm head, so that ``contrast`` can steer by
+log pi_genarm - log pi_base) and ``guides_card.json`` describes the build.
 
     python -m models.demo.guides            # writes models/demo/checkpoints/{demo-*,guides.json,guides_card.json}
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +53,7 @@ from models.training.loop import FitConfig
 from models.training.rollouts import Rollouts, preference_pairs
 
 CARD_NAME = "guides_card.json"
+REFERENCE_GUIDE = "demo-reference"  # the base itself in the guide table: an lm guide (contrast's reference)
 HISTOGRAM_ATOMS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
@@ -141,7 +145,8 @@ def build_guides(base_dir: Path, output_root: Path, seed: int = 0, progress: boo
             depth = decoder.config.num_hidden_layers - recipe.trainable_layers
             model, guides[recipe.name] = train_guide(recipe, backbone, data, features[depth], seed, progress)
             save_guide(model, backbone, base_dir, output_root / recipe.name)
-    (output_root / GUIDES_FILE).write_text(json.dumps({s.name: s.name for s in GUIDES}, indent=2) + "\n")
+    table = {**{s.name: s.name for s in GUIDES}, REFERENCE_GUIDE: os.path.relpath(base_dir, output_root)}
+    (output_root / GUIDES_FILE).write_text(json.dumps(table, indent=2) + "\n")
     card = {
         "seed": seed,
         "config": asdict(config),

@@ -22,6 +22,8 @@ lm        backbone LM logits (GenARM; caller log-softmaxes) [B, V]    --
 
 A head is stored in the guide-model directory, next to the backbone checkpoint:
 ``guide_head.json`` (``{"type": ..., "scoring": ..., params}``) and ``head.safetensors``.
+A plain causal-LM checkpoint (no ``guide_head.json``; its ``config.json`` names a
+``...ForCausalLM`` architecture) is a guide model too: its own LM head, served as an ``lm`` head.
 All leading dimensions are carried through, so heads also apply to ``[B, T, H]`` in training.
 
 ``expected_value`` maps the scores of a value head (``VALUE_HEAD_TYPES``) to an expected
@@ -45,6 +47,7 @@ from models.runtime.loader import CheckpointError
 
 HEAD_CONFIG_FILE = "guide_head.json"
 HEAD_WEIGHTS_FILE = "head.safetensors"
+CAUSAL_LM_HEAD = {"type": "lm", "scoring": "q"}  # the head of a plain causal-LM checkpoint
 SCORINGS = ("q", "v")
 
 
@@ -252,6 +255,20 @@ def save_head(head: GuideHead, directory: str | Path) -> None:
     save_file({k: t.detach().contiguous().cpu() for k, t in head.state_dict().items()}, str(root / HEAD_WEIGHTS_FILE))
 
 
+def read_head_config(directory: str | Path) -> dict[str, Any]:
+    """The head config of a guide-model directory: its ``guide_head.json``, or `CAUSAL_LM_HEAD` for a
+    plain causal-LM checkpoint; FileNotFoundError when it is neither (ValueError for unreadable JSON)."""
+    root = Path(directory)
+    config_file = root / HEAD_CONFIG_FILE
+    if config_file.is_file():
+        return json.loads(config_file.read_text())
+    model_config = root / "config.json"
+    architectures = (json.loads(model_config.read_text()).get("architectures") or []) if model_config.is_file() else []
+    if any(str(name).endswith("ForCausalLM") for name in architectures):
+        return dict(CAUSAL_LM_HEAD)
+    raise FileNotFoundError(f"no {HEAD_CONFIG_FILE} in {root}, and its config.json names no causal-LM architecture")
+
+
 def load_head(
     directory: str | Path,
     hidden_size: int,
@@ -259,12 +276,11 @@ def load_head(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> GuideHead:
-    """Read a head saved by ``save_head``; CheckpointError if its weights do not match its config."""
+    """Read a head saved by ``save_head`` (or a plain causal-LM checkpoint's, ``read_head_config``);
+    CheckpointError if its weights do not match its config."""
     root = Path(directory)
-    config_file, weights_file = root / HEAD_CONFIG_FILE, root / HEAD_WEIGHTS_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no {HEAD_CONFIG_FILE} in {root}")
-    head = build_head(json.loads(config_file.read_text()), hidden_size, vocab_size)
+    weights_file = root / HEAD_WEIGHTS_FILE
+    head = build_head(read_head_config(root), hidden_size, vocab_size)
     expected = {k: t.shape for k, t in head.state_dict().items()}
     state = load_file(str(weights_file)) if weights_file.is_file() else {}
     if state.keys() != expected.keys() or any(state[k].shape != s for k, s in expected.items()):

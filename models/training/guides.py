@@ -10,7 +10,11 @@ objective    loss
 ============ ================================================================================
 value        per target token: BCE onto R (bernoulli), CE onto R's atom (histogram), MSE (expected)
 preference   Bradley-Terry on (correct, incorrect) rollouts of one prompt: -log sigmoid(beta (S_w - S_l))
+likelihood   lm head: mean -log pi(x_t | x_<t) over the completion tokens (of the right rollouts)
 ============ ================================================================================
+
+A likelihood-trained lm head is the expert of a ``contrast`` entry; ``save_untuned`` writes its
+reference, the same backbone before tuning.
 """
 
 from __future__ import annotations
@@ -27,16 +31,18 @@ import torch
 from safetensors.torch import save_file
 
 from models.runtime.decoder import Decoder
-from models.runtime.heads import TOKEN_REWARD_HEADS, build_head, save_head
+from models.runtime.heads import CAUSAL_LM_HEAD, TOKEN_REWARD_HEADS, build_head, save_head
 from models.runtime.loader import load_decoder
 from models.training.curves import CURVES_FILE, plot_curves
 from models.training.loop import FitConfig
 from models.training.objectives import (
     GuideTrainee,
     calibration_error,
+    fit_likelihood,
     fit_preference,
     fit_value,
     frozen_features,
+    likelihood_metrics,
     preference_metrics,
     reward_spread,
     value_metrics,
@@ -55,11 +61,12 @@ class GuideRecipe:
 
     name: str
     head: dict[str, Any]  # head config for models.runtime.heads.build_head
-    objective: Literal["value", "preference"]
+    objective: Literal["value", "preference", "likelihood"]
     beta: float = 1.0  # preference: scale of the margin inside the sigmoid
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=300))
     trainable_layers: int = 1
-    # Token-reward heads (arm, lm): serve rewards scaled to unit spread of the sequence reward on validation.
+    # Token-reward heads (arm, lm) trained on preferences: serve rewards scaled to unit spread of the sequence
+    # reward on validation. (A likelihood-trained lm head is a policy: its log-probabilities are served as they are.)
     normalise_reward: bool = True
 
 
@@ -103,7 +110,16 @@ def train_guide(recipe: GuideRecipe, backbone: Backbone, data: dict[str, Rollout
     train, valid = data["train"], data["valid"]
     started = time.perf_counter()
     fit = recipe.fit
-    if recipe.objective == "value":
+    untuned = {}
+    if recipe.objective == "likelihood":
+        # Before the fit the trainee is the untuned backbone: the reference's validation loss.
+        untuned = {"untuned_validation": {k: round(v, 4) for k, v in
+                                         asdict(likelihood_metrics(model, valid, features["valid"])).items()}}
+        result = fit_likelihood(model, train, features["train"], fit, seed, recipe.name, progress, checkpoint,
+                                validation=(valid, features["valid"]))
+        metrics = asdict(likelihood_metrics(model, valid, features["valid"]))
+        examples = int(train.completion_mask.sum())
+    elif recipe.objective == "value":
         result = fit_value(model, train, features["train"], fit, seed, recipe.name, progress, checkpoint,
                            validation=(valid, features["valid"]))
         metrics = asdict(value_metrics(model, valid, features["valid"]))
@@ -119,7 +135,7 @@ def train_guide(recipe: GuideRecipe, backbone: Backbone, data: dict[str, Rollout
         metrics = asdict(preference_metrics(model, valid, features["valid"], valid_pairs, recipe.beta))
         examples = len(train_pairs)
     spread = None
-    if recipe.normalise_reward and head.type in TOKEN_REWARD_HEADS:
+    if recipe.normalise_reward and recipe.objective == "preference" and head.type in TOKEN_REWARD_HEADS:
         spread = reward_spread(model, valid, features["valid"])
         head.reward_scale = spread.scale
     card = {
@@ -132,6 +148,7 @@ def train_guide(recipe: GuideRecipe, backbone: Backbone, data: dict[str, Rollout
         "fit": asdict(fit),
         "train_loss": round(result.train_loss, 4),
         "validation": {name: round(value, 4) for name, value in metrics.items()},
+        **untuned,
         "steps_run": result.steps_run,
         "best_step": result.best_step,
         "kept": "best validation" if fit.keep_best else "last step",
@@ -178,3 +195,11 @@ def save_guide(model: GuideTrainee, backbone: Backbone, tokenizer_dir: Path, out
     if output_dir.exists():
         shutil.rmtree(output_dir)
     partial.replace(output_dir)
+
+
+def save_untuned(backbone: Backbone, tokenizer_dir: Path, output_dir: Path, card: dict[str, Any]) -> None:
+    """Write ``backbone`` as it is (cut to its layers, nothing trained) as an lm guide: the reference of a
+    likelihood-trained expert on the same backbone."""
+    decoder = backbone.load()
+    head = build_head(CAUSAL_LM_HEAD, decoder.config.hidden_size, decoder.config.vocab_size)
+    save_guide(GuideTrainee(decoder, head, trainable_layers=0), backbone, tokenizer_dir, output_dir, card)

@@ -20,10 +20,14 @@ Preference objective, pairs (x_w correct, x_l incorrect) of one prompt:
     -log sigmoid(beta * (S(x_w) - S(x_l)))      (Bradley-Terry)
 with S(x) the sequence score a SequenceScorer serves: sum_t score_t over the completion for token-reward
 heads (ARM; GenARM for lm), the score at x's last real token (its eos when it has one) for a reward head.
+Likelihood objective (rejection-sampling fine-tuning of an lm head; the caller keeps only the rollouts
+the verifier marked right): the mean over every completion token of the batch of
+    -log pi(x_t | x_<t)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +170,45 @@ def fit_preference(model: GuideTrainee, rollouts: Rollouts, features: Tensor, pa
 
     validation_loss = None if validation is None else lambda: preference_metrics(model, *validation, beta).loss
     return fit(model, loss_fn, len(pairs), config, seed, desc, progress, checkpoint, validation_loss)
+
+
+def completion_log_likelihoods(model: GuideTrainee, rollouts: Rollouts, features: Tensor, rows: Tensor) -> Tensor:
+    """log pi(x_t | x_<t) of every completion token of rollouts ``rows`` (an lm head): ``[M]``."""
+    subset, subset_features = select(rollouts, features, rows)
+    return model.token_scores(subset.input_ids, subset_features, subset.completion_mask)
+
+
+def fit_likelihood(model: GuideTrainee, rollouts: Rollouts, features: Tensor, config: FitConfig, seed: int, desc: str,
+                   progress: bool, checkpoint: Path | None = None,
+                   validation: tuple[Rollouts, Tensor] | None = None) -> FitResult:
+    """Maximum likelihood of the completions of ``rollouts`` (mean -log pi per completion token of a batch of
+    rollouts); with ``validation`` (held-out rollouts and their features) keep the weights of the best
+    validation loss."""
+    if model.head.type != "lm":
+        raise ValueError(f"the likelihood objective trains an lm head, not {model.head.type!r}")
+
+    def loss_fn(batch: Tensor) -> Tensor:
+        return -completion_log_likelihoods(model, rollouts, features, batch).mean()
+
+    validation_loss = None if validation is None else lambda: likelihood_metrics(model, *validation).loss
+    return fit(model, loss_fn, len(rollouts), config, seed, desc, progress, checkpoint, validation_loss)
+
+
+@dataclass(frozen=True)
+class LikelihoodMetrics:
+    """Mean -log pi per completion token (nats), and its exponential, the perplexity."""
+
+    loss: float
+    perplexity: float
+
+
+@torch.no_grad()
+def likelihood_metrics(model: GuideTrainee, rollouts: Rollouts, features: Tensor) -> LikelihoodMetrics:
+    """The likelihood objective's loss over every completion token of ``rollouts``, and the perplexity."""
+    log_likelihoods = torch.cat([completion_log_likelihoods(model, rollouts, features, rows)
+                                 for rows in torch.arange(len(rollouts)).split(FEATURE_BATCH)])
+    loss = float(-log_likelihoods.double().mean())
+    return LikelihoodMetrics(loss, math.exp(loss))
 
 
 @torch.no_grad()

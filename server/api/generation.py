@@ -60,7 +60,7 @@ class Prepared:
     @property
     def guide_blocks(self) -> dict[str, int]:
         """Blocks of each guide model's KV cache its engine requests may fill (guidance.kv_budget)."""
-        models = sorted({g.params.model for g in self.guidance if g.params.strength > 0})
+        models = sorted({name for g in self.guidance if g.params.strength > 0 for name in g.models})
         per_choice = 1 if self.search is None else self.search.candidates_per_pick
         return request_blocks(models, [(p.options.n * per_choice, len(p.token_ids) + p.options.max_tokens)
                                        for p in self.prompts])

@@ -53,7 +53,7 @@ class ResponseCache:
             return None
         identity = {
             "model": self._model,
-            "guide_models": {g.params.model: self._guide_revisions[g.params.model] for g in guidance},
+            "guide_models": {name: self._guide_revisions[name] for g in guidance for name in g.models},
             "guidance": [g.describe() for g in guidance],
         }
         if search is not None:

@@ -187,7 +187,7 @@ def test_search_listing(http):
     assert [t["type"] for t in search["types"]] == ["best_of_n", "blockwise"]
     assert {s["name"] for s in search["scorers"]} == {"demo-verifier", "arith-first-line", "demo-reward",
                                                         "demo-prefix", "demo-value-hist", "demo-arm", "demo-genarm",
-                                                        "math", "exact", "regex", "json-schema"}
+                                                        "demo-reference", "math", "exact", "regex", "json-schema"}
     assert {s["name"] for s in search["scorers"] if s.get("needs_reference")} == {"math", "exact", "regex",
                                                                                   "json-schema"}
     assert (search["max_candidates"], search["max_block_tokens"]) == (16, 64)

@@ -21,6 +21,8 @@ from tests.redis_server import RedisServer
 CATALOG = GuideCatalog({
     "v": GuideModelInfo("v", Path("/v"), "bernoulli", "q", 100),
     "w": GuideModelInfo("w", Path("/w"), "bernoulli", "q", 100),
+    "e": GuideModelInfo("e", Path("/e"), "lm", "q", 100),
+    "r": GuideModelInfo("r", Path("/r"), "lm", "q", 100),
 })
 BASE = {"model": "m", "prompt": "1+1=", "temperature": 0}
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "1+1="}], "temperature": 0}
@@ -107,6 +109,15 @@ def test_stream_user_and_identity():
     assert completion_key(cache(guide_revisions={"v": "gv", "w": "changed"}), guided) == completion_key(
         response_cache, guided)
     assert completion_key(cache(namespace="x"), BASE).startswith("x:v1:")
+
+
+def test_a_contrast_entry_is_identified_by_both_of_its_models():
+    guided = {**BASE, "guidance": [{"type": "contrast", "model": "e", "reference": "r", "strength": 1.0}]}
+    key = completion_key(cache(guide_revisions={"e": "e1", "r": "r1"}), guided)
+    assert completion_key(cache(guide_revisions={"e": "e1", "r": "r2"}), guided) != key
+    assert completion_key(cache(guide_revisions={"e": "e2", "r": "r1"}), guided) != key
+    swapped = {**BASE, "guidance": [{"type": "contrast", "model": "r", "reference": "e", "strength": 1.0}]}
+    assert completion_key(cache(guide_revisions={"e": "e1", "r": "r1"}), swapped) != key
 
 
 def test_a_scorer_model_is_identified_by_its_weights():

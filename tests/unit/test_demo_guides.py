@@ -15,7 +15,7 @@ from guidance.loading import check_tokenizers
 from models.demo.build import demo_base_dir
 from models.demo.evaluate import sample_completions
 from models.demo.guided_eval import GuidedConfig, evaluate_guidance
-from models.demo.guides import GUIDES, GuideBuildConfig, build_guides
+from models.demo.guides import GUIDES, REFERENCE_GUIDE, GuideBuildConfig, build_guides
 from models.demo.paths import GUIDES_FILE
 from models.demo.sampling import completion_ids, generate
 from models.demo.task import held_out_problems
@@ -53,16 +53,30 @@ def guide_paths(root: Path) -> dict[str, Path]:
 def test_every_guide_kind_is_built_and_loads(built):
     root, _ = built
     paths = guide_paths(root)
-    assert set(paths) == set(EXPECTED_HEADS) == {spec.name for spec in GUIDES}
+    assert set(paths) - {REFERENCE_GUIDE} == set(EXPECTED_HEADS) == {spec.name for spec in GUIDES}
     for name, (head_type, scoring) in EXPECTED_HEADS.items():
         model = load_guide_model(paths[name])
         assert (model.head.type, model.scoring) == (head_type, scoring), name
 
 
+def test_the_table_serves_the_base_itself_as_an_lm_guide(built):
+    """demo-reference, contrast's reference, is the base checkpoint: its own LM head, nothing trained."""
+    root, _ = built
+    path = guide_paths(root)[REFERENCE_GUIDE]
+    assert path.resolve() == demo_base_dir().resolve()
+    model = load_guide_model(path)
+    assert (model.head.type, model.scoring) == ("lm", "q")
+    base = LlamaForCausalLM.from_pretrained(demo_base_dir(), dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.score_next(model.backbone.forward(ids)[:, -1]), base(ids).logits[:, -1],
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_guides_table_is_accepted_by_the_catalog_and_tokenizer_check(built):
     root, _ = built
     catalog = GuideCatalog.from_paths(guide_paths(root))
-    assert catalog.names() == sorted(EXPECTED_HEADS)
+    assert catalog.names() == sorted([*EXPECTED_HEADS, REFERENCE_GUIDE])
     assert catalog["demo-value-hist"].atoms == (0.0, 0.25, 0.5, 0.75, 1.0)
     check_tokenizers(demo_base_dir(), catalog)  # raises if a guide lacks the base's tokenizer
 

@@ -157,8 +157,9 @@ def test_catalog_holds_verifiers_and_the_sequence_scoring_guide_models():
     scorers = ScorerCatalog.load(demo_catalog())
     # A Q-type value head (demo-value) scores next tokens, not sequences.
     # python-tests runs the reference's code: it is not offered to requests.
-    assert scorers.names() == ["arith-first-line", "demo-arm", "demo-genarm", "demo-prefix", "demo-reward",
-                               "demo-value-hist", "demo-verifier", "exact", "json-schema", "math", "regex"]
+    assert scorers.names() == ["arith-first-line", "demo-arm", "demo-genarm", "demo-prefix", "demo-reference",
+                               "demo-reward", "demo-value-hist", "demo-verifier", "exact", "json-schema", "math",
+                               "regex"]
     assert scorers["demo-verifier"].describe() == {"name": "demo-verifier", "kind": "verifier",
                                                    "needs_reference": False}
     assert scorers["math"].describe() == {"name": "math", "kind": "verifier", "needs_reference": True}

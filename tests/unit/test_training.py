@@ -327,3 +327,59 @@ def test_committed_bernoulli_value_head_is_calibrated_on_held_out_rollouts() -> 
     model = GuideTrainee(decoder, load_head(path, decoder.config.hidden_size, decoder.config.vocab_size), 1)
     assert model.head.type == "bernoulli"
     assert calibration_error(model, rollouts, model.features(rollouts.input_ids)) < CALIBRATION_BOUND
+
+
+def test_train_expert_writes_an_expert_and_its_reference_that_serve_contrast(tmp_path: Path) -> None:
+    """`alignserve train expert` on demo rollouts: maximum likelihood of the right completions on a 2-layer
+    cut of the base, kept at its validation best; the reference is that cut untouched. Both load as lm
+    guides with the base's tokenizer, and a batch steers by s (log pi_expert - log pi_reference)."""
+    from guidance.batch import GuidanceBatch
+    from guidance.loading import check_tokenizers, load_guide_models
+    from guidance.spec import parse_guidance
+
+    records = demo_records(24)
+    write_rollouts(records, tmp_path / "r.jsonl")
+    out = tmp_path / "out"
+    train = subprocess.run(
+        [str(Path(sys.executable).parent / "alignserve"), "train", "expert", "--base", str(demo_base_dir()),
+         "--rollouts", str(tmp_path / "r.jsonl"), "--layers", "2", "--steps", "6", "--batch-size", "8",
+         "--eval-every", "3", "--backbone-lr", "3e-3", "--validation-fraction", "0.25", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    [card] = json.loads(train.stdout)
+    assert json.loads((out / "guides.json").read_text()) == {"expert": "expert", "expert-reference": "expert-reference"}
+    right = sum(r.reward == 1.0 for r in records)
+    assert card["rollouts"]["train"] + card["rollouts"]["validation"] == right  # only the right rollouts
+    assert card["objective"] == "likelihood" and card["reference"] == "expert-reference"
+    assert [p["step"] for p in card["curve"]] == [0, 3, 6] and card["kept"] == "best validation"
+    assert card["untuned_validation"]["loss"] == pytest.approx(card["curve"][0]["validation_loss"], abs=1e-3)
+    assert card["validation"]["loss"] < card["untuned_validation"]["loss"]  # the right answers became likelier
+    assert "reward_scale" not in json.loads((out / "expert" / "guide_head.json").read_text())
+    reference_card = json.loads((out / "expert-reference" / "guide_card.json").read_text())
+    assert reference_card["reference_of"] == "expert" and reference_card["backbone"]["layers"] == 2
+
+    catalog = GuideCatalog.from_paths({name: out / path for name, path in
+                                       json.loads((out / "guides.json").read_text()).items()})
+    check_tokenizers(demo_base_dir(), catalog)
+    assert [(catalog[n].head_type, catalog[n].scoring) for n in catalog.names()] == [("lm", "q"), ("lm", "q")]
+    untouched, base = load_file(out / "expert-reference" / "model.safetensors"), load_file(
+        demo_base_dir() / "model.safetensors")
+    assert all(torch.equal(tensor, base[name]) for name, tensor in untouched.items())
+    assert not torch.equal(load_file(out / "expert" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"],
+                           base["model.layers.1.mlp.up_proj.weight"])
+
+    models = load_guide_models(catalog, dtype=torch.float32, device="cpu")
+    guidance = parse_guidance([{"type": "contrast", "model": "expert", "reference": "expert-reference",
+                                "strength": 1.0}], catalog)
+    batch = GuidanceBatch(models, catalog, max_requests=1, max_len=32)
+    prompt, output = list(records[0].prompt_ids), []
+    batch.add(0, "c", guidance, prompt, output)
+    logits = torch.randn(1, catalog["expert"].vocab_size)
+    out_logits = batch.apply(logits.clone())
+    output.append(int(out_logits[0].argmax()))  # the engine samples: the step's KL is the token's
+    with torch.no_grad():
+        log_probs = {name: torch.log_softmax(models[name].score_next(models[name].backbone.forward(
+            torch.tensor([prompt]))[:, -1])[0].double(), -1) for name in ("expert", "expert-reference")}
+    torch.testing.assert_close((out_logits[0] - logits[0]).double(),
+                               log_probs["expert"] - log_probs["expert-reference"], atol=2e-5, rtol=0)
+    assert batch.collect(["c"])["c"].kl > 0
