@@ -139,13 +139,18 @@ class Offer:
 
 
 def offer_from_listing(model: str, listing: dict) -> Offer:
-    """Each module with the first guide model of a head it takes; scorers other than the fault harness's."""
+    """Each module with the first guide model of a head it takes (and, for a module that contrasts two, the
+    next one as its `reference`); scorers other than the fault harness's."""
     guides = listing["guide_models"]
     entries = []
     for module in listing["modules"]:
-        guide = next((g["name"] for g in guides if g["head"] in module["guide_heads"]), None)
-        if guide is not None:
-            entries.append({"type": module["type"], "model": guide, "strength": STRENGTH})
+        usable = [g["name"] for g in guides if g["head"] in module["guide_heads"]]
+        if "reference" in module["parameters"]:
+            if len(usable) >= 2:
+                entries.append({"type": module["type"], "model": usable[0], "reference": usable[1],
+                                "strength": STRENGTH})
+        elif usable:
+            entries.append({"type": module["type"], "model": usable[0], "strength": STRENGTH})
     scorers = [s for s in listing["search"]["scorers"] if s["name"] != STALL_VERIFIER]
     models = [s for s in scorers if s["kind"] == "model"]
     value = next((s["name"] for s in models if s.get("head") in VALUE_HEADS), None)

@@ -240,9 +240,11 @@ def test_limits_fit_the_mix_and_keep_the_budget_under_the_worst_case():
 
 
 LISTING = {
-    "modules": [{"type": "qsharp", "guide_heads": ["bernoulli", "histogram"]},
-                {"type": "cd", "guide_heads": ["expected", "bernoulli", "histogram"]},
-                {"type": "arm", "guide_heads": ["arm"]}, {"type": "genarm", "guide_heads": ["lm"]}],
+    "modules": [{"type": "qsharp", "guide_heads": ["bernoulli", "histogram"], "parameters": {"strength": {}}},
+                {"type": "cd", "guide_heads": ["expected", "bernoulli", "histogram"], "parameters": {"strength": {}}},
+                {"type": "arm", "guide_heads": ["arm"], "parameters": {"strength": {}}},
+                {"type": "genarm", "guide_heads": ["lm"], "parameters": {"strength": {}}},
+                {"type": "contrast", "guide_heads": ["lm"], "parameters": {"strength": {}, "reference": {}}}],
     "guide_models": [{"name": "arm-model", "head": "arm", "scoring": "q"},
                      {"name": "prefix", "head": "expected", "scoring": "v"},
                      {"name": "value", "head": "bernoulli", "scoring": "q"}],
@@ -255,7 +257,13 @@ LISTING = {
 def test_offer_pairs_each_module_with_a_guide_and_skips_the_fault_scorer():
     offer = offer_from_listing("m", LISTING)
     assert [(e["type"], e["model"]) for e in offer.entries] == [("qsharp", "value"), ("cd", "prefix"),
-                                                                 ("arm", "arm-model")]  # genarm: no lm guide
+                                                                 ("arm", "arm-model")]  # no lm guide
+    lms = [{"name": "expert", "head": "lm", "scoring": "q"}, {"name": "untuned", "head": "lm", "scoring": "q"}]
+    paired = offer_from_listing("m", {**LISTING, "guide_models": LISTING["guide_models"] + lms})
+    assert {k: v for k, v in paired.entries[-1].items() if k != "strength"} == {
+        "type": "contrast", "model": "expert", "reference": "untuned"}
+    one_lm = offer_from_listing("m", {**LISTING, "guide_models": LISTING["guide_models"] + lms[:1]})
+    assert [e["type"] for e in one_lm.entries] == ["qsharp", "cd", "arm", "genarm"]  # contrast needs two
     assert (offer.scorer, offer.value_scorer) == ("arm-model", "prefix")
     verifiers = LISTING["search"]["scorers"][:2]
     bare = offer_from_listing("m", {**LISTING, "guide_models": [], "search": {"scorers": verifiers}})
