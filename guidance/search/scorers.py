@@ -69,8 +69,24 @@ class Scorer(ABC):
               reference: Any = None) -> list[float]:
         """One score per completion (higher is better); `reference` is the request's ``search.reference``."""
 
+    def score_steps(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Sequence[Completion]],
+                    reference: Any = None) -> list[list[float]]:
+        """One score per step of each completion (a completion given as its steps, in order), for step-level
+        search and PRM aggregation: a process reward model scores every step in one pass; a prefix scorer
+        scores prompt + steps[:k + 1] for each k. Scorers that judge finished answers only cannot."""
+        raise NotImplementedError(f"the scorer {self.name!r} does not score steps")
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind}
+
+
+def step_prefixes(completion: Sequence[Completion]) -> list[Completion]:
+    """A completion's prefixes that end at each of its steps: steps[:1], steps[:2], ..."""
+    prefixes, text, ids = [], "", ()
+    for step in completion:
+        text, ids = text + step.text, (*ids, *step.token_ids)
+        prefixes.append(Completion(text, ids))
+    return prefixes
 
 
 class VerifierScorer(Scorer):
@@ -103,6 +119,17 @@ class ModelScorer(Scorer):
         starts = [min(len(prompt_ids), len(s)) for s in sequences]
         with self._lock:
             return self._scorer.score(sequences, starts).tolist()
+
+    def score_steps(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Sequence[Completion]],
+                    reference: Any = None) -> list[list[float]]:
+        """Each step's score is the model's score of the prefix that ends with it (one batched call)."""
+        prefixes = [step_prefixes(c) for c in completions]
+        flat = self.score(prompt_text, prompt_ids, [p for row in prefixes for p in row])
+        scores, at = [], 0
+        for row in prefixes:
+            scores.append(flat[at:at + len(row)])
+            at += len(row)
+        return scores
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "head": self.info.head_type}
@@ -157,3 +184,9 @@ class ScorerCatalog:
         """Scorers that read token ids, so score a partial sequence as well as a whole one (the guide
         models; a verifier judges a finished answer)."""
         return sorted(name for name, scorer in self._scorers.items() if isinstance(scorer, ModelScorer))
+
+    def step_names(self) -> list[str]:
+        """Scorers that score each step of a completion (`Scorer.score_steps`): prefix scorers and
+        process reward models."""
+        return sorted(name for name, scorer in self._scorers.items()
+                      if type(scorer).score_steps is not Scorer.score_steps)
