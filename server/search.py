@@ -1,4 +1,5 @@
-"""Request-level search over the engine: best-of-N and blockwise controlled decoding.
+"""Request-level search over the engine: best-of-N and blockwise controlled decoding (step-level
+search: server.step_search).
 
 Both turn one prompt's `n` choices into `ChoiceDelta`s, as `Engine.generate` does, so the
 endpoints stream and collect them alike. Each choice is an independent pick.
@@ -45,12 +46,13 @@ from guidance.batch import GuidanceReport
 from guidance.kl_budget import spend
 from guidance.search.report import Checkpoint, SearchReport
 from guidance.search.remote import RemoteScorerError, ScorerBadResponse, ScorerTimedOut, ScorerUnreachable
-from guidance.search.scorers import Completion, Conversation, Scorer, ScorerCatalog
+from guidance.search.scorers import Completion, Conversation, ModelScorer, Scorer, ScorerCatalog, step_prefixes
 from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
-from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams
+from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams, StepSearchParams
 from server.engine import ChoiceDelta, ChoiceOutput, Engine, SamplingOptions
 from server.errors import APIError, BadGateway, ScorerTimeout, ScorerUnavailable
 from server.metrics import PRUNED_CANDIDATES, SCORER_CALLS, observe_search
+from server.step_search import StepSearch
 from server.streams import merge
 from server.tracking import Stage, stage
 
@@ -90,8 +92,11 @@ class Search:
         prompt = _Prompt(prompt_ids, prompt_text, conversation)
         if isinstance(search, BestOfN):
             return self._best_of_n(request_id, prompt, options, search)
-        return merge([self._blockwise_choice(f"{request_id}-{j}", j, prompt, options, search)
-                      for j in range(options.n)])
+        if isinstance(search, Blockwise):
+            return merge([self._blockwise_choice(f"{request_id}-{j}", j, prompt, options, search)
+                          for j in range(options.n)])
+        steps = StepSearch(self.engine, self.decode, functools.partial(self._score_steps, search, prompt))
+        return merge([steps.choice(f"{request_id}-{j}", j, prompt_ids, options, search) for j in range(options.n)])
 
     async def _best_of_n(self, request_id: str, prompt: _Prompt, options: SamplingOptions,
                          search: BestOfN) -> AsyncIterator[ChoiceDelta]:
@@ -195,23 +200,43 @@ class Search:
 
     async def _score(self, name: str, search_type: str, prompt: _Prompt, completions: list[Completion],
                      reference: Any) -> list[float]:
-        """Scores by scorer `name` (a verifier compares with `reference`), off the event loop (a model
-        scorer runs a forward, a remote one waits on HTTP), observed under `search_type` ("prune" for
-        pruning checkpoints). A scorer that fails fails the request with a 502/503 naming it."""
+        """Scores by scorer `name` (a verifier compares with `reference`)."""
         scorer: Scorer = self.scorers[name]
+        return await self._call(scorer, search_type, functools.partial(
+            scorer.score, prompt.text, prompt.ids, completions, reference, **_conversation(scorer, prompt)))
+
+    async def _score_steps(self, search: StepSearchParams, prompt: _Prompt, solutions: list[tuple[Completion, ...]],
+                           known: list[list[float]]) -> list[list[float]]:
+        """Each solution's step scores. A prefix scorer scores only each solution's newest step (the
+        prefix that ends with it; `known` holds the earlier steps' scores); a process reward model
+        scores every step of each solution in one pass."""
+        scorer: Scorer = self.scorers[search.scorer]
+        if isinstance(scorer, ModelScorer):
+            newest = [step_prefixes(steps)[-1] for steps in solutions]
+            scores = await self._call(scorer, search.type, functools.partial(
+                scorer.score, prompt.text, prompt.ids, newest, search.reference))
+            return [[*before, score] for before, score in zip(known, scores)]
+        return await self._call(scorer, search.type, functools.partial(
+            scorer.score_steps, prompt.text, prompt.ids, solutions, search.reference, **_conversation(scorer, prompt)),
+            newest_scores=lambda rows: [row[-1] for row in rows])
+
+    async def _call(self, scorer: Scorer, search_type: str, call: Callable[[], Any],
+                    newest_scores: Callable[[Any], list[float]] = list) -> Any:
+        """Run a scoring `call` off the event loop (a model scorer runs a forward, a remote one waits
+        on HTTP), observed under `search_type` ("prune" for pruning checkpoints) with the scores
+        `newest_scores` reads of its result. A scorer that fails fails the request with a 502/503
+        naming it."""
         began = time.perf_counter()
-        extra = {"conversation": prompt.conversation} if scorer.reads_conversation else {}
-        call = asyncio.get_running_loop().run_in_executor(
-            self._scoring, functools.partial(scorer.score, prompt.text, prompt.ids, completions, reference, **extra))
+        running = asyncio.get_running_loop().run_in_executor(self._scoring, call)
         try:
             with stage(Stage.SCORING):
-                scores = await asyncio.wait_for(call, self.scorer_timeout_s)
+                result = await asyncio.wait_for(running, self.scorer_timeout_s)
         except (TimeoutError, RemoteScorerError) as exc:
-            error = _scorer_error(name, exc, self.scorer_timeout_s)
+            error = _scorer_error(scorer.name, exc, self.scorer_timeout_s)
             SCORER_CALLS.labels(scorer.name, _OUTCOMES[type(error)]).inc()
             raise error from exc
-        observe_search(search_type, scorer.name, scores, time.perf_counter() - began)
-        return scores
+        observe_search(search_type, scorer.name, newest_scores(result), time.perf_counter() - began)
+        return result
 
 
 _OUTCOMES: dict[type[APIError], str] = {ScorerTimeout: "timeout", ScorerUnavailable: "unavailable",
@@ -228,6 +253,11 @@ def _scorer_error(name: str, exc: Exception, timeout_s: float) -> APIError:
         return BadGateway(str(exc))
     return ScorerTimeout(f"The scorer {name!r} did not answer within {timeout_s:g} s (--scorer-timeout-s); "
                          "retry the request.")
+
+
+def _conversation(scorer: Scorer, prompt: _Prompt) -> dict[str, Any]:
+    """The keyword that hands a chat request's messages to a scorer that reads them."""
+    return {"conversation": prompt.conversation} if scorer.reads_conversation else {}
 
 
 @dataclass(frozen=True)

@@ -44,3 +44,39 @@ class SearchReport:
         if self.checkpoints is not None:
             report["checkpoints"] = [c.as_dict() for c in self.checkpoints]
         return report
+
+
+@dataclass(frozen=True)
+class StepRound:
+    """One step of a step-level search: the scores of its candidates (each candidate's aggregate over
+    its steps so far) and the candidates it kept (particle filtering: the resampled ones, with repeats)."""
+
+    scores: tuple[float, ...]
+    kept: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"candidates": len(self.scores), "scores": list(self.scores), "kept": list(self.kept)}
+
+
+@dataclass(frozen=True)
+class StepSearchReport:
+    """beam, dvts, particle_filter: each step's candidates, scores and the ones kept; the finished
+    solutions' scores and the one answering (`selected`; `answer` with a weighted-majority pick);
+    `generated_tokens` counts every token of every expansion (the search's cost), `kept_tokens` the
+    answer's."""
+
+    score: float
+    rounds: tuple[StepRound, ...]
+    finished_scores: tuple[float, ...]
+    selected: int
+    generated_tokens: int
+    kept_tokens: int
+    answer: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        report = {"score": self.score, "search_steps": [r.as_dict() for r in self.rounds],
+                  "candidate_scores": list(self.finished_scores), "selected": self.selected,
+                  "generated_tokens": self.generated_tokens, "kept_tokens": self.kept_tokens}
+        if self.answer is not None:
+            report["answer"] = self.answer
+        return report

@@ -167,7 +167,7 @@ def test_blockwise_changes_the_output_and_stops_with_its_kept_block(openai_clien
     (best_of(2, "demo-value"), "search.scorer"),  # a Q-type value model scores tokens, not sequences
     (blockwise(2, 65), "search.block_tokens"),
     (blockwise(17, 4), "search.candidates"),
-    ({"type": "beam", "n": 2, "scorer": "demo-reward"}, "search.type"),
+    ({"type": "mcts", "n": 2, "scorer": "demo-reward"}, "search.type"),
     ({**best_of(2), "k": 1}, "search.k"),
     ("best_of_n", "search"),
     (best_of(2, "math"), "search.reference"),  # math compares with a reference: none given

@@ -54,7 +54,7 @@ def test_config_file_round_trip(tmp_path):
     ([{**GOOD, "guidance": {"type": "qsharp"}}], r"\[0\]\.guidance: must be a list of objects"),
     ([{"name": "n", "method": "m"}], r"\[0\]: give 'guidance' and/or 'search'"),
     ([{**GOOD, "search": ["best_of_n"]}], r"\[0\]\.search: must be an object"),
-    ([{**GOOD, "search": {"type": "beam", "n": 2}}], r"\[0\]\.search\.type: must be one of"),
+    ([{**GOOD, "search": {"type": "mcts", "n": 2}}], r"\[0\]\.search\.type: must be one of"),
     ([{**GOOD, "search": {"type": "best_of_n", "n": 0, "scorer": "v"}}], r"\[0\]\.search\.n: must be a positive"),
     ([{**GOOD, "search": {"type": "blockwise", "candidates": 4, "scorer": "v"}}],
      r"\[0\]\.search\.block_tokens: must be a positive integer, got None"),

@@ -49,7 +49,7 @@ def test_valid_specs():
 @pytest.mark.parametrize(("entry", "param"), [
     ([1], "search"),
     ({"n": 2, "scorer": "rm"}, "search.type"),
-    ({"type": "beam", "n": 2, "scorer": "rm"}, "search.type"),
+    ({"type": "mcts", "n": 2, "scorer": "rm"}, "search.type"),
     ({"type": "best_of_n", "scorer": "rm"}, "search.n"),
     ({"type": "best_of_n", "n": 0, "scorer": "rm"}, "search.n"),
     ({"type": "best_of_n", "n": 9, "scorer": "rm"}, "search.n"),
