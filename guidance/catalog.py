@@ -1,6 +1,8 @@
 """The operator's table of guide models: names requests may use, and what each one is.
 
-Built from ``{name: directory}``. Reading a catalog touches only the small JSON
+Built from ``{name: directory}``; ``read_guide_table`` reads the operator's table file, whose
+entries are such directories or ``{"url": ...}`` scorers served by URL (``guidance.search.remote``),
+which have no directory and so no place in a catalog. Reading a catalog touches only the small JSON
 files (``config.json``, ``guide_head.json``), so the HTTP process can validate
 requests and list models without loading weights; the engine's worker loads them.
 A plain causal-LM checkpoint (no ``guide_head.json``) is an ``lm`` guide model
@@ -41,6 +43,11 @@ class GuideCatalog:
     def from_paths(cls, paths: Mapping[str, str | Path]) -> "GuideCatalog":
         return cls({name: read_guide_info(name, Path(path)) for name, path in paths.items()})
 
+    @classmethod
+    def from_table(cls, table_file: Path) -> "GuideCatalog":
+        """The guide models of the table in `table_file` (its entries served by URL left out)."""
+        return cls.from_paths(local_guide_paths(table_file))
+
     def __contains__(self, name: str) -> bool:
         return name in self._models
 
@@ -58,6 +65,22 @@ class GuideCatalog:
 
     def paths_by_name(self) -> dict[str, Path]:
         return {name: info.path for name, info in self._models.items()}
+
+
+def read_guide_table(table_file: Path) -> dict[str, str | dict]:
+    """The guide-model table in `table_file` as written: {name: directory relative to the file} or
+    {name: {"url": ...}}; ValueError naming the file if it is neither."""
+    table = json.loads(table_file.read_text())
+    if not isinstance(table, dict) or not all(isinstance(v, (str, dict)) for v in table.values()):
+        raise ValueError(f"guide_models: {table_file} must hold a JSON object of name -> directory "
+                         "(or name -> {\"url\": ...} for a scorer served by URL)")
+    return table
+
+
+def local_guide_paths(table_file: Path) -> dict[str, Path]:
+    """The guide-model directories of the table in `table_file`, resolved: {name: directory}."""
+    return {name: (table_file.parent / entry).resolve() for name, entry in read_guide_table(table_file).items()
+            if isinstance(entry, str)}
 
 
 def read_guide_info(name: str, path: Path) -> GuideModelInfo:

@@ -9,13 +9,13 @@ from vLLM's own `AsyncEngineArgs` (server.engine_args).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, create_model, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from guidance.catalog import local_guide_paths, read_guide_table
 from models.demo.build import demo_base_dir
 from models.demo.paths import demo_guides_file
 from server.engine_args import engine_fields
@@ -179,21 +179,12 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     def guide_table(self) -> dict[str, str | dict]:
         """The operator's guide-model table as written: {name: directory} or {name: {"url": ...}}."""
         table_file = self.guide_table_file()
-        if table_file is None:
-            return {}
-        table = json.loads(table_file.read_text())
-        if not isinstance(table, dict) or not all(isinstance(v, (str, dict)) for v in table.values()):
-            raise ValueError(f"guide_models: {table_file} must hold a JSON object of name -> directory "
-                             "(or name -> {\"url\": ...} for a scorer served by URL)")
-        return table
+        return {} if table_file is None else read_guide_table(table_file)
 
     def guide_model_paths(self) -> dict[str, Path]:
         """The guide models of the operator's table, {name: directory}."""
         table_file = self.guide_table_file()
-        if table_file is None:
-            return {}
-        return {name: (table_file.parent / entry).resolve() for name, entry in self.guide_table().items()
-                if isinstance(entry, str)}
+        return {} if table_file is None else local_guide_paths(table_file)
 
     def remote_scorer_entries(self) -> dict[str, dict]:
         """The scorers served by URL in the operator's table, {name: entry} (guidance.search.remote)."""

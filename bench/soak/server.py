@@ -9,7 +9,6 @@ each phase with the checks every phase gets.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -139,15 +138,14 @@ def prompt_token_bound(model_dir: Path, prompts: Sequence[str]) -> int:
 
 
 def guide_block_bytes(guides_file: Path) -> int | None:
-    """The largest KV block of the per-step guide models in `guides_file` at float32 (None: there are none)."""
+    """The largest KV block of the per-step guide models in `guides_file` at float32 (None: there are none);
+    its scorers served by URL hold no guide KV."""
     import torch
 
     from guidance.catalog import GuideCatalog
     from guidance.kv_budget import GUIDE_KV_BLOCK_SIZE, guide_kv_plans
 
-    paths = json.loads(guides_file.read_text())
-    catalog = GuideCatalog.from_paths({name: guides_file.parent / path for name, path in paths.items()})
-    plans = guide_kv_plans(catalog, torch.float32, None, 1, GUIDE_KV_BLOCK_SIZE)
+    plans = guide_kv_plans(GuideCatalog.from_table(guides_file), torch.float32, None, 1, GUIDE_KV_BLOCK_SIZE)
     return max((plan.block_bytes for plan in plans), default=None)
 
 

@@ -132,11 +132,9 @@ def hf_baseline(work: Workload, guided: GuidedLoad, levels: Sequence[int], reque
     from bench.suite.workload import STRENGTH
 
     rows = []
-    guides = json.loads(work.guides_file.read_text())
-    guide_dir = work.guides_file.parent / guides[guided.guide]
     for concurrency in levels:
         prompts = work.prompts_for(concurrency * requests_per_client)
-        for label, directory in ((UNGUIDED, None), (guided.label, guide_dir)):
+        for label, directory in ((UNGUIDED, None), (guided.label, guided.guide_dir)):
             log(f"hf c={concurrency}: {label}")
             measured = measure_hf(work.model_dir, directory, prompts, batch_size=concurrency, max_tokens=tokens,
                                   strength=STRENGTH, top_k=guided.top_k, temperature=1.0, seed=0, threads=threads,

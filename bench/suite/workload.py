@@ -2,13 +2,13 @@
 
 Each guide model becomes the load of the module its head serves (Bernoulli and histogram value
 heads: qsharp; expected-value prefix scorers: cd; ARM heads: arm; LM heads: genarm) at the
-module's default top_k, so the suite measures any operator's guide table, not only ours.
+module's default top_k, so the suite measures any operator's guide table, not only ours. A scorer
+the table serves by URL (``{"url": ...}``) steers no tokens and is no load; ``--scorer`` may name it.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ STRENGTH = 2.0
 @dataclass(frozen=True)
 class GuidedLoad:
     guide: str
+    guide_dir: Path
     module: str
     scoring: str
     top_k: int
@@ -62,7 +63,7 @@ def guided_load(model_dir: Path, info: GuideModelInfo) -> GuidedLoad | None:
     # Q-type heads score only the k candidates unless the module normalises over the vocabulary.
     scored = 0 if top_k == WHOLE_VOCABULARY or (info.scoring == "q" and module.normalises_over_vocabulary) else top_k
     bound = compute_bound(model_dir, info.path, info.scoring, scored)
-    return GuidedLoad(info.name, module_name, info.scoring, top_k, bound)
+    return GuidedLoad(info.name, info.path, module_name, info.scoring, top_k, bound)
 
 
 def default_guides(catalog: GuideCatalog) -> list[str]:
@@ -105,12 +106,12 @@ def bench_prompts(model_dir: Path) -> list[str]:
 
 def build_workload(model_dir: Path, guides_file: Path, served_name: str, guides: list[str] | None,
                    scorer: str | None) -> Workload:
-    paths = json.loads(guides_file.read_text())
-    catalog = GuideCatalog.from_paths({name: guides_file.parent / path for name, path in paths.items()})
+    catalog = GuideCatalog.from_table(guides_file)
     names = guides or default_guides(catalog)
     unknown = [n for n in names if n not in catalog]
     if unknown:
-        raise ValueError(f"--guides: {unknown} not in {guides_file} (it has {catalog.names()})")
+        raise ValueError(f"--guides: {unknown} not guide models of {guides_file} (those are {catalog.names()}; "
+                         "a scorer served by URL steers no tokens)")
     loads = [load for name in names if (load := guided_load(model_dir, catalog[name])) is not None]
     return Workload(model_dir, guides_file, served_name, bench_prompts(model_dir), loads,
                     scorer or sequence_scorer(catalog))

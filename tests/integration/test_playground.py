@@ -194,7 +194,7 @@ def test_comparison_streams_each_column_and_reports_guidance(playground: Playgro
     search.locator('input[name="n"]').fill("4")
     search.locator("input.prune").check()
     search.locator("select.prune-scorer").select_option("demo-value-hist")
-    search.locator("input.prune-every").fill("2")
+    search.locator('.prune-params input[name="every"]').fill("2")  # read from the listed prune schema
     page.fill("#prompt", "123+456=")
     page.fill("#max-tokens", "16")
     page.fill("#temperature", "1")

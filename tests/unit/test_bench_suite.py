@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 import torch
 
 from bench.load import percentiles_ms
+from bench.soak.server import guide_block_bytes
 from bench.suite.compute_bound import compute_bound, layer_macs
 from bench.suite.report import markdown, targets
 from bench.suite.workload import build_workload, default_guides
@@ -62,8 +63,7 @@ def test_percentiles_interpolate_and_handle_small_samples():
 
 
 def test_default_guides_take_one_per_shape_with_v_type_qsharp_first():
-    catalog = GuideCatalog.from_paths({name: demo_guides_file().parent / path
-                                       for name, path in json.loads(demo_guides_file().read_text()).items()})
+    catalog = GuideCatalog.from_table(demo_guides_file())
     assert default_guides(catalog) == ["demo-value-hist", "demo-value", "demo-prefix", "demo-arm", "demo-genarm"]
     work = build_workload(demo_base_dir(), demo_guides_file(), "demo-base", None, None)
     assert work.scorer == "demo-reward"
@@ -74,6 +74,30 @@ def test_default_guides_take_one_per_shape_with_v_type_qsharp_first():
 def test_unknown_guide_is_refused_naming_it():
     with pytest.raises(ValueError, match="nope"):
         build_workload(demo_base_dir(), demo_guides_file(), "demo-base", ["nope"], None)
+
+
+@pytest.fixture
+def mixed_table(tmp_path):
+    """The demo guide models (by absolute directory) plus a reward model served by URL."""
+    table = {name: str(demo_guides_file().parent / path)
+             for name, path in json.loads(demo_guides_file().read_text()).items()}
+    path = tmp_path / "guides.json"
+    path.write_text(json.dumps({**table, "rm": {"url": "http://rm:8000", "format": "text"}}))
+    return path
+
+
+def test_a_url_entry_is_no_load_but_may_be_the_scorer(mixed_table):
+    demo = build_workload(demo_base_dir(), demo_guides_file(), "demo-base", None, None)
+    work = build_workload(demo_base_dir(), mixed_table, "demo-base", None, None)
+    assert [load.label for load in work.loads] == [load.label for load in demo.loads]
+    assert work.scorer == "demo-reward"
+    assert build_workload(demo_base_dir(), mixed_table, "demo-base", ["demo-value"], "rm").scorer == "rm"
+    with pytest.raises(ValueError, match=r"\['rm'\] not guide models .*served by URL"):
+        build_workload(demo_base_dir(), mixed_table, "demo-base", ["rm"], None)
+
+
+def test_the_soak_sizes_guide_kv_by_the_local_guides_of_a_mixed_table(mixed_table):
+    assert guide_block_bytes(mixed_table) == guide_block_bytes(demo_guides_file()) is not None
 
 
 def _row(**fields) -> dict:

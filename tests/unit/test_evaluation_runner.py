@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import math
 
 import httpx
 import pytest
 
 from guidance.verifiers import get_verifier
+from workflows.evaluation import runner as runner_module
 from workflows.evaluation.configs import BASE, EvalConfig
 from workflows.evaluation.pipeline import RESULT_FILES, evaluate
 from workflows.evaluation.reports import RunInfo
@@ -118,12 +120,48 @@ def test_failed_request_names_config_prompt_and_sample():
     assert "HTTP 400" in message and "Unknown guide model" in message and "guidance[0].model" in message
 
 
-def test_transport_error_names_config_and_prompt():
+@pytest.fixture
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(runner_module, "TRANSPORT_BACKOFF_S", 0.0)
+
+
+def test_transport_error_names_config_and_prompt(no_backoff):
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused")
 
-    with pytest.raises(EvalRequestError, match=r"config 'base', prompt 't'.*ConnectError"):
+    with pytest.raises(EvalRequestError, match=r"config 'base', prompt 't'.*ConnectError on each of 3 attempts"):
         run_samples(refuse, BASE, records=(TEXT,))
+
+
+@pytest.mark.parametrize("error", [httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError])
+def test_a_broken_connection_is_retried_and_logged(no_backoff, caplog, error):
+    """The server closing an idle kept-alive connection as it is reused must not end the run."""
+    server, broken = FakeServer(), [2]
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if broken[0]:
+            broken[0] -= 1
+            raise error("Server disconnected without sending a response.")
+        return server(request)
+
+    with caplog.at_level(logging.WARNING, logger=runner_module.__name__):
+        assert [s.text for s in run_samples(flaky, BASE, records=(TEXT,))] == ["42"] * 3
+    assert len(server.requests) == 3
+    assert [r.getMessage().split(";")[1] for r in caplog.records] == [" retry 1 of 2", " retry 2 of 2"]
+    assert all("config 'base', prompt 't'" in r.getMessage() and error.__name__ in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_timeout_is_not_retried(no_backoff):
+    attempts = []
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        attempts.append(request)
+        raise httpx.ReadTimeout("timed out")
+
+    with pytest.raises(EvalRequestError, match=r"ReadTimeout: timed out"):
+        run_samples(slow, BASE, records=(TEXT,))
+    assert len(attempts) == 1
 
 
 def test_rate_limited_requests_are_retried():

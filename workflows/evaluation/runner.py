@@ -15,12 +15,14 @@ A search request carries the prompt's ``answer`` as ``search.reference`` (unless
 gives one), for a verifier scorer that compares with it; the local verifier reads it too.
 
 A request that fails (transport error, or any status but 200; 429 is retried after its
-Retry-After) raises EvalRequestError naming the configuration, the prompt and the sample.
+Retry-After) raises EvalRequestError naming the configuration, the prompt and the sample. A
+connection that breaks (``RETRIED_TRANSPORT_ERRORS``) is retried ``TRANSPORT_RETRIES`` times first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +36,17 @@ from workflows.evaluation.configs import EvalConfig
 from workflows.evaluation.samples import Sample
 from workflows.prompt_file import PromptRecord
 
+logger = logging.getLogger(__name__)
+
 MAX_RATE_LIMITED_RETRIES = 60
+# A kept-alive connection the server closes as idle just as the client reuses it fails with one of
+# these (or the connection is refused or reset). Resending is safe: every eval request is seeded and
+# sent with "cache": false, so a request the server did get and partly generated gives the same
+# sample again; the cost is only duplicate work. Timeouts are not retried: they mean an overloaded
+# or stuck server, which a resend would load further.
+RETRIED_TRANSPORT_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError)
+TRANSPORT_RETRIES = 2
+TRANSPORT_BACKOFF_S = 0.5  # doubled each retry
 
 
 class EvalRequestError(RuntimeError):
@@ -106,13 +118,27 @@ class Runner:
         self.verifier, self.extractor = verifier, verifier.answer
         self.gate = asyncio.Semaphore(concurrency)
 
-    async def _post(self, where: str, path: str, body: dict) -> dict:
-        for _ in range(MAX_RATE_LIMITED_RETRIES):
+    async def _send(self, where: str, path: str, body: dict) -> httpx.Response:
+        """POST ``body``, retrying ``RETRIED_TRANSPORT_ERRORS`` (see there) with a doubling backoff."""
+        retries = 0
+        while True:
             try:
                 async with self.gate:
-                    response = await self.client.post(path, json=body)
+                    return await self.client.post(path, json=body)
+            except RETRIED_TRANSPORT_ERRORS as exc:
+                if retries == TRANSPORT_RETRIES:
+                    raise EvalRequestError(f"{where}: {type(exc).__name__} on each of {retries + 1} attempts: "
+                                           f"{exc}") from exc
+                retries += 1
+                logger.warning("%s: %s: %s; retry %d of %d", where, type(exc).__name__, exc, retries,
+                               TRANSPORT_RETRIES)
             except httpx.HTTPError as exc:
                 raise EvalRequestError(f"{where}: {type(exc).__name__}: {exc}") from exc
+            await asyncio.sleep(TRANSPORT_BACKOFF_S * 2 ** (retries - 1))
+
+    async def _post(self, where: str, path: str, body: dict) -> dict:
+        for _ in range(MAX_RATE_LIMITED_RETRIES):
+            response = await self._send(where, path, body)
             if response.status_code != 429:
                 break
             await asyncio.sleep(float(response.headers.get("retry-after", 1)))

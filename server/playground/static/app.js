@@ -9,11 +9,12 @@
 const MAX_CONFIGURATIONS = 3;  // besides the base column
 // Starting values for parameters the API requires (no default in its schema); others start empty,
 // which leaves them to the server's default.
-const STARTING_VALUES = { strength: 4, n: 4, candidates: 4, block_tokens: 4 };
+const STARTING_VALUES = { strength: 4, n: 4, candidates: 4, block_tokens: 4, every: 4, fraction: 0.5 };
 const LABELS = { max_kl: "KL budget (max_kl)", temperature: "selection temperature" };
 // Handled by their own controls, not by the generic parameter inputs.
 const MODULE_FIELDS = new Set(["type", "model"]);
 const SEARCH_FIELDS = new Set(["type", "scorer", "reference", "prune"]);
+const PRUNE_FIELDS = new Set(["scorer"]);
 // Request fields the openai SDK takes as arguments; the rest go in `extra_body`.
 const SDK_ARGUMENTS = new Set(["model", "messages", "prompt", "max_tokens", "temperature", "seed", "stream",
   "stream_options"]);
@@ -97,6 +98,11 @@ function schemaType(property) {
   return types[0];
 }
 
+// The object schema of a parameter that is an object or null (best-of-N's `prune`).
+function objectSchema(property) {
+  return [property, ...(property.anyOf || [])].find((option) => option.type === "object");
+}
+
 // One input per scalar parameter of a JSON schema's properties, in the schema's order.
 function renderParams(container, properties, skip) {
   const previous = readParams(container);
@@ -112,8 +118,11 @@ function renderParams(container, properties, skip) {
     } else {
       input.type = "number";
       input.step = type === "integer" ? "1" : "any";
-      if (property.minimum !== undefined) input.min = property.minimum;
-      if (property.maximum !== undefined) input.max = property.maximum;
+      // The server enforces exclusive bounds; as the input's bounds they catch the rest.
+      const minimum = property.minimum ?? property.exclusiveMinimum;
+      const maximum = property.maximum ?? property.exclusiveMaximum;
+      if (minimum !== undefined) input.min = minimum;
+      if (maximum !== undefined) input.max = maximum;
     }
     const required = !("default" in property);
     if (name in previous) input.value = previous[name];
@@ -205,6 +214,9 @@ class Column {
       const pruners = search.scorers.filter((scorer) => scorer.kind === "model");
       $(".prune-fields", this.el).hidden = !("prune" in searchType.parameters) || pruners.length === 0;
       fillSelect(this.field("prune-scorer"), pruners.map((scorer) => ({ value: scorer.name })));
+      if ("prune" in searchType.parameters) {
+        renderParams($(".prune-inputs", this.el), objectSchema(searchType.parameters.prune).properties, PRUNE_FIELDS);
+      }
       $(".prune-params", this.el).hidden = !this.field("prune").checked;
     }
   }
@@ -224,9 +236,7 @@ class Column {
         ...readParams($(".search-params", this.el)) };
       if (!$(".reference-field", this.el).hidden) search.reference = this.field("reference").value;
       if (!$(".prune-fields", this.el).hidden && this.field("prune").checked) {
-        search.prune = { scorer: this.field("prune-scorer").value, every: Number(this.field("prune-every").value),
-          fraction: Number(this.field("prune-fraction").value) };
-        if (this.field("prune-min-keep").value !== "") search.prune.min_keep = Number(this.field("prune-min-keep").value);
+        search.prune = { scorer: this.field("prune-scorer").value, ...readParams($(".prune-inputs", this.el)) };
       }
       body.search = search;
     }
