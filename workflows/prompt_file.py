@@ -105,4 +105,11 @@ def chat_arith_prompts(split: str) -> list[PromptRecord]:
             for p in chat_arith.problems(split)]
 
 
-TASKS = {"chat-arith": chat_arith_prompts}
+def chat_arith_steps_prompts(split: str) -> list[PromptRecord]:
+    """The ``chat-arith`` problems of ``split`` asked to be worked step by step (``chat-arith-steps``)."""
+    return [PromptRecord(id=f"{p.a}+{p.b}", messages=({"role": "user", "content": p.steps_question},),
+                         answer=str(p.answer))
+            for p in chat_arith.problems(split)]
+
+
+TASKS = {"chat-arith": chat_arith_prompts, "chat-arith-steps": chat_arith_steps_prompts}

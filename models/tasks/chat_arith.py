@@ -1,7 +1,9 @@
 """``chat-arith``: two-number addition asked in plain English, for chat models.
 
 The user message is ``What is {a}+{b}? Answer with the number only.`` with ``a, b`` in
-1..30 (900 problems). Problems with ``(31 * a + b) % 5 == 0`` (180) are held out: never
+1..30 (900 problems). ``chat-arith-steps`` asks the same sums with ``Think step by step.``
+instead: a reply of several written steps (SmolLM2-135M-Instruct separates them with blank
+lines), judged on its final answer against the reference by the ``math`` verifier. Problems with ``(31 * a + b) % 5 == 0`` (180) are held out: never
 used for training or rollouts, only for evaluation. A reply earns reward 1 when the last
 integer on its first non-empty line equals ``a + b`` (verifier ``arith-first-line``).
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 OPERAND_RANGE = range(1, 31)
 HELD_OUT_MODULUS = 5
 QUESTION = "What is {a}+{b}? Answer with the number only."
+STEPS_QUESTION = "What is {a}+{b}? Think step by step."
 
 _QUESTION_RE = re.compile(r"What is (\d+)\+(\d+)\?")
 _INTEGER_RE = re.compile(r"-?\d+")
@@ -27,6 +30,10 @@ class ArithProblem:
     @property
     def question(self) -> str:
         return QUESTION.format(a=self.a, b=self.b)
+
+    @property
+    def steps_question(self) -> str:
+        return STEPS_QUESTION.format(a=self.a, b=self.b)
 
     @property
     def answer(self) -> int:

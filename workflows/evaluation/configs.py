@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 BASE_NAME = "base"
-SEARCH_COUNTS = {"best_of_n": ("n",), "blockwise": ("candidates", "block_tokens")}
+SEARCH_COUNTS = {"best_of_n": ("n",), "blockwise": ("candidates", "block_tokens"), "beam": ("beam_width", "expansions"),
+                 "dvts": ("n", "beam_width"), "particle_filter": ("particles",)}
+STEP_SEARCHES = ("beam", "dvts", "particle_filter")
+DEFAULT_MAX_STEPS = 32  # the server's default max_steps of a step-level search
 CONFIG_FIELDS = {"name", "method", "strength", "guidance", "search"}
 
 
@@ -54,6 +57,16 @@ class EvalConfig:
     @property
     def search_type(self) -> str | None:
         return None if self.search is None else self.search["type"]
+
+    @property
+    def candidates_per_step(self) -> int:
+        """Engine requests one sample's search runs at once (1 without search): N of best-of-N, the
+        candidates of a block, beam_width x expansions, DVTS's n, the particles."""
+        search = self.search or {}
+        counts = {"best_of_n": "n", "blockwise": "candidates", "dvts": "n", "particle_filter": "particles"}
+        if search.get("type") == "beam":
+            return search["beam_width"] * search["expansions"]
+        return search[counts[search["type"]]] if search else 1
 
     @property
     def kl_budget(self) -> float | None:

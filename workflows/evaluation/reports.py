@@ -37,7 +37,7 @@ KL_NOTES = {
     BON_BOUND: "best-of-N: log N - (N-1)/N nats, the analytic estimate (Stiennon et al. 2020), an upper bound "
                "(Beirami et al. 2024)",
     SOFT_BON_BOUND: "soft or pruned best-of-N: log N nats, a bound for any rule that keeps one of N samples",
-    SELECTION_NOT_ESTIMATED: "blockwise: the KL of the block selection is not estimated; mean KL is the "
+    SELECTION_NOT_ESTIMATED: "blockwise and step-level search: the KL of the selection is not estimated; mean KL is the "
                              "reported per-step KL only, n/a without per-step guidance",
 }
 

@@ -9,7 +9,8 @@ Seeds (common random numbers): sample j of prompt i is sent with seed
 1 for plain and guided sampling (so the base and every guided configuration see the same
 seeds), N for best-of-N (its candidate c is seeded ``request seed + c``, docs/guidance.md: so
 best-of-1 is exactly the base, and the candidates of different samples never share a seed),
-and ``ceil(max_tokens / block_tokens) * candidates`` for blockwise.
+``ceil(max_tokens / block_tokens) * candidates`` for blockwise, and ``max_steps`` times the
+candidates of a step for beam, DVTS and particle filtering.
 
 A search request carries the prompt's ``answer`` as ``search.reference`` (unless its configuration
 gives one), for a verifier scorer that compares with it; the local verifier reads it too.
@@ -32,7 +33,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from guidance.verifiers import RegisteredVerifier
-from workflows.evaluation.configs import EvalConfig
+from workflows.evaluation.configs import DEFAULT_MAX_STEPS, STEP_SEARCHES, EvalConfig
 from workflows.evaluation.samples import Sample
 from workflows.prompt_file import PromptRecord
 
@@ -78,6 +79,8 @@ def seeds_per_sample(config: EvalConfig, max_tokens: int) -> int:
         return 1
     if search["type"] == "best_of_n":
         return search["n"]
+    if search["type"] in STEP_SEARCHES:
+        return search.get("max_steps", DEFAULT_MAX_STEPS) * config.candidates_per_step
     return math.ceil(max_tokens / search["block_tokens"]) * search["candidates"]
 
 
