@@ -48,6 +48,8 @@ from guidance.search.report import Checkpoint, SearchReport
 from guidance.search.remote import RemoteScorerError, ScorerBadResponse, ScorerTimedOut, ScorerUnreachable
 from guidance.search.scorers import Completion, Conversation, ModelScorer, Scorer, ScorerCatalog, step_prefixes
 from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
+from guidance.search.steps import weighted_majority
+from guidance.verifiers import answer_extractor
 from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams, StepSearchParams
 from server.engine import ChoiceDelta, ChoiceOutput, Engine, SamplingOptions
 from server.errors import APIError, BadGateway, ScorerTimeout, ScorerUnavailable
@@ -194,8 +196,13 @@ class Search:
 
     async def _keep(self, search: SearchParams, prompt: _Prompt, completions: list[Completion],
                     generator: torch.Generator) -> tuple[list[float], int]:
-        """Score candidates and pick one: (scores, index kept)."""
+        """Score candidates and pick one: (scores, index kept); with `answers`, the weighted majority."""
         scores = await self._score(search.scorer, search.type, prompt, completions, search.reference)
+        if getattr(search, "answers", None) is not None:
+            read = answer_extractor(search.answers)
+            winner = weighted_majority([read(c.text) for c in completions], scores)
+            if winner is not None:
+                return scores, winner
         return scores, select(torch.tensor(scores), search.temperature, generator)
 
     async def _score(self, name: str, search_type: str, prompt: _Prompt, completions: list[Completion],

@@ -53,9 +53,6 @@ class _SearchParams(BaseModel):
 
     reference: Any = Field(
         default=None, description="What a verifier scorer compares completions with (e.g. the answer of `math`).")
-    answers: str | None = Field(
-        default=None, min_length=1, description="A verifier that reads each finished solution's answer: the pick is "
-        "then the weighted majority (the answer whose solutions' scores sum highest; its best-scored solution).")
 
     candidates_field: ClassVar[str]
 
@@ -79,11 +76,17 @@ class Prune(BaseModel):
     min_keep: int = Field(default=1, ge=1, description="Candidates never pruned below this many.")
 
 
+ANSWERS = Field(
+    default=None, min_length=1, description="A verifier that reads each finished solution's answer: the pick is "
+    "then the weighted majority (the answer whose solutions' scores sum highest; its best-scored solution).")
+
+
 class BestOfN(_SearchParams):
     """Sample `n` completions, score each whole completion, keep one."""
 
     type: Literal["best_of_n"]
     n: int = Field(ge=1, description="Candidates sampled per choice.")
+    answers: str | None = ANSWERS
     prune: Prune | None = Field(default=None, description="Abort the weakest candidates early (Prune).")
 
     candidates_field = "n"
@@ -110,6 +113,7 @@ class _StepSearch(_SearchParams):
     max_step_tokens: int = Field(default=256, ge=1, description="Most tokens of one step; a step ends there.")
     aggregate: Aggregate = Field(default="last", description="How a solution's step scores make its score: "
                                  "last, min, prod or mean.")
+    answers: str | None = ANSWERS
 
 
 class Beam(_StepSearch):
@@ -195,7 +199,7 @@ def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param
             f"Unknown scorer {spec.scorer!r}; configured: {', '.join(scorers) or 'none'}", f"{param}.scorer")
     if isinstance(spec, _StepSearch):
         _check_steps(spec, param, limits, step_scorers)
-    if spec.answers is not None:
+    if getattr(spec, "answers", None) is not None:
         try:
             readable = answer_extractor(spec.answers) is not None
         except UnknownVerifierError:
