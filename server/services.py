@@ -102,7 +102,8 @@ class Services:
         limits = SearchLimits(settings.max_search_candidates, settings.max_block_tokens)
         try:
             return parse_search(entry, self.scorers.names(), limits, prefix_scorers=self.scorers.prefix_names(),
-                                reference_scorers=self.scorers.reference_names())
+                                reference_scorers=self.scorers.reference_names(),
+                                step_scorers=self.scorers.step_names())
         except GuidanceError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from guidance.search.step_split import DEFAULT_STEP_DELIMITER
+from guidance.search.scorers import DEFAULT_STEP_DELIMITER
 from models.runtime.hf_reward import QWEN_PRM_ARCHITECTURE
 
 QWEN_STEP_TAG = "<extra_0>"
@@ -47,7 +47,8 @@ class RewardModelEntry(_Entry):
 class ProcessRewardEntry(_Entry):
     kind: Literal["prm"]
     step_tag: str | None = Field(None, min_length=1, description="The token after each step whose score is read.")
-    labels: tuple[str, str] | None = Field(None, description="[good, bad] label tokens of a causal-LM PRM.")
+    labels: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=2, max_length=2, description="[good, bad] label tokens of a causal-LM PRM.")
     step_delimiter: str = Field(DEFAULT_STEP_DELIMITER, min_length=1, description="Where completions are cut into steps.")
 
 
@@ -129,5 +130,5 @@ def _prm_spec(name: str, path: Path, architecture: str, entry: ProcessRewardEntr
     if entry.labels is None:
         raise ValueError(f"{name}.labels: Field required for a causal-LM PRM ([good, bad] label tokens, "
                          "e.g. [\"+\", \"-\"] for Math-Shepherd)")
-    return ScorerModelSpec(name, path, "prm", architecture, "tagged_lm", entry.step_tag, entry.labels,
+    return ScorerModelSpec(name, path, "prm", architecture, "tagged_lm", entry.step_tag, tuple(entry.labels),
                            entry.step_delimiter)

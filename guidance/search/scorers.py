@@ -59,6 +59,9 @@ class Conversation:
         return [*self.messages, {"role": "assistant", "content": text}]
 
 
+DEFAULT_STEP_DELIMITER = "\n\n"  # a blank line ends a step
+
+
 class ScorerInputTooLong(ValueError):
     """A candidate is longer than a scorer can read (counted in the scorer's own tokens); the message says
     by how much."""
@@ -70,6 +73,7 @@ class Scorer(ABC):
     max_length: int | None = None  # longest prompt + completion it can score (None: any)
     # Whether `score` takes a chat request's `conversation=` (keyword) besides the rendered prompt text.
     reads_conversation: bool = False
+    step_delimiter: str = DEFAULT_STEP_DELIMITER  # where a whole completion is cut into steps for `score_steps`
 
     @abstractmethod
     def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion],

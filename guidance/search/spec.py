@@ -12,6 +12,10 @@ JSON value) is what a verifier scorer compares completions with, e.g.
     {"type": "best_of_n", "n": 8, "scorer": "math", "reference": "1/2"}
 
 a verifier that needs one and gets none is refused (`search.reference`); other scorers ignore it.
+A best-of-N `aggregate` ("last", "min", "prod", "mean") scores each step of the candidates with a
+step scorer and keeps the best aggregate (`guidance.search.aggregate`):
+
+    {"type": "best_of_n", "n": 8, "scorer": "qwen-prm", "aggregate": "min"}
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guidance.errors import GuidanceError
+from guidance.search.aggregate import Aggregate
 from guidance.params import validate_entry
 
 MAX_SELECTION_TEMPERATURE = 1000.0
@@ -69,6 +74,10 @@ class BestOfN(_SearchParams):
     type: Literal["best_of_n"]
     n: int = Field(ge=1, description="Candidates sampled per choice.")
     prune: Prune | None = Field(default=None, description="Abort the weakest candidates early (Prune).")
+    aggregate: Aggregate | None = Field(
+        default=None, description="With a scorer that scores steps (a process reward model, a prefix scorer): "
+        "score each step and keep the candidate with the best last, min, prod or mean of its step scores "
+        "(default: the scorer's own score of the whole completion, a PRM's last step's).")
 
     candidates_field = "n"
 
@@ -94,10 +103,12 @@ class SearchLimits:
 
 
 def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param: str = "search",
-                 prefix_scorers: Sequence[str] = (), reference_scorers: Sequence[str] = ()) -> SearchParams:
+                 prefix_scorers: Sequence[str] = (), reference_scorers: Sequence[str] = (),
+                 step_scorers: Sequence[str] = ()) -> SearchParams:
     """Validate a request's `search` object against the configured scorer names (`prefix_scorers`:
     those that can score partial sequences, for `prune`; `reference_scorers`: those that need
-    `reference`); GuidanceError naming the first bad field."""
+    `reference`; `step_scorers`: those that score steps, for `aggregate`); GuidanceError naming the
+    first bad field."""
     if not isinstance(entry, dict):
         raise GuidanceError("search must be an object", param)
     kind = entry.get("type")
@@ -121,6 +132,10 @@ def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param
     if spec.reference is None and spec.scorer in reference_scorers:
         raise GuidanceError(f"The scorer {spec.scorer!r} compares completions with a reference: give "
                             f"{param}.reference", f"{param}.reference")
+    if getattr(spec, "aggregate", None) is not None and spec.scorer not in step_scorers:
+        raise GuidanceError(
+            f"{param}.aggregate needs a scorer that scores steps; {spec.scorer!r} scores whole completions "
+            f"(step scorers: {', '.join(step_scorers) or 'none'})", f"{param}.aggregate")
     prune = getattr(spec, "prune", None)
     if prune is not None:
         if prune.scorer not in prefix_scorers:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from guidance.search.scorers import Completion
-
-DEFAULT_STEP_DELIMITER = "\n\n"
+from guidance.search.scorers import DEFAULT_STEP_DELIMITER, Completion
 
 
 def split_text(text: str, delimiter: str = DEFAULT_STEP_DELIMITER) -> list[str]:
