@@ -45,9 +45,9 @@ import torch
 
 from guidance.batch import GuidanceReport
 from guidance.kl_budget import spend
+from guidance.search.aggregate import aggregate
 from guidance.search.report import Checkpoint, SearchReport
 from guidance.search.remote import RemoteScorerError, ScorerBadResponse, ScorerTimedOut, ScorerUnreachable
-from guidance.search.aggregate import aggregate
 from guidance.search.scorers import Completion, Conversation, Scorer, ScorerCatalog, ScorerInputTooLong
 from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
 from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams
@@ -207,9 +207,11 @@ class Search:
         scorer: Scorer = self.scorers[name]
         began = time.perf_counter()
         extra = {"conversation": prompt.conversation} if scorer.reads_conversation else {}
-        work = functools.partial(scorer.score, prompt.text, prompt.ids, completions, reference, **extra) \
-            if aggregate_by is None else \
-            functools.partial(_score_by_steps, scorer, aggregate_by, self.decode, prompt, completions, reference, extra)
+        if aggregate_by is None:
+            work = functools.partial(scorer.score, prompt.text, prompt.ids, completions, reference, **extra)
+        else:
+            work = functools.partial(_score_by_steps, scorer, aggregate_by, self.decode, prompt, completions,
+                                     reference, extra)
         call = asyncio.get_running_loop().run_in_executor(self._scoring, work)
         try:
             with stage(Stage.SCORING):

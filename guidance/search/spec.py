@@ -27,8 +27,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from guidance.errors import GuidanceError
-from guidance.search.aggregate import Aggregate
 from guidance.params import validate_entry
+from guidance.search.aggregate import Aggregate
 
 MAX_SELECTION_TEMPERATURE = 1000.0
 
