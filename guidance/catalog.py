@@ -36,12 +36,16 @@ class GuideModelInfo:
 
 
 class GuideCatalog:
-    def __init__(self, models: Mapping[str, GuideModelInfo]) -> None:
+    def __init__(self, models: Mapping[str, GuideModelInfo], scorers_only: Mapping[str, str] | None = None) -> None:
+        """`scorers_only`: {name: kind} of the table's models that only score (a URL, an off-the-shelf
+        reward model): not guide models, named so that guidance naming one is refused clearly."""
         self._models = dict(models)
+        self._scorers_only = dict(scorers_only or {})
 
     @classmethod
-    def from_paths(cls, paths: Mapping[str, str | Path]) -> "GuideCatalog":
-        return cls({name: read_guide_info(name, Path(path)) for name, path in paths.items()})
+    def from_paths(cls, paths: Mapping[str, str | Path], scorers_only: Mapping[str, str] | None = None
+                   ) -> "GuideCatalog":
+        return cls({name: read_guide_info(name, Path(path)) for name, path in paths.items()}, scorers_only)
 
     @classmethod
     def from_table(cls, table_file: Path) -> "GuideCatalog":
@@ -50,6 +54,10 @@ class GuideCatalog:
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
+
+    def scorer_kind(self, name: str) -> str | None:
+        """The kind of the table's scorer-only model `name` (None for any other name)."""
+        return self._scorers_only.get(name)
 
     def __getitem__(self, name: str) -> GuideModelInfo:
         return self._models[name]
@@ -68,12 +76,13 @@ class GuideCatalog:
 
 
 def read_guide_table(table_file: Path) -> dict[str, str | dict]:
-    """The guide-model table in `table_file` as written: {name: directory relative to the file} or
-    {name: {"url": ...}}; ValueError naming the file if it is neither."""
+    """The guide-model table in `table_file` as written: {name: directory relative to the file},
+    {name: {"url": ...}} or {name: {"path": ..., "kind": ...}}; ValueError naming the file if it is none."""
     table = json.loads(table_file.read_text())
     if not isinstance(table, dict) or not all(isinstance(v, (str, dict)) for v in table.values()):
         raise ValueError(f"guide_models: {table_file} must hold a JSON object of name -> directory "
-                         "(or name -> {\"url\": ...} for a scorer served by URL)")
+                         "(or name -> {\"url\": ...} for a scorer served by URL, or {\"path\": ..., \"kind\": ...} "
+                         "for a reward model)")
     return table
 
 
@@ -89,7 +98,8 @@ def read_guide_info(name: str, path: Path) -> GuideModelInfo:
         head = read_head_config(path)
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"guide model {name!r}: {path} is not a guide-model directory ({exc})") from exc
+        raise ValueError(f"guide model {name!r}: {path} is not a guide-model directory ({exc})"
+                         f"{_reward_model_hint(path)}") from exc
     atoms = head.get("atoms")
     return GuideModelInfo(
         name=name,
@@ -99,3 +109,14 @@ def read_guide_info(name: str, path: Path) -> GuideModelInfo:
         vocab_size=int(config["vocab_size"]),
         atoms=tuple(float(z) for z in atoms) if atoms is not None else None,
     )
+
+
+def _reward_model_hint(path: Path) -> str:
+    """How to list `path` when it is an off-the-shelf reward model rather than a guide model."""
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return ""
+    if any(str(a).endswith(("ForSequenceClassification", "ForProcessRewardModel")) for a in architectures):
+        return '; a reward model is listed as {"path": ..., "kind": "reward_model"} (or "prm"), a scorer'
+    return ""

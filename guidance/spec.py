@@ -81,6 +81,10 @@ def _parse_entry(entry: Any, catalog: GuideCatalog, check_models: bool, param: s
 
 def _check_model(term: GuideTerm, module: GuidanceModule, top_k: int, catalog: GuideCatalog, param: str) -> None:
     """The guide model of one term is configured and can serve the module; GuidanceError naming its field."""
+    if (kind := catalog.scorer_kind(term.model)) is not None:
+        raise GuidanceError(
+            f"{term.model!r} is a scorer only ({kind}), for search.scorer: token-level guidance needs a guide model "
+            f"in this server's format with the base model's tokenizer", f"{param}.{term.field}")
     if term.model not in catalog:
         known = ", ".join(catalog.names()) or "none are configured"
         raise GuidanceError(f"Unknown guide model {term.model!r}; configured: {known}", f"{param}.{term.field}")

@@ -16,6 +16,8 @@ from guidance.adapters.vllm import resolve_guide_dtype
 from guidance.catalog import GuideCatalog
 from guidance.kv_budget import guide_kv_capacity, guide_kv_plans
 from guidance.loading import check_tokenizers
+from guidance.search.hf_entries import read_scorer_entry
+from guidance.search.hf_scorers import load_hf_scorer
 from guidance.search.remote import load_remote_scorers
 from guidance.search.scorers import ScorerCatalog
 from server.api.chat.router import router as chat_router
@@ -30,6 +32,7 @@ from server.api.models import router as models_router
 from server.api.responses.router import router as responses_router
 from server.api.responses.store import ResponseStore
 from server.api.tokenize import router as tokenize_router
+from server.cache.keys import model_revision
 from server.cache.service import ResponseCache
 from server.engine import Engine
 from server.diagnostics import log_state
@@ -86,13 +89,20 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer = PromptRenderer.load(settings.model)
-        catalog = GuideCatalog.from_paths(settings.guide_model_paths())
+        specs = [read_scorer_entry(name, entry) for name, entry in settings.scorer_model_entries().items()]
+        remote_entries = settings.remote_scorer_entries()
+        scorers_only = {**{spec.name: spec.kind for spec in specs}, **dict.fromkeys(remote_entries, "remote")}
+        catalog = GuideCatalog.from_paths(settings.guide_model_paths(), scorers_only)
         check_tokenizers(settings.model, catalog)
-        remote = load_remote_scorers(settings.remote_scorer_entries(), os.environ)
-        scorers = ScorerCatalog.load(catalog, remote=remote)
+        remote = load_remote_scorers(remote_entries, os.environ)
+        reward_models = [load_hf_scorer(spec, settings.model) for spec in specs]
+        scorers = ScorerCatalog.load(catalog, remote=remote, reward_models=reward_models)
         REMOTE_SCORER_ATTEMPTS.scorers = remote
+        # A reward model is identified by its weights and how it reads them, a remote one by its endpoint.
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name(),
-                                            {s.name: s.identity() for s in remote})
+                                            {**{s.name: s.identity() for s in remote},
+                                             **{s.name: f"{model_revision(s.spec.path)} {s.identity()}"
+                                                for s in reward_models}})
         engine = start_engine(settings, catalog)
         # The worker sizes the guide caches by the same budget and dtype (guidance.adapters.vllm).
         guide_dtype = resolve_guide_dtype(settings.guide_dtype, engine.model_dtype)

@@ -140,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from guidance.catalog import GuideCatalog
+    from guidance.search.hf_entries import read_scorer_entry
     from guidance.search.remote import read_remote_entry
     from server.app import create_app
     from server.engine import EngineSettingsError, engine_args, engine_config
@@ -155,6 +156,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         for name, entry in settings.remote_scorer_entries().items():
             read_remote_entry(name, entry, os.environ)
+        for name, entry in settings.scorer_model_entries().items():
+            read_scorer_entry(name, entry)
     except ValueError as exc:
         print(f"alignserve serve: invalid guide_models: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,9 @@ scorer and the lowest-scored `floor(live * fraction)` are aborted (ties: the lat
 candidate), keeping at least `min_keep`; scoring at an exact length keeps a seeded
 request reproducible. Checkpoints stop once none could prune. The engine aborts a pruned
 candidate at once (its KV blocks and guide-model slot are freed); its tokens so far count
-in `generated_tokens`. The kept candidate is chosen among the unpruned ones.
+in `generated_tokens`. The kept candidate is chosen among the unpruned ones. With `aggregate`, each
+candidate is cut into steps at the scorer's step delimiter, its steps are scored (`Scorer.score_steps`)
+and their aggregate (`guidance.search.aggregate`) is its score.
 
 blockwise: per block, K continuations of at most M tokens of prompt + blocks kept so far
 (vLLM's prefix cache serves the shared prefix), scored as prompt + blocks + candidate;
@@ -44,15 +46,18 @@ import torch
 
 from guidance.batch import GuidanceReport
 from guidance.kl_budget import spend
+from guidance.search.aggregate import aggregate
 from guidance.search.report import Checkpoint, SearchReport
 from guidance.search.remote import RemoteScorerError, ScorerBadResponse, ScorerTimedOut, ScorerUnreachable
-from guidance.search.scorers import Completion, Conversation, ModelScorer, Scorer, ScorerCatalog, step_prefixes
+from guidance.search.scorers import (Completion, Conversation, ModelScorer, Scorer, ScorerCatalog,
+                                     ScorerInputTooLong, step_prefixes)
 from guidance.search.selection import lowest_scored, prune_count, select, selection_generator
+from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams, StepSearchParams
+from guidance.search.step_split import split_completion
 from guidance.search.steps import weighted_majority
 from guidance.verifiers import answer_extractor
-from guidance.search.spec import BestOfN, Blockwise, Prune, SearchParams, StepSearchParams
 from server.engine import ChoiceDelta, ChoiceOutput, Engine, SamplingOptions
-from server.errors import APIError, BadGateway, ScorerTimeout, ScorerUnavailable
+from server.errors import APIError, BadGateway, ContextLengthExceeded, ScorerTimeout, ScorerUnavailable
 from server.metrics import PRUNED_CANDIDATES, SCORER_CALLS, observe_search
 from server.step_search import StepSearch
 from server.streams import merge
@@ -197,7 +202,8 @@ class Search:
     async def _keep(self, search: SearchParams, prompt: _Prompt, completions: list[Completion],
                     generator: torch.Generator) -> tuple[list[float], int]:
         """Score candidates and pick one: (scores, index kept); with `answers`, the weighted majority."""
-        scores = await self._score(search.scorer, search.type, prompt, completions, search.reference)
+        scores = await self._score(search.scorer, search.type, prompt, completions, search.reference,
+                                   getattr(search, "aggregate", None))
         if getattr(search, "answers", None) is not None:
             read = answer_extractor(search.answers)
             winner = weighted_majority([read(c.text) for c in completions], scores)
@@ -206,11 +212,17 @@ class Search:
         return scores, select(torch.tensor(scores), search.temperature, generator)
 
     async def _score(self, name: str, search_type: str, prompt: _Prompt, completions: list[Completion],
-                     reference: Any) -> list[float]:
-        """Scores by scorer `name` (a verifier compares with `reference`)."""
+                     reference: Any, aggregate_by: str | None = None) -> list[float]:
+        """Scores by scorer `name` (a verifier compares with `reference`; with `aggregate_by`, the aggregate
+        of each completion's step scores)."""
         scorer: Scorer = self.scorers[name]
-        return await self._call(scorer, search_type, functools.partial(
-            scorer.score, prompt.text, prompt.ids, completions, reference, **_conversation(scorer, prompt)))
+        extra = _conversation(scorer, prompt)
+        if aggregate_by is None:
+            work = functools.partial(scorer.score, prompt.text, prompt.ids, completions, reference, **extra)
+        else:
+            work = functools.partial(_score_by_steps, scorer, aggregate_by, self.decode, prompt, completions,
+                                     reference, extra)
+        return await self._call(scorer, search_type, work)
 
     async def _score_steps(self, search: StepSearchParams, prompt: _Prompt, solutions: list[tuple[Completion, ...]],
                            known: list[list[float]]) -> list[list[float]]:
@@ -238,12 +250,21 @@ class Search:
         try:
             with stage(Stage.SCORING):
                 result = await asyncio.wait_for(running, self.scorer_timeout_s)
+        except ScorerInputTooLong as exc:
+            raise ContextLengthExceeded(str(exc), param="max_tokens") from exc
         except (TimeoutError, RemoteScorerError) as exc:
             error = _scorer_error(scorer.name, exc, self.scorer_timeout_s)
             SCORER_CALLS.labels(scorer.name, _OUTCOMES[type(error)]).inc()
             raise error from exc
         observe_search(search_type, scorer.name, newest_scores(result), time.perf_counter() - began)
         return result
+
+
+def _score_by_steps(scorer: Scorer, how: str, decode: Callable[[list[int]], str], prompt: _Prompt,
+                    completions: list[Completion], reference: Any, extra: dict[str, Any]) -> list[float]:
+    """Each completion cut into steps at the scorer's delimiter, its steps scored, their `how` aggregate."""
+    steps = [split_completion(c, scorer.step_delimiter, decode) for c in completions]
+    return [aggregate(scores, how) for scores in scorer.score_steps(prompt.text, prompt.ids, steps, reference, **extra)]
 
 
 _OUTCOMES: dict[type[APIError], str] = {ScorerTimeout: "timeout", ScorerUnavailable: "unavailable",

@@ -58,8 +58,9 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
     )
     guide_models: Path | None = Field(
         default=None,
-        description="JSON file mapping guide-model names to directories (relative to the file), or to "
-        "{\"url\": ...} for a reward model served by URL (docs/guidance.md, Remote scorers); "
+        description="JSON file mapping guide-model names to directories (relative to the file), to "
+        "{\"url\": ...} for a reward model served by URL, or to {\"path\": ..., \"kind\": \"reward_model\"|\"prm\"} "
+        "for an off-the-shelf reward model (docs/guidance.md); "
         "default: the demo guide models when serving the demo model, else none.",
     )
     guide_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -177,7 +178,8 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
         return self.guide_models
 
     def guide_table(self) -> dict[str, str | dict]:
-        """The operator's guide-model table as written: {name: directory} or {name: {"url": ...}}."""
+        """The operator's guide-model table as written: {name: directory}, {name: {"url": ...}} or
+        {name: {"path": ..., "kind": ...}}."""
         table_file = self.guide_table_file()
         return {} if table_file is None else read_guide_table(table_file)
 
@@ -188,7 +190,16 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
 
     def remote_scorer_entries(self) -> dict[str, dict]:
         """The scorers served by URL in the operator's table, {name: entry} (guidance.search.remote)."""
-        return {name: entry for name, entry in self.guide_table().items() if isinstance(entry, dict)}
+        return {name: entry for name, entry in self.guide_table().items()
+                if isinstance(entry, dict) and "url" in entry}
+
+    def scorer_model_entries(self) -> dict[str, dict]:
+        """The other object entries, off-the-shelf reward models ({"path": ..., "kind": ...},
+        guidance.search.hf_entries), their path made absolute (relative to the table's file)."""
+        table_file = self.guide_table_file()
+        return {name: {**entry, "path": str((table_file.parent / entry["path"]).resolve())}
+                if isinstance(entry.get("path"), str) and entry["path"] else entry
+                for name, entry in self.guide_table().items() if isinstance(entry, dict) and "url" not in entry}
 
     @property
     def api_key_list(self) -> list[str]:

@@ -1,26 +1,27 @@
-"""How the per-step scores of a process reward model (or of a prefix scorer read at each step) make
-one score for a partial or finished solution, as search-and-learn aggregates PRM scores:
+"""One score for a completion from its step scores (a process reward model's, or a prefix scorer's).
 
-- ``last``: the newest step's score (a PRM's estimate that the solution so far is on track);
-- ``min``: the weakest step;
-- ``prod``: the product of the steps' scores (the chance every step is right, when each is a probability);
-- ``mean``: their average.
+    last  r_K                 the score after the last step (a PRM's estimate for the whole solution)
+    min   min_k r_k           the weakest step (a solution is as good as its worst step)
+    prod  prod_k r_k          the chance that every step is right, reading r_k as independent probabilities
+    mean  (1/K) sum_k r_k
+
+Pure: best-of-N, beam search and the other step-level searches share it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 Aggregate = Literal["last", "min", "prod", "mean"]
-AGGREGATES: tuple[Aggregate, ...] = ("last", "min", "prod", "mean")
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 
 
-def aggregate(step_scores: Sequence[float], how: Aggregate) -> float:
-    """One score from the scores of a solution's steps, in order (at least one)."""
+def aggregate(step_scores: Sequence[float], how: str) -> float:
+    """The `how` aggregate of one completion's step scores (at least one); ValueError naming a bad `how`."""
     if not step_scores:
-        raise ValueError("aggregate needs at least one step score")
+        raise ValueError("no step scores to aggregate")
     if how == "last":
         return float(step_scores[-1])
     if how == "min":
@@ -28,5 +29,5 @@ def aggregate(step_scores: Sequence[float], how: Aggregate) -> float:
     if how == "prod":
         return float(math.prod(step_scores))
     if how == "mean":
-        return float(sum(step_scores) / len(step_scores))
+        return math.fsum(step_scores) / len(step_scores)
     raise ValueError(f"unknown aggregate {how!r}; one of {', '.join(AGGREGATES)}")

@@ -10,7 +10,9 @@ A scorer maps (prompt, completions) to one score per completion, all in one call
   model, or a prefix scorer on prompt + block in blockwise search; an ARM or GenARM
   head (``arm``, ``lm``) sums the completion's token rewards;
 - a reward model served on its own engine, reached by URL (``guidance.search.remote``), scores
-  the text, or for a chat request the conversation rendered with its own chat template.
+  the text, or for a chat request the conversation rendered with its own chat template;
+- an off-the-shelf HF reward model in its own format (``guidance.search.hf_scorers``): a sequence
+  classifier, or a process reward model that scores each step.
 
 Requests name scorers; the operator configures them (verifiers are built in or installed
 plug-ins, except those not served, such as ``python-tests``; models and URLs come from the guide-model
@@ -57,12 +59,21 @@ class Conversation:
         return [*self.messages, {"role": "assistant", "content": text}]
 
 
+DEFAULT_STEP_DELIMITER = "\n\n"  # a blank line ends a step
+
+
+class ScorerInputTooLong(ValueError):
+    """A candidate is longer than a scorer can read (counted in the scorer's own tokens); the message says
+    by how much."""
+
+
 class Scorer(ABC):
     name: str
     kind: str
     max_length: int | None = None  # longest prompt + completion it can score (None: any)
     # Whether `score` takes a chat request's `conversation=` (keyword) besides the rendered prompt text.
     reads_conversation: bool = False
+    step_delimiter: str = DEFAULT_STEP_DELIMITER  # where a whole completion is cut into steps for `score_steps`
 
     @abstractmethod
     def score(self, prompt_text: str, prompt_ids: Sequence[int], completions: Sequence[Completion],
@@ -148,9 +159,11 @@ class ScorerCatalog:
 
     @classmethod
     def load(cls, catalog: GuideCatalog, dtype: torch.dtype = torch.float32,
-             device: torch.device | str = "cpu", remote: Sequence[Scorer] = ()) -> "ScorerCatalog":
-        """The served verifiers, every sequence-scoring guide model of `catalog` (loaded) and the
-        `remote` scorers; neither a guide model nor a remote scorer may take a verifier's name."""
+             device: torch.device | str = "cpu", remote: Sequence[Scorer] = (),
+             reward_models: Sequence[Scorer] = ()) -> "ScorerCatalog":
+        """The served verifiers, every sequence-scoring guide model of `catalog` (loaded), the `remote`
+        scorers and the off-the-shelf `reward_models` (``guidance.search.hf_scorers``); none of them may
+        take a verifier's name."""
         verifiers = [get_verifier(name) for name in verifier_names()]
         scorers: list[Scorer] = [VerifierScorer(v.name, v) for v in verifiers if v.served]
         for name in catalog.names():
@@ -160,9 +173,9 @@ class ScorerCatalog:
             if name in verifier_names():
                 raise ValueError(f"guide model {name!r} has the name of a verifier; rename it")
             scorers.append(ModelScorer(info, SequenceScorer.load(info.path, dtype=dtype, device=device)))
-        for scorer in remote:
+        for scorer in (*remote, *reward_models):
             if scorer.name in verifier_names():
-                raise ValueError(f"remote scorer {scorer.name!r} has the name of a verifier; rename it")
+                raise ValueError(f"{scorer.kind} scorer {scorer.name!r} has the name of a verifier; rename it")
             scorers.append(scorer)
         return cls(scorers)
 

@@ -23,6 +23,11 @@ of partial solutions (a process reward model or a prefix scorer), e.g.
 
 `answers` names a verifier whose answer reader groups finished solutions: the pick is then the
 weighted majority (the answer with the largest sum of scores, and its best-scored solution).
+
+A best-of-N `aggregate` ("last", "min", "prod", "mean") scores each step of the candidates with a
+step scorer and keeps the best aggregate (`guidance.search.aggregate`):
+
+    {"type": "best_of_n", "n": 8, "scorer": "qwen-prm", "aggregate": "min"}
 """
 
 from __future__ import annotations
@@ -88,6 +93,10 @@ class BestOfN(_SearchParams):
     n: int = Field(ge=1, description="Candidates sampled per choice.")
     answers: str | None = ANSWERS
     prune: Prune | None = Field(default=None, description="Abort the weakest candidates early (Prune).")
+    aggregate: Aggregate | None = Field(
+        default=None, description="With a scorer that scores steps (a process reward model, a prefix scorer): "
+        "score each step and keep the candidate with the best last, min, prod or mean of its step scores "
+        "(default: the scorer's own score of the whole completion, a PRM's last step's).")
 
     candidates_field = "n"
 
@@ -175,8 +184,8 @@ def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param
                  step_scorers: Sequence[str] = ()) -> SearchParams:
     """Validate a request's `search` object against the configured scorer names (`prefix_scorers`:
     those that can score partial sequences, for `prune`; `reference_scorers`: those that need
-    `reference`; `step_scorers`: those that score each step, for step-level search); GuidanceError
-    naming the first bad field."""
+    `reference`; `step_scorers`: those that score each step, for step-level search and best-of-N's
+    `aggregate`); GuidanceError naming the first bad field."""
     if not isinstance(entry, dict):
         raise GuidanceError("search must be an object", param)
     kind = entry.get("type")
@@ -210,6 +219,10 @@ def parse_search(entry: Any, scorers: Sequence[str], limits: SearchLimits, param
     if spec.reference is None and spec.scorer in reference_scorers:
         raise GuidanceError(f"The scorer {spec.scorer!r} compares completions with a reference: give "
                             f"{param}.reference", f"{param}.reference")
+    if getattr(spec, "aggregate", None) is not None and spec.scorer not in step_scorers:
+        raise GuidanceError(
+            f"{param}.aggregate needs a scorer that scores steps; {spec.scorer!r} scores whole completions "
+            f"(step scorers: {', '.join(step_scorers) or 'none'})", f"{param}.aggregate")
     prune = getattr(spec, "prune", None)
     if prune is not None:
         if prune.scorer not in prefix_scorers:

@@ -179,4 +179,13 @@ def test_an_invalid_remote_scorer_entry_exits_2_naming_the_field(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "invalid guide_models: rm.retries: Input should be less than or equal to 10" in result.stderr
+
+
+def test_an_invalid_reward_model_entry_exits_2_naming_the_field(tmp_path):
+    table = tmp_path / "guides.json"
+    table.write_text('{"prm": {"kind": "prm", "step_tag": "x"}}')
+    result = subprocess.run([str(ALIGNSERVE), "serve", "--guide-models", str(table), "--port", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "invalid guide_models: prm.path: Field required" in result.stderr
     assert "Traceback" not in result.stderr
