@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from workflows.evaluation.configs import BASE, ConfigError, EvalConfig, check_unique, read_config_file
+from guidance.search.aggregate import AGGREGATES
+from workflows.evaluation.configs import BASE, DEFAULT_MAX_STEPS, ConfigError, EvalConfig, check_unique, read_config_file
 from workflows.evaluation.sweep import (
     DEFAULT_BLOCK_CANDIDATES,
     DEFAULT_BLOCK_TOKENS,
@@ -147,6 +148,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                        help="candidates never pruned below this many [default: %(default)s]")
     group.add_argument("--min-entropy", type=_argument_type(parse_strengths), default=(), metavar="H,H,...",
                        help="also run each per-step configuration gated at these base entropies (nats)")
+    group.add_argument("--step-search", nargs="+", default=[], metavar="SCORER",
+                       help="beam search, DVTS and particle filtering by these step scorers (a PRM or a prefix "
+                            "scorer), one config per budget N of --n: N candidates per step")
+    group.add_argument("--expansions", type=_at_least(1, int), default=4,
+                       help="beam's expansions per kept solution and DVTS's beam_width [default: %(default)s]")
+    group.add_argument("--step-delimiter", default="\n\n",
+                       help="text that ends a step of the step-level searches [default: a blank line]")
+    group.add_argument("--max-steps", type=_at_least(1, int), default=DEFAULT_MAX_STEPS,
+                       help="most steps of a step-level search's solution [default: %(default)s]")
+    group.add_argument("--aggregate", choices=AGGREGATES, default="last",
+                       help="how the step-level searches aggregate a solution's step scores [default: last]")
+    group.add_argument("--answers", metavar="VERIFIER",
+                       help="pick by weighted majority over this verifier's answers: the step-level searches, "
+                            "and a weighted best-of-N curve per --best-of-n scorer")
 
 
 def _configs(args: argparse.Namespace) -> list[EvalConfig]:
@@ -159,7 +174,10 @@ def _configs(args: argparse.Namespace) -> list[EvalConfig]:
     sweep = Sweep(guided={m: tuple(getattr(args, m)) for m in GUIDED_METHODS}, strengths=args.strengths,
                   best_of_n=tuple(args.best_of_n), ns=args.n, blockwise=tuple(args.blockwise),
                   block_candidates=args.block_candidates, block_tokens=args.block_tokens, prune=prune,
-                  min_entropies=tuple(h for h in args.min_entropy if h > 0), kl_budgets=args.kl_budgets)
+                  min_entropies=tuple(h for h in args.min_entropy if h > 0), kl_budgets=args.kl_budgets,
+                  step_search=tuple(args.step_search), expansions=args.expansions, answers=args.answers,
+                  step_fields={"step_delimiter": args.step_delimiter, "max_steps": args.max_steps,
+                               "aggregate": args.aggregate})
     listed = read_config_file(args.configs) if args.configs else []
     variants = [variant for config in listed for variant in budget_variants(config, args.kl_budgets)]
     if args.kl_budgets and not any(sweep.guided.values()) and not variants:

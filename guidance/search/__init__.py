@@ -1,4 +1,5 @@
-"""Request-level search: best-of-N and blockwise controlled decoding.
+"""Request-level search: best-of-N, blockwise controlled decoding and step-level search (beam, DVTS,
+particle filtering).
 
 Engine-independent: the spec a request carries (`spec`), how a candidate is picked from
 its scores (`selection`), and the scorers that score candidates (`scorers`). The

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from workflows.evaluation.configs import BASE, ConfigError, EvalConfig, check_unique, read_config_file
+from workflows.evaluation.metrics import SELECTION_NOT_ESTIMATED, selection_kl
+from workflows.evaluation.runner import seeds_per_sample
 from workflows.evaluation.sweep import (
     GuideModel,
     Sweep,
@@ -177,3 +179,25 @@ def test_budget_variants_of_a_file_configuration_keep_its_strengths_as_caps():
     assert budget_variants(per_token, (1.0,)) == [] and budget_variants(BASE, (1.0,)) == []
     assert budgeted.kl_budget == 3.0 and per_token.kl_budget is None and BASE.kl_budget is None
     assert EvalConfig("m", "m", None, guidance=({"max_kl": 2}, {"max_kl": 0.5})).kl_budget == 0.5  # the tightest
+
+
+def test_sweep_step_searches_at_each_budget():
+    """Budget N: beam keeps N / E solutions of E expansions, DVTS runs N / E subtrees, particle filtering
+    carries N particles; a budget that E does not divide has no beam or DVTS point."""
+    sweep = Sweep(best_of_n=("prm",), ns=(2, 4, 8), step_search=("prm",), expansions=4, answers="math",
+                  step_fields={"step_delimiter": "\n", "max_steps": 6, "aggregate": "min"})
+    configs = {c.name: c for c in sweep_configs(sweep)}
+    assert configs["beam-8(prm)"].search == {"type": "beam", "beam_width": 2, "expansions": 4, "scorer": "prm",
+                                             "step_delimiter": "\n", "max_steps": 6, "aggregate": "min",
+                                             "answers": "math"}
+    assert configs["dvts-8(prm)"].search["n"] == 8 and configs["dvts-8(prm)"].search["beam_width"] == 4
+    assert configs["particle_filter-2(prm)"].search["particles"] == 2
+    assert "beam-2(prm)" not in configs and "dvts-2(prm)" not in configs
+    assert configs["weighted-best-of-4(prm)"].search == {"type": "best_of_n", "n": 4, "scorer": "prm",
+                                                         "answers": "math"}
+    assert configs["beam-8(prm)"].method == "beam(prm)" and configs["beam-8(prm)"].strength == 8.0
+    # Seeds: max_steps x candidates per step, so no two samples share an expansion's seed.
+    assert [configs[name].candidates_per_step for name in ("beam-8(prm)", "dvts-8(prm)", "particle_filter-4(prm)")
+            ] == [8, 8, 4]
+    assert seeds_per_sample(configs["beam-8(prm)"], max_tokens=64) == 6 * 8
+    assert selection_kl(configs["dvts-4(prm)"]) == (None, SELECTION_NOT_ESTIMATED)

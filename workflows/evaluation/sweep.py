@@ -5,12 +5,16 @@
     --best-of-n alignserve-verifier my-value --n 1,2,4,8,16     best-of-N, one config per N
     --blockwise my-prefix --block-candidates 4 --block-tokens 4 blockwise CD, one config per candidate count
     --prune my-value --prune-every 8 --prune-fraction 0.5       also pruned best-of-N, per scorer and N >= 2
+    --step-search my-prm --expansions 4                         beam, DVTS and particle filtering per N (budget)
+    --answers math                                              weighted-majority picks (also a best-of-N curve)
     --min-entropy 0.5,1                                         also entropy-gated variants of per-step configs
     --kl-budgets 0.25,0.5,1,2                                   per-step guidance at each KL budget (max_kl)
 
 Each guide model or scorer is one curve (``method``): ``qsharp(my-value)``, ``best-of-n(my-value)``,
-``blockwise(my-prefix)``; the strength of a point is the guidance strength, N, or the
-candidates per block. Pruned best-of-N is a curve of its own, ``best-of-n(my-value) pruned(v)``,
+``blockwise(my-prefix)``, ``beam(my-prm)``; the strength of a point is the guidance strength, N, the
+candidates per block, or a step-level search's budget B, its candidates per step: beam keeps B / E
+solutions of E expansions each (B a multiple of E = ``--expansions``), DVTS runs B / E subtrees of E
+expansions (search-and-learn's n = B, beam_width = E), particle filtering carries B particles. Pruned best-of-N is a curve of its own, ``best-of-n(my-value) pruned(v)``,
 and so is each gate, ``qsharp(my-value) H>=0.5``.
 
 With KL budgets each per-step guide model is also run once per budget B, its entry
@@ -55,6 +59,10 @@ class Sweep:
     prune: dict | None = None  # best-of-N's `prune` object, for the pruned variants
     min_entropies: tuple[float, ...] = ()  # gates of the per-step variants
     kl_budgets: tuple[float, ...] = ()  # max_kl of the budgeted per-step variants
+    step_search: tuple[str, ...] = ()  # scorers of beam, DVTS and particle filtering
+    expansions: int = 4  # E: beam's expansions per kept solution, DVTS's beam_width
+    step_fields: dict = field(default_factory=dict)  # step_delimiter, max_steps, aggregate of the step searches
+    answers: str | None = None  # weighted-majority picks by this verifier's answers
 
     def strengths_of(self, guide: GuideModel) -> tuple[float, ...]:
         """The fixed strengths a guide model is run at (module docstring)."""
@@ -160,4 +168,21 @@ def sweep_configs(sweep: Sweep) -> list[EvalConfig]:
                            strength=float(k), search={"type": "blockwise", "candidates": k,
                                                       "block_tokens": sweep.block_tokens, "scorer": scorer})
                 for scorer in sweep.blockwise for k in sweep.block_candidates]
-    return configs
+    if sweep.answers is not None:
+        configs += [EvalConfig(name=f"weighted-best-of-{n}({scorer})", method=f"weighted-best-of-n({scorer})",
+                               strength=float(n), search={"type": "best_of_n", "n": n, "scorer": scorer,
+                                                          "answers": sweep.answers})
+                    for scorer in sweep.best_of_n for n in sweep.ns if n >= 2]
+    return configs + [config for scorer in sweep.step_search for config in _step_searches(scorer, sweep)]
+
+
+def _step_searches(scorer: str, sweep: Sweep) -> list[EvalConfig]:
+    """Beam, DVTS and particle filtering by `scorer` at each budget N (module docstring)."""
+    common = {"scorer": scorer, **sweep.step_fields, **({"answers": sweep.answers} if sweep.answers else {})}
+    width = sweep.expansions
+    searches = {"beam": lambda b: {"beam_width": b // width, "expansions": width} if b % width == 0 else None,
+                "dvts": lambda b: {"n": b, "beam_width": width} if b % width == 0 else None,
+                "particle_filter": lambda b: {"particles": b}}
+    return [EvalConfig(name=f"{kind}-{budget}({scorer})", method=f"{kind}({scorer})", strength=float(budget),
+                       search={"type": kind, **counts, **common})
+            for kind, shape in searches.items() for budget in sweep.ns if (counts := shape(budget)) is not None]
