@@ -172,20 +172,15 @@ def test_rejected_engine_settings_exit_2_before_any_engine_starts():
     assert "Traceback" not in result.stderr
 
 
-def test_an_invalid_remote_scorer_entry_exits_2_naming_the_field(tmp_path):
+@pytest.mark.parametrize("entry, message", [
+    ('{"url": "http://rm:8000", "retries": 99}', "rm.retries: Input should be less than or equal to 10"),
+    ('{"kind": "prm", "step_tag": "x"}', "rm.path: Field required"),
+])
+def test_an_invalid_scorer_entry_exits_2_naming_the_field(tmp_path, entry, message):
     table = tmp_path / "guides.json"
-    table.write_text('{"rm": {"url": "http://rm:8000", "retries": 99}}')
+    table.write_text(f'{{"rm": {entry}}}')
     result = subprocess.run([str(ALIGNSERVE), "serve", "--guide-models", str(table), "--port", "1"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "invalid guide_models: rm.retries: Input should be less than or equal to 10" in result.stderr
-
-
-def test_an_invalid_reward_model_entry_exits_2_naming_the_field(tmp_path):
-    table = tmp_path / "guides.json"
-    table.write_text('{"prm": {"kind": "prm", "step_tag": "x"}}')
-    result = subprocess.run([str(ALIGNSERVE), "serve", "--guide-models", str(table), "--port", "1"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "invalid guide_models: prm.path: Field required" in result.stderr
+    assert f"invalid guide_models: {message}" in result.stderr
     assert "Traceback" not in result.stderr
