@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from guidance.verifiers.text import fenced_block, normalise
-from guidance.verifiers.worker import WorkerPool
+from guidance.verifiers.worker import WorkerCallError, WorkerDied, WorkerPool, WorkerTimeout
 
 REGEX_TIMEOUT_S = 2.0
 JSON_SCHEMA_TIMEOUT_S = 5.0
@@ -57,3 +57,13 @@ def math_answer(prompt: str, completion: str, reference: Any) -> float:
     if isinstance(reference, bool) or not isinstance(reference, (str, int, float)):
         raise ValueError("math: the reference must be a number or a string")
     return float(_CHECKS.call("math_equal", str(reference), completion, timeout_s=MATH_TIMEOUT_S))
+
+
+
+def math_final_answer(completion: str) -> str | None:
+    """The answer `math` reads in a completion, in a canonical form (``checks.final_answer``); None when it
+    reads none or the check fails."""
+    try:
+        return _CHECKS.call("final_answer", completion, timeout_s=MATH_TIMEOUT_S)
+    except (WorkerCallError, WorkerTimeout, WorkerDied):  # an unreadable or hostile completion gives none
+        return None

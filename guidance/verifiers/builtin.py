@@ -16,7 +16,7 @@ name it as a search scorer (a request's reference would be code run on the serve
 
 from __future__ import annotations
 
-from guidance.verifiers.answers import exact, json_schema, math_answer, regex
+from guidance.verifiers.answers import exact, json_schema, math_answer, math_final_answer, regex
 from guidance.verifiers.python_tests import PythonTests
 from guidance.verifiers.registry import register_verifier
 from models.demo.task import first_integer
@@ -26,7 +26,7 @@ from models.tasks.chat_arith import reward as arith_first_line_reward
 
 register_verifier("demo-verifier", demo_reward, answer=first_integer)
 register_verifier("arith-first-line", arith_first_line_reward, answer=first_line_answer)
-register_verifier("math", math_answer, needs_reference=True)
+register_verifier("math", math_answer, answer=math_final_answer, needs_reference=True)
 register_verifier("exact", exact, needs_reference=True)
 register_verifier("regex", regex, needs_reference=True)
 register_verifier("json-schema", json_schema, needs_reference=True)

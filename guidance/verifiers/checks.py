@@ -35,6 +35,13 @@ def math_equal(reference: str, completion: str) -> bool:
     return verify(gold, answer, timeout_seconds=None)
 
 
+def final_answer(completion: str) -> str | None:
+    """The completion's final answer as math-verify reads it, in a canonical form (sympy's: "66", "1/2"), for
+    grouping answers (maj@k, weighted majority); None when it gives none."""
+    answer = parse(completion, parsing_timeout=None)
+    return str(answer[0]) if answer else None
+
+
 def is_number(expression: Any) -> bool:
     """Whether a parsed answer is written as a number: an integer, a decimal, a fraction p/q or a percentage,
     optionally negative; not an unevaluated sum, product or power of numbers."""

@@ -417,3 +417,10 @@ def test_requests_cannot_name_code_running_or_unregistered_verifiers(scorer: str
         reference_services().resolve_search({"type": "best_of_n", "n": 2, "scorer": scorer, "reference": "x"})
     assert info.value.param == "search.scorer"
 
+
+
+def test_math_reads_the_final_answer_for_majority_votes() -> None:
+    read = answer_extractor("math")
+    assert read("28 + 13 = 41\n\n41 + 25 = 66. So the answer is 66.") == "66"
+    assert read("It is \\boxed{\\frac{2}{4}}") == read("1/2") == "1/2"  # one canonical form per value
+    assert read("no number at all") is None
