@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,8 @@ def _rollouts(args: argparse.Namespace) -> int:
 
 def _prompts(args: argparse.Namespace) -> int:
     records = TASKS[args.task](args.split)
+    if args.count is not None:
+        records = random.Random(args.seed).sample(records, min(args.count, len(records)))
     write_prompts(records, args.out)
     print(f"wrote {len(records)} {args.task} prompts ({args.split}) to {args.out}")
     return 0
@@ -256,6 +259,9 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     prompts.add_argument("out", type=Path, help="prompt file to write")
     prompts.add_argument("--split", choices=["train", "heldout", "all"], default="train",
                          help="train prompts, or the held-out ones kept for evaluation [default: %(default)s]")
+    prompts.add_argument("--count", type=int, metavar="N",
+                         help="a random N of the split's prompts, drawn with --seed [default: all, in order]")
+    prompts.add_argument("--seed", type=int, default=0, help="seed of the --count draw [default: %(default)s]")
     prompts.set_defaults(run=_prompts)
 
     rollouts = kinds.add_parser(
