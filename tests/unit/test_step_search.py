@@ -236,7 +236,7 @@ LIMITS = SearchLimits(max_candidates=16, max_block_tokens=32)
      "search.step_tokens"),
     ({"type": "beam", "beam_width": 2, "expansions": 2, "scorer": "prm", "step_delimiter": ""}, "search.step_delimiter"),
     ({"type": "beam", "beam_width": 2, "expansions": 2, "scorer": "prm", "aggregate": "max"}, "search.aggregate"),
-    ({"type": "beam", "beam_width": 2, "expansions": 2, "scorer": "prm", "answers": "math"}, "search.answers"),
+    ({"type": "beam", "beam_width": 2, "expansions": 2, "scorer": "prm", "answers": "exact"}, "search.answers"),
     ({"type": "dvts", "n": 4, "beam_width": 2, "scorer": "prm", "max_steps": 0}, "search.max_steps"),
 ])
 def test_bad_step_search_parameters_name_the_field(entry, param):
