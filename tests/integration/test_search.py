@@ -184,7 +184,7 @@ def test_bad_search_is_400_naming_the_field(http, model_name, search, param):
 
 def test_search_listing(http):
     search = http.get("/v1/guidance").json()["search"]
-    assert [t["type"] for t in search["types"]] == ["best_of_n", "blockwise"]
+    assert [t["type"] for t in search["types"]] == ["best_of_n", "blockwise", "beam", "dvts", "particle_filter"]
     assert {s["name"] for s in search["scorers"]} == {"demo-verifier", "arith-first-line", "demo-reward",
                                                         "demo-prefix", "demo-value-hist", "demo-arm", "demo-genarm",
                                                         "demo-reference", "math", "exact", "regex", "json-schema"}
