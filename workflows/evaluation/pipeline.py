@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 RESULT_FILES = ("results.csv", "results.md", "results.json", "samples.jsonl", "reward_vs_kl.png", "pass_vs_compute.png")
 FRONTIER_FILE = "reward_kl_frontier.png"  # written when some configuration has a KL budget
 # Run settings that must match for a resumed run to reuse earlier results (the command may differ).
-RESUME_KEYS = ("model", "prompts_file", "prompts", "verifier", "samples", "temperature", "top_p", "max_tokens", "seed")
+RESUME_KEYS = ("model", "prompts_file", "prompts", "verifier", "samples", "temperature", "top_p", "max_tokens", "seed",
+               "stop")
 
 
 def finished_results(out: Path, info: RunInfo) -> dict[str, tuple[dict, float, list[Sample]]]:
@@ -40,10 +41,11 @@ def finished_results(out: Path, info: RunInfo) -> dict[str, tuple[dict, float, l
     if not results_file.is_file():
         return {}
     earlier = json.loads(results_file.read_text())
+    this = json.loads(json.dumps(asdict(info)))  # as results.json holds it (a tuple reads back as a list)
     for key in RESUME_KEYS:
-        if earlier["run"][key] != asdict(info)[key]:
-            raise ValueError(f"--resume: {out} holds a run with {key}={earlier['run'][key]!r}, this one has "
-                             f"{asdict(info)[key]!r}; use another --out")
+        if earlier["run"].get(key, []) != this[key]:  # a run from before `stop` existed sent none
+            raise ValueError(f"--resume: {out} holds a run with {key}={earlier['run'].get(key)!r}, this one has "
+                             f"{this[key]!r}; use another --out")
     samples: dict[str, list[Sample]] = {}
     for line in samples_file.read_text().splitlines():
         body = json.loads(line)

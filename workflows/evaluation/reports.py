@@ -57,6 +57,7 @@ class RunInfo:
     top_p: float
     max_tokens: int
     seed: int
+    stop: tuple[str, ...] = ()  # the requests' stop strings
 
 
 def _cell(value: object, digits: int = 3) -> str:
@@ -96,7 +97,7 @@ def markdown_report(rows: Sequence[ResultRow], info: RunInfo) -> str:
         f"- model: `{info.model}` ({info.server})",
         f"- prompts: `{info.prompts_file}` ({info.prompts} prompts), verifier `{info.verifier}`",
         f"- samples per prompt (K): {info.samples}; temperature {info.temperature:g}, top_p {info.top_p:g}, "
-        f"max_tokens {info.max_tokens}",
+        f"max_tokens {info.max_tokens}" + (f", stop {list(info.stop)}" if info.stop else ""),
         f"- seed {info.seed}: sample j of prompt i is requested with seed + (i*K + j) * S, S the seeds one sample "
         "uses (1; N for best-of-N; blocks x candidates for blockwise)",
         "",

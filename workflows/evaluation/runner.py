@@ -62,6 +62,7 @@ class SamplingSettings:
     top_p: float = 0.9
     max_tokens: int = 32
     seed: int = 0
+    stop: tuple[str, ...] = ()  # stop strings of every request (e.g. HumanEval's end-of-function markers)
 
 
 def verifier_prompt(record: PromptRecord) -> str:
@@ -98,6 +99,8 @@ def request(record: PromptRecord, config: EvalConfig, settings: SamplingSettings
     body: dict[str, Any] = {"model": settings.model, "n": 1, "max_tokens": settings.max_tokens,
                             "temperature": settings.temperature, "top_p": settings.top_p, "seed": seed,
                             "cache": False, **extension}
+    if settings.stop:
+        body["stop"] = list(settings.stop)
     if record.messages is not None:
         return "/v1/chat/completions", {**body, "messages": list(record.messages)}
     return "/v1/completions", {**body, "prompt": record.prompt}

