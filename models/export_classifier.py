@@ -1,62 +1,57 @@
-"""A sequence reward guide model as a ``LlamaForSequenceClassification`` checkpoint, for vLLM's pooling runner.
-
-    python -m models.export_classifier GUIDE_DIR OUT_DIR
+"""A sequence reward guide model as a ``LlamaForSequenceClassification`` or
+``Qwen2ForSequenceClassification`` checkpoint, which ``transformers`` and vLLM's pooling runner load
+as they are (``alignserve models export-classifier``, ``alignserve train reward --classifier-out``).
 
 The guide model (backbone + ``reward`` head, scoring "v") reads r(x) = w . h + b at x's last
 token, h the final-norm hidden state. ``transformers``' sequence classifier reads ``score(h)`` at
 the same token with a bias-free ``score`` layer (``num_labels=1``), which is what vLLM serves on
 ``/classify`` and ``/pooling`` (``--runner pooling``). The bias is a constant shift of every score,
-so it is left out (written to the card): the served model ranks candidates as the guide model
-does, and its raw score (``use_activation: false``) is r(x) - b.
+so it is left out (written to the card): the exported model ranks candidates as the guide model
+does, and its raw score (``use_activation: false``) is r(x) - b. The backbone is written in the
+guide's own family, or as Qwen2 from a Llama one (``models.hf_export``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaConfig
 
-from models.runtime.heads import HEAD_CONFIG_FILE
+from models.hf_export import as_qwen2, backbone_weights, qwen2_config, read_backbone_config, read_head
 
 CARD_FILE = "classifier_card.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification"}
+ONE_LABEL = dict(num_labels=1, id2label={0: "reward"}, label2id={"reward": 0})
 
 
-def export_classifier(guide_dir: Path, out_dir: Path) -> dict:
-    """Write `guide_dir`'s reward model to `out_dir` as a sequence classifier; returns the card."""
-    head = json.loads((guide_dir / HEAD_CONFIG_FILE).read_text())
-    if head["type"] != "reward" or head.get("scoring", "q") != "v":
-        raise ValueError(f"{guide_dir}: a sequence classifier needs a 'reward' head with scoring 'v', "
-                         f"got {head['type']!r} with scoring {head.get('scoring', 'q')!r}")
-    config = json.loads((guide_dir / "config.json").read_text())
-    config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
-                  id2label={"0": "reward"}, label2id={"reward": 0})
-    weights = {name: tensor for name, tensor in load_file(guide_dir / "model.safetensors").items()
-               if not name.startswith("lm_head.")}
-    head_weights = load_file(guide_dir / "head.safetensors")
-    weights["score.weight"] = head_weights["proj.weight"].to(torch.float32).contiguous()
+def export_classifier(guide_dir: Path, out_dir: Path, family: str | None = None) -> dict:
+    """Write `guide_dir`'s reward model to `out_dir` as a one-label sequence classifier of `family`
+    ("llama" or "qwen2"; default: the backbone's own); returns the card."""
+    what = "a sequence-classifier export"
+    _, head_weights = read_head(guide_dir, "reward", what)
+    source = read_backbone_config(guide_dir, what)
+    family = family or source.model_type
+    if family not in ARCHITECTURES:
+        raise ValueError(f"family must be one of {sorted(ARCHITECTURES)}, got {family!r}")
+    if family == "llama" and source.model_type != "llama":
+        raise ValueError(f"{guide_dir}: a {source.model_type} backbone has attention biases a Llama one has not; "
+                         "export it as qwen2")
+    weights = backbone_weights(guide_dir)
+    weights["score.weight"] = head_weights["proj.weight"].reshape(1, -1).to(torch.float32)
+    if family == "qwen2":
+        config = qwen2_config(source, ARCHITECTURES[family], source.vocab_size, **ONE_LABEL)
+        weights = as_qwen2(weights, source.num_hidden_layers)
+    else:
+        config = LlamaConfig.from_dict({**source.to_dict(), "architectures": [ARCHITECTURES[family]], **ONE_LABEL})
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(weights, out_dir / "model.safetensors", metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for name in TOKENIZER_FILES:
-        if (guide_dir / name).is_file():
-            shutil.copy(guide_dir / name, out_dir / name)
-    card = {"source": str(guide_dir), "dropped_bias": float(head_weights["proj.bias"].reshape(-1)[0])}
+    config.save_pretrained(str(out_dir))
+    save_file({name: t.contiguous() for name, t in weights.items()}, out_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    AutoTokenizer.from_pretrained(str(guide_dir), local_files_only=True).save_pretrained(str(out_dir))
+    card = {"source": str(guide_dir), "architecture": ARCHITECTURES[family],
+            "dropped_bias": float(head_weights["proj.bias"].reshape(-1)[0])}
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2))
     return card
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("guide_dir", type=Path, help="guide model with a 'reward' head (scoring 'v')")
-    parser.add_argument("out_dir", type=Path, help="where to write the LlamaForSequenceClassification checkpoint")
-    args = parser.parse_args()
-    print(json.dumps(export_classifier(args.guide_dir, args.out_dir), indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,7 @@
 #
 #   bash scripts/smollm2_humaneval.sh [RUN] [RESULTS]   (defaults: runs/humaneval, docs/results/smollm2-humaneval)
 #
-# Sampling: temperature 0.8, top_p 0.95 (the Codex paper's pass@k setting), 2 samples per problem, at most
+# Sampling: temperature 0.8, top_p 0.95 (the Codex paper's pass@k setting), 1 sample per problem, at most
 # 160 tokens (98% of the canonical solutions are shorter in SmolLM2's tokenizer), cut at the Codex paper's
 # stop strings (a line that starts a new top-level statement). --resume keeps finished configurations.
 set -euo pipefail
@@ -19,7 +19,7 @@ bin=.venv/bin/alignserve
 [ -f "$run/prompts.jsonl" ] || $bin train prompts humaneval "$run/prompts.jsonl" --split heldout
 $bin eval --model "$run/base" --serve-args "--max-model-len 640 --max-num-seqs 256" \
   --prompts "$run/prompts.jsonl" --verifier python-tests --out "$results" \
-  --samples 2 --temperature 0.8 --top-p 0.95 --max-tokens 160 --concurrency 32 --seed 0 \
+  --samples 1 --temperature 0.8 --top-p 0.95 --max-tokens 160 --concurrency 32 --seed 0 \
   --stop $'\ndef' --stop $'\nclass' --stop $'\nif' --stop $'\nprint' --stop $'\n#' \
   --best-of-n python-tests --n 4,8 --resume
 .venv/bin/python -m bench.verifier_agreement "$results/samples.jsonl" --prompts "$run/prompts.jsonl" \

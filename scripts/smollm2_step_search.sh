@@ -25,7 +25,7 @@ bin=.venv/bin/alignserve
   $bin train value --base "$run/base" --prompts "$run/train.jsonl" --verifier math --out "$run/guides" --name prm \
     --samples 6 --max-tokens 96 --temperature 0.8 --top-p 0.9 --max-num-seqs 256 --max-model-len 320 \
     --layers 4 --trainable-layers 2 --steps 200 --batch-size 64 --seed 0
-[ -f "$run/prm-qwen/config.json" ] || .venv/bin/python -m models.export_prm "$run/guides/prm-r1" "$run/prm-qwen"
+[ -f "$run/prm-qwen/config.json" ] || $bin models export-prm "$run/guides/prm-r1" "$run/prm-qwen"
 # The guide table: the value model, and its export loaded as a public-format PRM.
 .venv/bin/python - "$run" <<'PY'
 import json, sys

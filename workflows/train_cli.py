@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from guidance.verifiers import UnknownVerifierError
+from models.export_classifier import export_classifier
 from models.training.guides import Backbone, GuideRecipe
 from models.training.loop import FitConfig
 from workflows.prompt_file import TASKS, write_prompts
@@ -121,6 +122,14 @@ def _add_trainer_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     if TRAINERS[kind][1] == "preference":
         head.add_argument("--beta", type=float, default=1.0,
                           help="scale of the margin inside the sigmoid [default: %(default)s]")
+    if kind == "reward":
+        export = parser.add_argument_group("export")
+        export.add_argument("--classifier-out", type=Path, metavar="DIR",
+                            help="also write the trained model to DIR as a one-label *ForSequenceClassification "
+                                 "checkpoint (transformers and vLLM's pooling runner load it; `alignserve models "
+                                 "export-classifier`)")
+        export.add_argument("--classifier-family", choices=["llama", "qwen2"],
+                            help="its architecture [default: the guide backbone's own]")
     fit = parser.add_argument_group("optimisation")
     fit.add_argument("--steps", type=_positive_int, default=300, help="optimiser steps [default: %(default)s]")
     fit.add_argument("--batch-size", type=_positive_int, default=64, help="rollouts per step [default: %(default)s]")
@@ -216,6 +225,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"alignserve train {kind}: {exc}", file=sys.stderr)
         return 2
     if is_rank_zero():
+        if getattr(args, "classifier_out", None) is not None:
+            classifier = export_classifier(args.out / recipe.name, args.classifier_out, args.classifier_family)
+            cards[-1] = {**cards[-1], "classifier": {"path": str(args.classifier_out), **classifier}}
         print(json.dumps(cards, indent=2))
     return 0
 
