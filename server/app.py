@@ -15,11 +15,6 @@ from fastapi import FastAPI
 from guidance.adapters.vllm import resolve_guide_dtype
 from guidance.catalog import GuideCatalog
 from guidance.kv_budget import guide_kv_capacity, guide_kv_plans
-from guidance.loading import check_tokenizers
-from guidance.search.hf_entries import read_scorer_entry
-from guidance.search.hf_scorers import load_hf_scorer
-from guidance.search.remote import load_remote_scorers
-from guidance.search.scorers import ScorerCatalog
 from server.api.chat.router import router as chat_router
 from server.api.completions.router import router as completions_router
 from server.api.debug import DEBUG_PATH
@@ -47,6 +42,7 @@ from server.tool_calls import ToolCalling
 from server.search import Search
 from server.services import Services
 from server.settings import Settings
+from server.table_scorers import load_table_scorers
 from server.tracking import RequestTracker, Stage
 
 logger = logging.getLogger(__name__)
@@ -89,14 +85,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         renderer = PromptRenderer.load(settings.model)
-        specs = [read_scorer_entry(name, entry) for name, entry in settings.scorer_model_entries().items()]
-        remote_entries = settings.remote_scorer_entries()
-        scorers_only = {**{spec.name: spec.kind for spec in specs}, **dict.fromkeys(remote_entries, "remote")}
-        catalog = GuideCatalog.from_paths(settings.guide_model_paths(), scorers_only)
-        check_tokenizers(settings.model, catalog)
-        remote = load_remote_scorers(remote_entries, os.environ)
-        reward_models = [load_hf_scorer(spec, settings.model) for spec in specs]
-        scorers = ScorerCatalog.load(catalog, remote=remote, reward_models=reward_models)
+        loaded = load_table_scorers(settings, os.environ)
+        catalog, scorers, remote, reward_models = loaded.catalog, loaded.scorers, loaded.remote, loaded.reward_models
         REMOTE_SCORER_ATTEMPTS.scorers = remote
         # A reward model is identified by its weights and how it reads them, a remote one by its endpoint.
         cache = ResponseCache.from_settings(settings, catalog.paths_by_name(),
@@ -130,8 +120,7 @@ def create_app(
             for watcher in watchers:
                 watcher.cancel()
             await cache.close()
-            for scorer in remote:
-                scorer.close()
+            loaded.close()
             engine.shutdown()
 
     app = FastAPI(title="alignserve", version="0.1.0", lifespan=lifespan)

@@ -3,6 +3,8 @@
     alignserve train prompts TASK OUT                    write a task's prompt file (e.g. chat-arith)
     alignserve train rollouts --base B --prompts P ...   sample and label rollouts on the engine
     alignserve train value --base B --prompts P --verifier V --rounds 2 --out OUT
+    alignserve train value --base B --prompts P --reward-model RM --guide-models G --out OUT
+                                                         labels from a reward model: histogram value head
     alignserve train prefix|arm|genarm|reward --base B (--rollouts F... | --prompts P --verifier V) --out OUT
     alignserve train expert --base B (--rollouts F... | --prompts P --verifier V) --out OUT
                                                          an expert and its reference, for `contrast` guidance
@@ -18,6 +20,8 @@ import json
 import os
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +32,13 @@ from guidance.verifiers import UnknownVerifierError
 from models.export_classifier import export_classifier
 from models.training.guides import Backbone, GuideRecipe
 from models.training.loop import FitConfig
+from workflows.labels import Labeller, reward_model_labeller, verifier_labeller
 from workflows.prompt_file import TASKS, write_prompts
-from workflows.rollouts import RolloutSettings
+from workflows.rollouts import LabellingFailed, RolloutSettings
 from workflows.training import (
     EngineOptions,
     TokenizerMismatch,
+    ValueHead,
     is_rank_zero,
     sample_rollouts,
     train_from_rollouts,
@@ -66,11 +72,22 @@ def _positive_int(text: str) -> int:
 
 
 def _add_rollout_flags(parser: argparse.ArgumentParser, required: bool) -> None:
-    group = parser.add_argument_group("rollouts (sampled through the vLLM engine)")
+    group = parser.add_argument_group("rollouts (sampled through the vLLM engine; labelled by --verifier or "
+                                      "--reward-model)")
     group.add_argument("--prompts", type=Path, required=required, help="prompt file (JSON Lines)")
-    group.add_argument("--verifier", required=required,
+    group.add_argument("--verifier",
                        help="verifier that labels each completion against the prompt's answer: a registered "
                             "name (e.g. arith-first-line, math) or package.module:function")
+    group.add_argument("--reward-model", metavar="NAME",
+                       help="label each completion with this sequence scorer's score instead: an entry of "
+                            "--guide-models (a guide model with a sequence-scoring head, a {\"path\": ..., "
+                            "\"kind\": \"reward_model\"|\"prm\"} reward model or a {\"url\": ...} pooling "
+                            "server), loaded as `serve` loads it; a prompt whose scoring call fails loses its "
+                            "rollouts (counted as reward_model_errors), never scored 0")
+    group.add_argument("--guide-models", type=Path, metavar="FILE",
+                       help="guide-model table, as `serve --guide-models` reads it: lists the --reward-model "
+                            "(and for `train rollouts`, the guides --rollin-guidance names) [default: none; the "
+                            "demo's for the demo base]")
     group.add_argument("--samples", type=_positive_int, default=16, help="samples per prompt [default: %(default)s]")
     group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature [default: %(default)s]")
     group.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling [default: %(default)s]")
@@ -108,10 +125,13 @@ def _add_trainer_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     head = parser.add_argument_group("head")
     default_head = TRAINERS[kind][0]
     if kind == "value":
-        head.add_argument("--head", choices=["bernoulli", "histogram"], default="bernoulli",
-                          help="bernoulli (BCE onto R in {0,1}) or histogram (CE onto R's atom) [default: %(default)s]")
+        head.add_argument("--head", choices=["bernoulli", "histogram"],
+                          help="bernoulli (BCE onto R in {0,1}) or histogram (CE onto R's atom) [default: "
+                               "bernoulli on a verifier's 0/1 labels, histogram on other labels (a reward "
+                               "model's scores), which refuse bernoulli]")
         head.add_argument("--atoms", type=int, default=11,
-                          help="histogram atoms, evenly spaced on [0, 1] [default: %(default)s]")
+                          help="histogram atoms, evenly spaced on [0, 1] for 0/1 labels, else from the lowest to "
+                               "the highest reward of the training rollouts [default: %(default)s]")
     if kind in ("value", "prefix"):
         head.add_argument("--scoring", choices=["v", "q"], default="v",
                           help="v: k candidates appended at one position (the paper's default); "
@@ -165,12 +185,8 @@ def _add_trainer_flags(parser: argparse.ArgumentParser, kind: str) -> None:
 def _recipe(args: argparse.Namespace, kind: str) -> GuideRecipe:
     head, objective, _ = TRAINERS[kind]
     head = dict(head)
-    if kind == "value":
-        head["type"] = args.head
-        if args.head == "histogram":
-            if args.atoms < 2:
-                raise ValueError(f"--atoms must be at least 2, got {args.atoms}")
-            head["atoms"] = [i / (args.atoms - 1) for i in range(args.atoms)]
+    if kind == "value" and args.atoms < 2:  # the head itself is chosen on the labels (ValueHead)
+        raise ValueError(f"--atoms must be at least 2, got {args.atoms}")
     if kind in ("value", "prefix"):
         head["scoring"] = args.scoring
     if kind == "arm":
@@ -187,6 +203,21 @@ def _init_distributed() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _labels_flags_error(args: argparse.Namespace) -> str | None:
+    if (args.verifier is None) == (args.reward_model is None):
+        return "give exactly one of --verifier and --reward-model (what labels the rollouts)"
+    return None
+
+
+@contextmanager
+def _labeller(args: argparse.Namespace) -> Iterator[Labeller]:
+    if args.verifier is not None:
+        yield verifier_labeller(args.verifier)
+    else:
+        with reward_model_labeller(args.reward_model, args.base, args.guide_models, os.environ) as labeller:
+            yield labeller
+
+
 def _train(args: argparse.Namespace) -> int:
     kind = args.trainer
     try:
@@ -196,9 +227,9 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     backbone = Backbone(args.init_from or args.base, args.layers)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.rollouts is None and (args.prompts is None or args.verifier is None):
-        print(f"alignserve train {kind}: give --rollouts FILE..., or --prompts and --verifier to sample them",
-              file=sys.stderr)
+    if args.rollouts is None and (args.prompts is None or _labels_flags_error(args)):
+        print(f"alignserve train {kind}: give --rollouts FILE..., or --prompts and exactly one of --verifier and "
+              "--reward-model to sample them", file=sys.stderr)
         return 2
     if args.rollouts is None and distributed:
         print(f"alignserve train {kind}: sample rollouts first (alignserve train rollouts, on vLLM's own parallel "
@@ -207,21 +238,25 @@ def _train(args: argparse.Namespace) -> int:
     _init_distributed()
     args.out.mkdir(parents=True, exist_ok=True)
     settings, engine_options = _rollout_settings(args)
+    value_head = ValueHead(args.head, args.atoms) if kind == "value" else None
     try:
         if args.rollouts is not None:
             cards = [train_from_rollouts(args.base, args.rollouts, recipe, backbone, args.out, args.seed,
-                                         args.validation_fraction)]
+                                         args.validation_fraction, value_head=value_head)]
         elif kind == "value":
-            cards = value_rounds(args.base, args.prompts, args.verifier, recipe, backbone, args.out, args.rounds,
-                                 args.rollin_strength, settings, engine_options, args.seed, args.validation_fraction,
-                                 rollin_samples=args.rollin_samples)
+            with _labeller(args) as labeller:
+                cards = value_rounds(args.base, args.prompts, labeller, recipe, backbone, args.out, args.rounds,
+                                     args.rollin_strength, settings, engine_options, args.seed,
+                                     args.validation_fraction, rollin_samples=args.rollin_samples,
+                                     value_head=value_head)
         else:
             rollout_file = args.out / "rollouts-r1.jsonl"
             if not rollout_file.is_file():
-                sample_rollouts(args.base, args.prompts, args.verifier, rollout_file, settings, engine_options)
+                with _labeller(args) as labeller:
+                    sample_rollouts(args.base, args.prompts, labeller, rollout_file, settings, engine_options)
             cards = [train_from_rollouts(args.base, [rollout_file], recipe, backbone, args.out, args.seed,
                                          args.validation_fraction)]
-    except (TokenizerMismatch, ValueError, FileNotFoundError, UnknownVerifierError) as exc:
+    except (TokenizerMismatch, ValueError, FileNotFoundError, UnknownVerifierError, LabellingFailed) as exc:
         print(f"alignserve train {kind}: {exc}", file=sys.stderr)
         return 2
     if is_rank_zero():
@@ -237,11 +272,15 @@ def _rollouts(args: argparse.Namespace) -> int:
     if not isinstance(guidance, list):
         print("alignserve train rollouts: --rollin-guidance must be a JSON list of guidance entries", file=sys.stderr)
         return 2
+    if error := _labels_flags_error(args):
+        print(f"alignserve train rollouts: {error}", file=sys.stderr)
+        return 2
     settings, engine_options = _rollout_settings(args)
     try:
-        summary = sample_rollouts(args.base, args.prompts, args.verifier, args.out, settings, engine_options,
-                                  args.guide_models, guidance, args.round_name)
-    except (ValueError, FileNotFoundError, UnknownVerifierError) as exc:
+        with _labeller(args) as labeller:
+            summary = sample_rollouts(args.base, args.prompts, labeller, args.out, settings, engine_options,
+                                      args.guide_models, guidance, args.round_name)
+    except (ValueError, FileNotFoundError, UnknownVerifierError, LabellingFailed) as exc:
         print(f"alignserve train rollouts: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
@@ -264,9 +303,9 @@ def _prompts(args: argparse.Namespace) -> int:
 def add_train_command(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train", help="train guide models for a base model",
-        description="Sample rollouts of a base model through the vLLM engine, label them with a verifier, and "
-        "train guide models on them. Each writes guide-model directories and OUT/guides.json, which "
-        "`alignserve serve --guide-models OUT/guides.json` loads as they are.")
+        description="Sample rollouts of a base model through the vLLM engine, label them with a verifier or a "
+        "reward model, and train guide models on them. Each writes guide-model directories and "
+        "OUT/guides.json, which `alignserve serve --guide-models OUT/guides.json` loads as they are.")
     kinds = train.add_subparsers(dest="train_command", required=True, metavar="COMMAND")
 
     prompts = kinds.add_parser("prompts", help="write a built-in task's prompt file",
@@ -286,11 +325,11 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     rollouts = kinds.add_parser(
         "rollouts", help="sample and label rollouts",
         description="Sample completions of the base model through the vLLM engine (n per prompt, seeded), cut "
-        "each at a random point, label with a verifier, and write a rollout file. --rollin-guidance rolls in "
-        "with a guided policy and rolls out from the cut with the base (the next Q-sharp round).")
+        "each at a random point, label with a verifier or a reward model, and write a rollout file and its "
+        "summary (OUT with the suffix .summary.json). --rollin-guidance rolls in with a guided policy and "
+        "rolls out from the cut with the base (the next Q-sharp round).")
     rollouts.add_argument("--base", type=Path, required=True, help="base model directory (HF format)")
     rollouts.add_argument("--out", type=Path, required=True, help="rollout file to write (JSON Lines)")
-    rollouts.add_argument("--guide-models", type=Path, help="guide-model table for --rollin-guidance")
     rollouts.add_argument("--rollin-guidance", help="JSON list of guidance entries for the roll-in policy")
     rollouts.add_argument("--round-name", default="r1", help="label of the prompt groups [default: %(default)s]")
     rollouts.add_argument("--seed", type=int, default=0, help="seed of sampling [default: %(default)s]")

@@ -1,9 +1,10 @@
 """Rollout data: token rows of prompt + completion with their final reward, as the trainers read them.
 
 A rollout follows the Q-sharp training loop (Zhou et al., 2025): a roll-in policy writes
-the completion up to a cut point h, the base policy writes the rest, and the verifier's
-final reward R labels the whole. The value targets are the tokens from the cut on (their
-value is the base policy's: Q^{pi_ref}); preference objectives compare whole completions.
+the completion up to a cut point h, the base policy writes the rest, and the final reward R
+labels the whole (a verifier's 0 or 1, or a reward model's score). The value targets are the
+tokens from the cut on (their value is the base policy's: Q^{pi_ref}); preference objectives
+compare whole completions.
 
 On disk a rollout file is JSON Lines, one ``RolloutRecord`` per line (see ``to_json``).
 """
@@ -80,7 +81,7 @@ class Rollouts:
     input_ids: Tensor  # [N, T] long, padded with the pad id
     completion_mask: Tensor  # [N, T] bool, True on generated tokens (eos included)
     target_mask: Tensor  # [N, T] bool, True on the value targets: generated tokens from the cut on
-    rewards: Tensor  # [N] float, 0 or 1
+    rewards: Tensor  # [N] float: a verifier's 0 or 1, or a reward model's score
     problem: Tensor  # [N] long, index of the prompt group (shared by its samples)
 
     def __len__(self) -> int:
@@ -135,12 +136,13 @@ def to_tensors(records: Sequence[RolloutRecord], pad_id: int) -> Rollouts:
 
 
 def informative_groups(records: Sequence[RolloutRecord]) -> list[RolloutRecord]:
-    """The records of groups whose samples are neither all right nor all wrong (Q-sharp drops the
-    others: they carry no signal about which continuations are better)."""
-    outcomes: dict[str, set[bool]] = {}
+    """The records of groups whose samples' rewards differ: neither all right nor all wrong for a
+    verifier's 0 or 1 (Q-sharp drops the others: they carry no signal about which continuations are
+    better)."""
+    outcomes: dict[str, set[float]] = {}
     for r in records:
-        outcomes.setdefault(r.group, set()).add(r.reward > 0.5)
-    return [r for r in records if len(outcomes[r.group]) == 2]
+        outcomes.setdefault(r.group, set()).add(r.reward)
+    return [r for r in records if len(outcomes[r.group]) > 1]
 
 
 def preference_pairs(rollouts: Rollouts) -> Tensor:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from guidance.verifiers import get_verifier
 from models.demo.build import demo_base_dir
 from server.engine import ChoiceDelta, SamplingOptions
 from server.prompts import PromptRenderer
+from workflows.labels import verifier_labeller
 from workflows.prompt_file import PromptRecord, chat_arith_prompts, read_prompts, write_prompts
 from workflows.rollouts import RolloutSettings, generate_rollouts
 
@@ -57,8 +57,9 @@ def test_base_rollouts_are_one_generation_cut_at_a_seeded_point() -> None:
     engine = ScriptedEngine(tokenizer, "579", "")
     prompts = [PromptRecord(id="a", prompt="123+456="), PromptRecord(id="b", prompt="1+1=")]
     settings = RolloutSettings(samples=2, max_tokens=8, seed=5)
-    records = asyncio.run(generate_rollouts(engine, PromptRenderer(tokenizer), get_verifier("demo-verifier"),
-                                            prompts, settings, progress=False))
+    verifier = verifier_labeller("demo-verifier").scorer
+    records = asyncio.run(generate_rollouts(engine, PromptRenderer(tokenizer), verifier, prompts, settings,
+                                            progress=False)).records
     assert [r.group for r in records] == ["r1/a", "r1/a", "r1/b", "r1/b"]
     assert [r.reward for r in records] == [1.0, 1.0, 0.0, 0.0]
     assert [c[2].seed for c in engine.calls] == [5, 6, 7, 8] and all(not c[2].guidance for c in engine.calls)
@@ -71,9 +72,10 @@ def test_guided_rollin_is_cut_and_rolled_out_by_the_base() -> None:
     engine = ScriptedEngine(tokenizer, "588", "79")
     guidance = ({"type": "qsharp", "model": "v", "strength": 2.0},)
     settings = RolloutSettings(samples=1, max_tokens=8, seed=0)
-    (record,) = asyncio.run(generate_rollouts(engine, PromptRenderer(tokenizer), get_verifier("demo-verifier"),
+    verifier = verifier_labeller("demo-verifier").scorer
+    (record,) = asyncio.run(generate_rollouts(engine, PromptRenderer(tokenizer), verifier,
                                               [PromptRecord(id="a", prompt="123+456=")], settings, "r2", guidance,
-                                              progress=False))
+                                              progress=False)).records
     rollin_call, rollout_call = engine.calls
     assert rollin_call[2].guidance == guidance and not rollout_call[2].guidance
     kept = tokenizer.encode("588", add_special_tokens=False)[: record.cut]

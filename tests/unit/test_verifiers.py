@@ -145,6 +145,7 @@ def test_a_verifier_that_raises_does_not_stop_rollouts(isolated: None) -> None:
     from server.engine import ChoiceDelta
     from server.prompts import PromptRenderer
     from workflows.prompt_file import PromptRecord
+    from guidance.search.scorers import VerifierScorer
     from workflows.rollouts import RolloutSettings, generate_rollouts
 
     tokenizer = AutoTokenizer.from_pretrained(demo_base_dir())
@@ -166,10 +167,11 @@ def test_a_verifier_that_raises_does_not_stop_rollouts(isolated: None) -> None:
 
     verify = register_verifier("test-half-broken", half_broken, needs_reference=True)
     prompts = [PromptRecord(id="a", prompt="10+2=", answer="12"), PromptRecord(id="b", prompt="1+1=", answer="boom")]
-    records = asyncio.run(generate_rollouts(Engine(), PromptRenderer(tokenizer), verify, prompts,
-                                            RolloutSettings(samples=2, max_tokens=4), progress=False))
-    assert [r.reward for r in records] == [1.0, 1.0, 0.0, 0.0] and verify.errors == 2
-    assert references == ["12", "12", "boom", "boom"]
+    labelled = asyncio.run(generate_rollouts(Engine(), PromptRenderer(tokenizer), VerifierScorer(verify.name, verify),
+                                             prompts, RolloutSettings(samples=2, max_tokens=4), progress=False))
+    assert [r.reward for r in labelled.records] == [1.0, 1.0, 0.0, 0.0] and verify.errors == 2
+    assert labelled.unscored == 0  # a verifier's failure is its 0, not a failed call
+    assert sorted(references) == ["12", "12", "boom", "boom"]  # prompts are labelled concurrently
 
 
 # The built-ins on hand-made cases.
