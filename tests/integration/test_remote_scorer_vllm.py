@@ -1,6 +1,7 @@
 """A remote scorer against a real vLLM pooling server (CPU build, ``--runner pooling``): the demo's reward
 guide model exported as a sequence classifier, scoring best-of-N for alignserve by URL as it scores
-embedded (less its head's bias, which the classifier has not)."""
+embedded and as transformers' own class scores the export in alignserve's process (less the head's bias,
+which the classifier has not): one reward model three ways."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from bench.remote_scorer import EMBEDDED, REMOTE, best_of_n, guide_table, start_pooling_server
+from bench.remote_scorer import EMBEDDED, HF, REMOTE, best_of_n, guide_table, start_pooling_server
 from models.demo.paths import demo_guides_file
 from models.export_classifier import export_classifier
 from tests.conftest import RunningServer, start_server, stop_server
@@ -57,17 +58,19 @@ def test_vllm_classify_gives_the_raw_reward_and_sigmoid_with_activation(vllm_poo
         assert squashed["probs"][0] == pytest.approx(1 / (1 + math.exp(-plain["probs"][0])), rel=1e-4)
 
 
-def test_best_of_n_scored_by_vllm_keeps_what_the_embedded_model_keeps(rm_server, exported):
+@pytest.mark.parametrize("scorer", [REMOTE, HF])
+def test_best_of_n_scored_by_vllm_or_transformers_keeps_what_the_embedded_model_keeps(rm_server, exported, scorer):
     _, card = exported
     with httpx.Client(base_url=rm_server.base_url, timeout=300) as client:
         for seed in (3, 4):
             _, embedded = best_of_n(client, EMBEDDED, 8, seed)
-            _, remote = best_of_n(client, REMOTE, 8, seed)
-            ours, theirs = embedded["choices"][0]["guidance"], remote["choices"][0]["guidance"]
+            _, other = best_of_n(client, scorer, 8, seed)
+            ours, theirs = embedded["choices"][0]["guidance"], other["choices"][0]["guidance"]
             assert [s - card["dropped_bias"] for s in ours["candidate_scores"]] == \
                 pytest.approx(theirs["candidate_scores"], abs=1e-3)
+            assert len(set(theirs["candidate_scores"])) > 1  # distinct candidates, not one score repeated
             assert theirs["selected"] == ours["selected"]
-            assert remote["choices"][0]["text"] == embedded["choices"][0]["text"]
+            assert other["choices"][0]["text"] == embedded["choices"][0]["text"]
 
 
 def test_chat_best_of_n_scored_by_vllm_on_the_conversation(rm_server, vllm_pooling):
