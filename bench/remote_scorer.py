@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from models.demo.paths import demo_guides_file
-from models.export_classifier import export_classifier
+from models.export_classifier import CARD_FILE, export_classifier
 from workflows.evaluation.pipeline import served_model_name
 from workflows.prompt_file import read_prompts
 from workflows.server_process import ServerProcess, alignserve_command, start_server
@@ -52,13 +52,14 @@ def start_pooling_server(model_dir: Path, log_path: Path, cpu_bind: str | None =
         "--gpu-memory-utilization", "0.2", "--host", "127.0.0.1", "--port", str(port)], log_path, env=env)
 
 
-def guide_table(work: Path, pooling_url: str, source: Path | None = None) -> Path:
-    """The guide models of `source` (default: the demo's), plus `rm-hf` (work/rm read by transformers) and
-    `rm-vllm` (the pooling server by URL, sent the token ids the embedded scorer reads)."""
+def guide_table(work: Path, pooling_url: str, source: Path | None = None, classifier: Path | None = None) -> Path:
+    """The guide models of `source` (default: the demo's), plus `rm-hf` (the exported `classifier`, default
+    work/rm, read by transformers) and `rm-vllm` (the pooling server by URL, sent the token ids the embedded
+    scorer reads)."""
     source = source or demo_guides_file()
     table = {name: str((source.parent / path).resolve()) if isinstance(path, str) else path
              for name, path in json.loads(source.read_text()).items()}
-    table[HF] = {"path": str((work / "rm").resolve()), "kind": "reward_model"}
+    table[HF] = {"path": str((classifier or work / "rm").resolve()), "kind": "reward_model"}
     table[REMOTE] = {"url": pooling_url, "model": SERVED_NAME, "format": "token_ids", "timeout_s": 30}
     path = work / "guides.json"
     path.write_text(json.dumps(table))
@@ -90,6 +91,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=demo_guides_file().parent / "base", help="base model directory")
     parser.add_argument("--guide-models", type=Path, default=demo_guides_file(), help="guides table with --embedded")
     parser.add_argument("--embedded", default=EMBEDDED, help="the reward guide model (a 'reward' head, scoring v)")
+    parser.add_argument("--classifier", type=Path,
+                        help="its export already written (`alignserve train reward --classifier-out`) [default: "
+                             "export it into WORK/rm]")
     parser.add_argument("--prompts", type=Path, help="prompt file, used in turn [default: the demo's 234+567=]")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--serve-args", default="--enforce-eager", help="more `alignserve serve` flags")
@@ -100,13 +104,15 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     guide_dir = args.guide_models.parent / json.loads(args.guide_models.read_text())[args.embedded]
-    card = export_classifier(guide_dir, args.work / "rm")
+    classifier = args.classifier or args.work / "rm"
+    card = (json.loads((classifier / CARD_FILE).read_text()) if args.classifier
+            else export_classifier(guide_dir, classifier))
     prompts = _prompts(args.prompts)
     scorers = (args.embedded, HF, REMOTE)
-    with start_pooling_server(args.work / "rm", args.work / "pooling.log") as pooling, \
-            start_server("alignserve", lambda port: alignserve_command(
-                args.model, port, ["--guide-models", str(guide_table(args.work, pooling.url, args.guide_models)),
-                                   *args.serve_args.split()]),
+    with start_pooling_server(classifier, args.work / "pooling.log") as pooling, \
+            start_server("alignserve", lambda port: alignserve_command(args.model, port, [
+                "--guide-models", str(guide_table(args.work, pooling.url, args.guide_models, classifier)),
+                *args.serve_args.split()]),
                 args.work / "alignserve.log") as server, httpx.Client(base_url=server.url, timeout=600) as client:
         model = served_model_name(server.url)
 
@@ -134,7 +140,7 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     # On a shared machine the fastest run shows the cost a scorer adds; the medians include the noise.
     fastest = {name: min(values) for name, values in seconds.items()}
-    result = {"model": str(args.model), "embedded": args.embedded, "n": args.n, "requests": args.requests,
+    result = {"model": str(args.model), "embedded": args.embedded, "classifier": str(classifier), "n": args.n, "requests": args.requests,
               "max_tokens": args.max_tokens, "machine": platform.processor() or platform.machine(),
               "median_s": medians, "over_embedded": {s: medians[s] / medians[args.embedded] for s in scorers[1:]},
               "min_s": fastest, "over_embedded_min": {s: fastest[s] / fastest[args.embedded] for s in scorers[1:]},
