@@ -1,11 +1,14 @@
 """A KL budget per request: at each step, the largest guidance strength whose exact KL fits.
 
-A request's guidance entries may give `max_kl` (nats for the whole response) and `kl_per_token`
-(nats per generated token). The budget bounds the response's KL, which all of its entries make
-together, so one rule covers a single entry and a composition:
+A request's guidance entries, and the request itself, may give `max_kl` (nats for the whole
+response) and `kl_per_token` (nats per generated token). The budget bounds the response's KL, which
+all of its entries make together, so one rule covers a single entry, a composition and the request:
 
 - The request's budget is the tightest its entries give: the smallest `max_kl` and the smallest
-  `kl_per_token` (`request_budget`).
+  `kl_per_token` (`request_budget`). A bound the request gives is folded into each entry at parse
+  time, each entry's bound becoming the tighter of its own and the request's (`under`), so it is one
+  more bound in that minimum and everything that reads the entries (the batch, search, the report)
+  sees it.
 - At each step one scale t in [0, 1] multiplies every entry's strength (each entry's `strength` is
   its cap), so the budget splits between the entries in proportion to the strengths asked for.
 - The allowance of a step is a = min(kl_per_token, max_kl - spent), spent the KL of the tokens the
@@ -65,6 +68,12 @@ def request_budget(entries: Sequence[Mapping[str, Any]]) -> KLBudget | None:
     if not max_kl and not per_token:
         return None
     return KLBudget(max_kl=min(max_kl) if max_kl else None, kl_per_token=min(per_token) if per_token else None)
+
+
+def under(entry: Mapping[str, Any], budget: KLBudget) -> dict[str, float | None]:
+    """The bounds of an entry (validated, as a dict) under the request's own `budget` too: each the tighter
+    of the two, by the rule that combines entries (`request_budget`)."""
+    return request_budget([entry, budget.as_dict()]).as_dict()
 
 
 def budget_bounds(budget: KLBudget | None) -> tuple[float, float]:

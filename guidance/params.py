@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from guidance.errors import GuidanceError
 
 MAX_STRENGTH = 1000.0
+# Validation context key: the request gives a KL budget of its own (`validate_entry`).
+REQUEST_BUDGET = "request_budget"
+
+# The two bounds of a KL budget (`guidance.kl_budget`), as an entry or a whole request gives them: one
+# declaration, so both refuse the same values with the same words (NaN and infinities as such, "Input
+# should be a finite number", not by a bound).
+MaxKL = Annotated[float | None, Field(
+    ge=0.0, allow_inf_nan=False,
+    description="KL budget of the whole response (nats, at the sampling temperature): each step steers with "
+                "the largest strength (up to `strength`) whose exact KL fits what is left of it.")]
+KLPerToken = Annotated[float | None, Field(
+    ge=0.0, allow_inf_nan=False,
+    description="KL budget of each generated token (nats, at the sampling temperature): each step steers "
+                "with the largest strength (up to `strength`) whose exact KL is at most this.")]
 
 
 class GuidanceParams(BaseModel):
@@ -20,7 +35,8 @@ class GuidanceParams(BaseModel):
     H = -sum_y p(y) log p(y) is below it, the entry adds nothing (and scores nothing).
     `max_kl` (nats for the whole response) and `kl_per_token` (nats per generated token) set a
     KL budget (`guidance.kl_budget`): each step uses the largest strength, up to `strength`, whose
-    exact KL fits. With a budget `strength` may be left out; the cap is then `MAX_STRENGTH`.
+    exact KL fits. With a budget (the entry's or the request's) `strength` may be left out; the cap is
+    then `MAX_STRENGTH`.
     """
 
     # NaN and infinities are refused as such ("Input should be a finite number"), not by a bound.
@@ -38,21 +54,18 @@ class GuidanceParams(BaseModel):
         description="Steer only positions where the base distribution's entropy (nats, at the sampling "
                     "temperature) is at least this; 0 = every position.")
 
-    max_kl: float | None = Field(
-        default=None, ge=0.0,
-        description="KL budget of the whole response (nats, at the sampling temperature): each step steers with "
-                    "the largest strength (up to `strength`) whose exact KL fits what is left of it.")
-    kl_per_token: float | None = Field(
-        default=None, ge=0.0,
-        description="KL budget of each generated token (nats, at the sampling temperature): each step steers "
-                    "with the largest strength (up to `strength`) whose exact KL is at most this.")
+    max_kl: MaxKL = None
+    kl_per_token: KLPerToken = None
 
     @model_validator(mode="before")
     @classmethod
-    def _budget_caps_strength(cls, data: Any) -> Any:
-        """With a KL budget and no `strength`, the budget alone sets the strength, up to MAX_STRENGTH."""
-        if (isinstance(data, dict) and "strength" not in data
-                and any(data.get(name) is not None for name in ("max_kl", "kl_per_token"))):
+    def _budget_caps_strength(cls, data: Any, info: ValidationInfo) -> Any:
+        """With a KL budget (the entry's or the request's) and no `strength`, the budget alone sets the
+        strength, up to MAX_STRENGTH."""
+        if not isinstance(data, dict) or "strength" in data:
+            return data
+        if (info.context or {}).get(REQUEST_BUDGET) or any(data.get(name) is not None
+                                                           for name in ("max_kl", "kl_per_token")):
             return {**data, "strength": MAX_STRENGTH}
         return data
 
@@ -71,10 +84,12 @@ def _field_path(prefix: str, loc: tuple) -> str:
     return path
 
 
-def validate_entry(params_class: type[GuidanceParams], entry: Any, param: str) -> GuidanceParams:
-    """Validate one guidance entry, naming the offending field on error."""
+def validate_entry(params_class: type[GuidanceParams], entry: Any, param: str,
+                   request_budget: bool = False) -> GuidanceParams:
+    """Validate one guidance entry, naming the offending field on error (`request_budget`: the request
+    gives a KL budget of its own, so the entry may leave `strength` out)."""
     try:
-        return params_class.model_validate(entry)
+        return params_class.model_validate(entry, context={REQUEST_BUDGET: request_budget})
     except ValidationError as exc:
         error = exc.errors()[0]
         path = _field_path(param, tuple(error["loc"]))

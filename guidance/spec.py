@@ -12,6 +12,7 @@ from typing import Any
 
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
+from guidance.kl_budget import KLBudget, under
 from guidance.module import WHOLE_VOCABULARY, GuidanceModule, GuideTerm
 from guidance.params import GuidanceParams, validate_entry
 from guidance.registry import UnknownGuidanceModule, get_module
@@ -46,20 +47,28 @@ class ResolvedGuidance:
 
 def parse_guidance(
     entries: Sequence[Any], catalog: GuideCatalog, *, max_entries: int | None = None,
-    check_models: bool = True, param: str = "guidance",
+    check_models: bool = True, param: str = "guidance", budget: KLBudget | None = None,
 ) -> list[ResolvedGuidance]:
     """Validate every entry; raise GuidanceError naming the first bad field.
 
     With `check_models` False only the entries' own fields are checked (where no catalog is at hand).
+    `budget` is the request's own KL budget (its top-level `max_kl`, `kl_per_token`): it is folded into
+    every entry (`guidance.kl_budget.under`), and needs at least one entry to bound.
     """
     if not isinstance(entries, (list, tuple)):
         raise GuidanceError("guidance must be a list of objects", param)
+    if budget is not None and not entries:
+        name = "max_kl" if budget.max_kl is not None else "kl_per_token"
+        raise GuidanceError(f"{name} bounds the KL of the request's guidance, and the request has no guidance "
+                            f"entries: a KL budget means nothing on an unguided request; add guidance or leave "
+                            f"{name} out", name)
     if max_entries is not None and len(entries) > max_entries:
         raise GuidanceError(f"at most {max_entries} guidance entries are allowed, got {len(entries)}", param)
-    return [_parse_entry(entry, catalog, check_models, f"{param}[{i}]") for i, entry in enumerate(entries)]
+    return [_parse_entry(entry, catalog, check_models, f"{param}[{i}]", budget) for i, entry in enumerate(entries)]
 
 
-def _parse_entry(entry: Any, catalog: GuideCatalog, check_models: bool, param: str) -> ResolvedGuidance:
+def _parse_entry(entry: Any, catalog: GuideCatalog, check_models: bool, param: str,
+                 budget: KLBudget | None) -> ResolvedGuidance:
     if not isinstance(entry, dict):
         raise GuidanceError("each guidance entry must be an object", param)
     if "type" not in entry:
@@ -70,7 +79,9 @@ def _parse_entry(entry: Any, catalog: GuideCatalog, check_models: bool, param: s
         raise GuidanceError(exc.message, f"{param}.type") from None
     if module is None:
         raise GuidanceError("guidance type must be a string", f"{param}.type")
-    params = validate_entry(module.params_class, entry, param)
+    params = validate_entry(module.params_class, entry, param, request_budget=budget is not None)
+    if budget is not None:
+        params = params.model_copy(update=under(params.model_dump(), budget))
     top_k = module.default_top_k if params.top_k is None else params.top_k
     resolved = ResolvedGuidance(module, params, top_k)
     if check_models:

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from guidance.catalog import GuideCatalog
 from guidance.errors import GuidanceError
+from guidance.kl_budget import KLBudget
 from guidance.kv_budget import GUIDE_KV_BLOCK_SIZE
 from guidance.search.scorers import ScorerCatalog
 from guidance.search.spec import SearchLimits, SearchParams, parse_search
@@ -70,12 +71,13 @@ class Services:
         if limit is not None and max_tokens is not None and max_tokens > limit:
             raise InvalidRequest(f"{param} must be at most {limit}, got {max_tokens}.", param=param)
 
-    def resolve_guidance(self, entries: list | None) -> list[ResolvedGuidance]:
-        """A request's validated guidance list (empty when it asks for none)."""
-        if not entries:
+    def resolve_guidance(self, entries: list | None, budget: KLBudget | None = None) -> list[ResolvedGuidance]:
+        """A request's validated guidance list (empty when it asks for none) under its own KL `budget`."""
+        if not entries and budget is None:
             return []
         try:
-            return parse_guidance(entries, self.catalog, max_entries=self.settings.max_guidance_entries)
+            return parse_guidance(entries or [], self.catalog, max_entries=self.settings.max_guidance_entries,
+                                  budget=budget)
         except GuidanceError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from exc
 

@@ -8,6 +8,8 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletionRequest
 
+from guidance.kl_budget import KLBudget, request_budget
+from guidance.params import KLPerToken, MaxKL
 from guidance.spec import ResolvedGuidance
 from server.api.vllm_fields import (
     IGNORED_FIELDS,
@@ -86,6 +88,14 @@ class SamplingRequest(_VllmSamplingFields):
     guidance: list[dict[str, Any]] | None = Field(
         default=None, description="Per-step guidance entries, e.g. {type: qsharp, model: demo-value, strength: 4}."
     )
+    max_kl: MaxKL = Field(
+        default=None,
+        description="KL budget of the whole response (nats, at the sampling temperature) for all guidance entries "
+                    "together; with an entry's own, the tightest applies. Needs guidance.")
+    kl_per_token: KLPerToken = Field(
+        default=None,
+        description="KL budget of each generated token (nats, at the sampling temperature) for all guidance "
+                    "entries together; with an entry's own, the tightest applies. Needs guidance.")
     search: dict[str, Any] | None = Field(
         default=None,
         description="Request-level search, e.g. {type: best_of_n, n: 8, scorer: demo-reward} or "
@@ -105,6 +115,11 @@ class SamplingRequest(_VllmSamplingFields):
         if options is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
         return options
+
+    @property
+    def kl_budget(self) -> KLBudget | None:
+        """The request's own KL budget over its guidance (None: it gives none)."""
+        return request_budget([{"max_kl": self.max_kl, "kl_per_token": self.kl_per_token}])
 
     @property
     def include_usage_in_stream(self) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from guidance.kl_budget import KLBudget
 from guidance.kv_budget import request_blocks
 from guidance.search.scorers import Conversation
 from guidance.search.spec import SearchParams
@@ -44,11 +45,13 @@ class PreparedPrompt:
 
 @dataclass
 class Prepared:
-    """A validated request: its prompts, ready for the engine, its guidance and its search."""
+    """A validated request: its prompts, ready for the engine, its guidance (its own KL budget folded in),
+    its search, and the KL budget it gave itself."""
 
     prompts: list[PreparedPrompt]
     guidance: list[ResolvedGuidance] = field(default_factory=list)
     search: SearchParams | None = None
+    budget: KLBudget | None = None
     prompt_only: bool = False  # score the prompts (echo, max_tokens 0): drop the one generated token
 
     @property
@@ -75,8 +78,11 @@ class Prepared:
         return sum(len(p.token_ids) for p in self.prompts)
 
     def guidance_summary(self) -> dict:
-        """The response's `guidance` object: the resolved guidance entries, and the search."""
+        """The response's `guidance` object: the resolved guidance entries (each bound the tighter of its own
+        and the request's), the request's own KL bounds as it gave them, and the search."""
         summary: dict = {"entries": [g.describe() for g in self.guidance]}
+        if self.budget is not None:
+            summary.update({name: value for name, value in self.budget.as_dict().items() if value is not None})
         if self.search is not None:
             summary["search"] = self.search.model_dump(exclude_none=True)
         return summary

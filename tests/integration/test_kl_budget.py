@@ -1,6 +1,7 @@
 """KL budgets through the real server on the demo model and its trained guides: the reported KL of every
 choice stays within `max_kl` (streamed and not, every module, a composition, blockwise search), a looser
-budget steers more, and bad budgets are 400s naming the field."""
+budget steers more, a budget given by the request steers as the same budget on the entry, and bad
+budgets are 400s naming the field."""
 
 from __future__ import annotations
 
@@ -86,6 +87,45 @@ def test_blockwise_search_keeps_the_kept_sequence_within_max_kl(openai_client, m
         assert within(report["kl"], max_kl) and report["budget"]["max_kl"] == max_kl
 
 
+def test_a_request_budget_steers_as_the_same_budget_on_the_entry_and_keys_its_own_cache_entry(
+        openai_client, server, model_name):
+    max_kl = 0.3
+
+    def cache_count(outcome: str) -> float:
+        return server.metric("alignserve_cache_requests_total", backend="memory", outcome=outcome)
+
+    on_entry = guided(openai_client, model_name, [{**ENTRIES["qsharp"], "max_kl": max_kl}])
+    hits, misses = cache_count("hit"), cache_count("miss")
+    on_request = guided(openai_client, model_name, [ENTRIES["qsharp"]], extra_body={"max_kl": max_kl})
+    # computed, not the entry-budget request's cached response: the request-level budget is in the key
+    assert (cache_count("hit"), cache_count("miss")) == (hits, misses + 1)
+    assert [c.text for c in on_request.choices] == [c.text for c in on_entry.choices]  # seeded: the same choices
+    for by_request, by_entry in zip(on_request.choices, on_entry.choices):
+        report = by_request.model_extra["guidance"]
+        assert within(report["kl"], max_kl) and report["budget"] == {"max_kl": max_kl, "kl_per_token": None}
+        assert report["kl"] == pytest.approx(by_entry.model_extra["guidance"]["kl"], rel=1e-4, abs=1e-7)
+    summary = on_request.model_extra["guidance"]
+    assert summary["max_kl"] == max_kl and summary["entries"][0]["max_kl"] == max_kl
+    assert "max_kl" not in on_entry.model_extra["guidance"]
+
+    # the same request again is a hit; another request-level budget is not
+    guided(openai_client, model_name, [ENTRIES["qsharp"]], extra_body={"max_kl": max_kl})
+    assert cache_count("hit") == hits + 1
+    guided(openai_client, model_name, [ENTRIES["qsharp"]], n=1, extra_body={"max_kl": 0.25})
+    assert (cache_count("hit"), cache_count("miss")) == (hits + 1, misses + 2)
+
+    # streamed (uncached, so the engine runs it): every choice held to the request's budget
+    streamed = {}
+    for chunk in guided(openai_client, model_name, [ENTRIES["qsharp"]], stream=True,
+                        extra_body={"max_kl": max_kl, "cache": False}):
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                streamed[choice.index] = choice.model_extra["guidance"]
+    assert len(streamed) == len(on_request.choices)
+    for report in streamed.values():
+        assert within(report["kl"], max_kl) and report["budget"] == {"max_kl": max_kl, "kl_per_token": None}
+
+
 @pytest.mark.parametrize(
     ("entry", "param"),
     [({"max_kl": -0.5}, "guidance[0].max_kl"), ({"kl_per_token": "lots"}, "guidance[0].kl_per_token"),
@@ -98,6 +138,15 @@ def test_bad_budgets_are_400_naming_the_field(http, model_name, entry, param):
         response = http.post(path, json={"model": model_name, "guidance": guidance, **body})
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(("fields", "param"), [({"max_kl": -0.5}, "max_kl"), ({"kl_per_token": "lots"}, "kl_per_token"),
+                                               ({"max_kl": 1.0, "guidance": []}, "max_kl")])
+def test_bad_request_budgets_are_400_naming_the_field(http, model_name, fields, param):
+    body = {"model": model_name, "prompt": PROMPTS[0], "guidance": [ENTRIES["qsharp"]], **fields}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
 
 
 def test_guidance_listing_names_the_budget_parameters(http):

@@ -45,14 +45,16 @@ def _search(request) -> SearchParams | None:
 
 def completion_key(response_cache: ResponseCache, body: dict) -> str | None:
     request = CompletionRequest.model_validate(body)
-    return response_cache.key_for("text_completion", request, parse_guidance(request.guidance or [], CATALOG),
-                                  _search(request))
+    return response_cache.key_for(
+        "text_completion", request, parse_guidance(request.guidance or [], CATALOG, budget=request.kl_budget),
+        _search(request))
 
 
 def chat_key(response_cache: ResponseCache, body: dict) -> str | None:
     request = ChatCompletionRequest.model_validate(body)
-    return response_cache.key_for("chat.completion", request, parse_guidance(request.guidance or [], CATALOG),
-                                  _search(request))
+    return response_cache.key_for(
+        "chat.completion", request, parse_guidance(request.guidance or [], CATALOG, budget=request.kl_budget),
+        _search(request))
 
 
 COMPLETION_CHANGES = [
@@ -64,6 +66,11 @@ COMPLETION_CHANGES = [
     {"guidance": [{"type": "qsharp", "model": "v", "strength": 1.0, "top_k": 5}]},
     {"guidance": [{"type": "qsharp", "model": "w", "strength": 1.0}]},
     {"guidance": [{"type": "cd", "model": "v", "strength": 1.0}]},
+    # a KL budget, on the entry or the request: the response's `guidance` says which
+    {"guidance": [{"type": "qsharp", "model": "v", "strength": 1.0, "max_kl": 1.0}]},
+    {"guidance": [{"type": "qsharp", "model": "v", "strength": 1.0}], "max_kl": 1.0},
+    {"guidance": [{"type": "qsharp", "model": "v", "strength": 1.0}], "max_kl": 2.0},
+    {"guidance": [{"type": "qsharp", "model": "v", "strength": 1.0}], "kl_per_token": 1.0},
     {"search": {"type": "best_of_n", "n": 4, "scorer": "rm"}},
     {"search": {"type": "best_of_n", "n": 8, "scorer": "rm"}},
     {"search": {"type": "best_of_n", "n": 4, "scorer": "demo-verifier"}},

@@ -1,5 +1,6 @@
 """KL budgets: the controller on hand-made logits against a float64 reference bisection, the
-composition rule, the validation of budgets, and a GuidanceBatch steering budgeted rows."""
+composition rule, the validation of budgets, a request's own budget folded into its entries, and a
+GuidanceBatch steering budgeted rows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from guidance.batch import GuidanceBatch
 from guidance.divergence import kl_guided_to_base, split_at_candidates
 from guidance.errors import GuidanceError
 from guidance.kl_budget import (
-    BISECTION_STEPS, KLBudget, allowance, largest_fitting_scale, request_budget, spend)
+    BISECTION_STEPS, KLBudget, allowance, largest_fitting_scale, request_budget, spend, under)
 from guidance.modules.qsharp import bernoulli_offsets
 from guidance.params import MAX_STRENGTH
 from guidance.spec import parse_guidance
@@ -144,6 +145,57 @@ def test_bad_budgets_name_the_field(entry, param, words):
     with pytest.raises(GuidanceError) as info:
         parse_guidance([{"type": "arm", "model": "arm", **entry}], CATALOG)
     assert info.value.param == param and words in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("entry", "request_", "folded"),
+    [
+        ({"max_kl": 2.0}, KLBudget(max_kl=0.5), {"max_kl": 0.5, "kl_per_token": None}),  # the request is tighter
+        ({"max_kl": 0.5}, KLBudget(max_kl=2.0), {"max_kl": 0.5, "kl_per_token": None}),  # the entry is tighter
+        ({}, KLBudget(max_kl=1.0), {"max_kl": 1.0, "kl_per_token": None}),  # only the request gives one
+        ({}, KLBudget(kl_per_token=0.1), {"max_kl": None, "kl_per_token": 0.1}),
+        ({"kl_per_token": 0.3}, KLBudget(kl_per_token=0.1), {"max_kl": None, "kl_per_token": 0.1}),
+        # each bound on its own: the entry's per-token bound and the request's response bound both stay
+        ({"max_kl": 2.0, "kl_per_token": 0.05}, KLBudget(max_kl=1.0, kl_per_token=0.1),
+         {"max_kl": 1.0, "kl_per_token": 0.05}),
+        ({"kl_per_token": 0.05}, KLBudget(max_kl=1.0), {"max_kl": 1.0, "kl_per_token": 0.05}),
+    ],
+)
+def test_a_request_budget_folds_into_each_entry_as_the_tighter_bound(entry, request_, folded):
+    assert under({"strength": 1.0, **entry}, request_) == folded
+    [resolved] = parse_guidance([{"type": "arm", "model": "arm", "strength": 3.0, **entry}], CATALOG, budget=request_)
+    assert {name: getattr(resolved.params, name) for name in folded} == folded
+    assert resolved.params.strength == 3.0
+
+
+def test_folding_gives_the_request_budget_the_tightest_of_the_request_and_every_entry():
+    entries = [{"type": "arm", "model": "arm", "strength": 2.0, "max_kl": 0.4},
+               {"type": "cd", "model": "prefix", "strength": 1.0, "kl_per_token": 0.3}]
+    for request_, tightest in [(KLBudget(max_kl=1.0, kl_per_token=0.1), KLBudget(0.4, 0.1)),
+                               (KLBudget(max_kl=0.2), KLBudget(0.2, 0.3)),
+                               (KLBudget(kl_per_token=0.5), KLBudget(0.4, 0.3))]:
+        resolved = parse_guidance(entries, CATALOG, budget=request_)
+        assert request_budget([g.params.model_dump() for g in resolved]) == tightest
+        # the same budget as a further entry would give it: the one rule for entries and the request
+        assert tightest == request_budget([*entries, request_.as_dict()])
+
+
+def test_with_a_request_budget_entries_may_leave_strength_out():
+    [entry] = parse_guidance([{"type": "qsharp", "model": "value"}], CATALOG, budget=KLBudget(max_kl=1.0))
+    assert entry.params.strength == MAX_STRENGTH and entry.params.max_kl == 1.0
+    with pytest.raises(GuidanceError) as info:  # without one, strength is still required
+        parse_guidance([{"type": "qsharp", "model": "value"}], CATALOG)
+    assert info.value.param == "guidance[0].strength"
+
+
+@pytest.mark.parametrize(("entries", "budget", "param"), [
+    ([], KLBudget(max_kl=1.0), "max_kl"), ([], KLBudget(kl_per_token=0.1), "kl_per_token"),
+    ([], KLBudget(max_kl=1.0, kl_per_token=0.1), "max_kl"),
+])
+def test_a_request_budget_without_guidance_entries_names_its_field(entries, budget, param):
+    with pytest.raises(GuidanceError) as info:
+        parse_guidance(entries, CATALOG, budget=budget)
+    assert info.value.param == param and "unguided request" in info.value.message
 
 
 # A GuidanceBatch steering budgeted rows.

@@ -60,7 +60,8 @@ def test_a_message_runs_as_the_chat_request_vllm_makes_of_it(serving):
                                                {"type": "text", "text": "and?"}]}],
         tools=[WEATHER], tool_choice={"type": "any", "disable_parallel_tool_use": True}, stop_sequences=["\n"],
         temperature=0.5, top_k=5, stream=True, metadata={"user_id": "u"},
-        guidance=[{"type": "qsharp", "model": "demo-value", "strength": 2.0}], cache=False, timeout_s=30)
+        guidance=[{"type": "qsharp", "model": "demo-value", "strength": 2.0}], max_kl=1.5, kl_per_token=0.2,
+        cache=False, timeout_s=30)
     chat = serving.chat_request(body)
     assert [m.template_message() for m in chat.messages] == [
         {"role": "system", "content": "be exact"},
@@ -75,6 +76,7 @@ def test_a_message_runs_as_the_chat_request_vllm_makes_of_it(serving):
     assert chat.tools[0].function.parameters == {**WEATHER["input_schema"], "type": "object"}
     assert chat.stream and chat.include_usage_in_stream and chat.return_token_ids
     assert (chat.guidance, chat.cache, chat.timeout_s) == (body.guidance, False, 30)
+    assert (chat.max_kl, chat.kl_per_token) == (1.5, 0.2)
 
 
 def test_tools_without_a_tool_choice_ask_for_auto(serving):

@@ -51,12 +51,14 @@ def test_sampling_budget_logprobs_and_format_reach_the_chat_request():
     body = request(max_output_tokens=5, temperature=0.5, top_p=0.9, seed=3, stop=["\n"], stream=True,
                    include=["message.output_text.logprobs"], top_logprobs=2,
                    text={"format": {"type": "json_schema", "name": "a", "schema": schema}},
-                   guidance=[{"type": "qsharp", "model": "demo-value", "strength": 1.0}], timeout_s=5)
+                   guidance=[{"type": "qsharp", "model": "demo-value", "strength": 1.0}], max_kl=1.5,
+                   kl_per_token=0.2, timeout_s=5)
     made = turn(body)
     chat = ChatCompletionRequest.model_validate(chat_fields(body, made.request, made.conversation, "demo-base"))
     assert (chat.max_completion_tokens, chat.temperature, chat.top_p, chat.seed, chat.stop) == (5, 0.5, 0.9, 3, ["\n"])
     assert (chat.logprobs, chat.top_logprobs, chat.stream, chat.include_usage_in_stream) == (True, 2, True, True)
     assert chat.structured_outputs.json == schema and chat.guidance == body.guidance and chat.timeout_s == 5
+    assert (chat.max_kl, chat.kl_per_token) == (1.5, 0.2)
 
 
 def test_a_partial_assistant_message_is_continued():

@@ -31,7 +31,7 @@ class ChatServing(GenerationServing):
         services = self.services
         services.check_model(body.model)
         check_n(body.n, services.settings.max_n)
-        guidance = services.resolve_guidance(body.guidance)
+        guidance = services.resolve_guidance(body.guidance, body.kl_budget)
         search = services.resolve_search(body.search)
         limit, limit_param = body.completion_limit
         services.check_max_tokens(limit, limit_param)
@@ -50,7 +50,8 @@ class ChatServing(GenerationServing):
         conversation = None if search is None else Conversation(
             tuple(m.model_dump(mode="json", exclude_none=True) for m in body.messages),
             continues_last=body.continue_final_message)
-        return ChatPrepared([PreparedPrompt(prompt_ids, "", options, conversation)], guidance, search, tools=tools)
+        return ChatPrepared([PreparedPrompt(prompt_ids, "", options, conversation)], guidance, search,
+                            budget=body.kl_budget, tools=tools)
 
     def render(self, body: ChatCompletionRequest, vllm_request: VllmChatRequest) -> list[int]:
         """The prompt's token ids: the chat template applied to the messages, with the tools (as vLLM

@@ -19,7 +19,7 @@ class CompletionServing(GenerationServing):
         services = self.services
         services.check_model(body.model)
         check_n(body.n, services.settings.max_n)
-        guidance = services.resolve_guidance(body.guidance)
+        guidance = services.resolve_guidance(body.guidance, body.kl_budget)
         search = services.resolve_search(body.search)
         services.check_max_tokens(body.max_tokens, "max_tokens")
         prompts = body.prompts()
@@ -43,7 +43,7 @@ class CompletionServing(GenerationServing):
             # Scoring the prompt alone still runs one engine step, whose token is not returned.
             options = body.sampling_options(max(max_tokens, 1), body.logprobs, guidance, vllm_request)
             prepared.append(PreparedPrompt(token_ids, text, options))
-        return Prepared(prepared, guidance, search, prompt_only=body.scores_prompt_only)
+        return Prepared(prepared, guidance, search, budget=body.kl_budget, prompt_only=body.scores_prompt_only)
 
     def _prompt(self, body: CompletionRequest, prepared: Prepared, index: int) -> PreparedPrompt:
         return prepared.prompts[index // body.n]

@@ -26,7 +26,7 @@ COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking
 MESSAGE_FIELDS = (*COUNT_FIELDS, "max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream",
                   "metadata")
 # alignserve's own fields, beside the standard ones exactly as on chat.
-EXTENSION_FIELDS = ("guidance", "search", "cache", "timeout_s")
+EXTENSION_FIELDS = ("guidance", "max_kl", "kl_per_token", "search", "cache", "timeout_s")
 
 # Content the chat path has no place for, and why.
 _REFUSED_BLOCKS = {

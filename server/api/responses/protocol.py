@@ -31,7 +31,7 @@ RESPONSE_FIELDS = (
     "service_tier", "prompt_cache_key", "chat_template_kwargs",
 )
 # alignserve's own fields, beside the standard ones exactly as on chat.
-EXTENSION_FIELDS = ("guidance", "search", "cache", "timeout_s")
+EXTENSION_FIELDS = ("guidance", "max_kl", "kl_per_token", "search", "cache", "timeout_s")
 OUTPUT_LOGPROBS = "message.output_text.logprobs"
 
 # Input items the chat path has no place for, by type, and why.
