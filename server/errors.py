@@ -208,8 +208,10 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     """The first pydantic error, as a 400 naming its field."""
     errors = exc.errors()
     # A value that fits no member of a union fails once per member; the error that got
-    # deepest into the value names the member the client meant.
-    first: dict[str, Any] = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": ()})
+    # deepest into the value names the member the client meant, and at equal depth one that is not a
+    # type mismatch does (a list of too many strings: "at most 4 items", not "should be a string").
+    first: dict[str, Any] = max(errors, key=lambda e: (len(e.get("loc", ())), not e.get("type", "").endswith("_type")),
+                                default={"loc": ()})
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     param = field_path(first.get("loc", ()))

@@ -134,6 +134,11 @@ class Settings(EngineSettings):  # type: ignore[valid-type,misc]
         default=30.0, gt=0, description="Timeout of a call to the engine's workers (a guided choice's KL report, "
         "guidance timings); past it the requests waiting on it get 503 engine_timeout.",
     )
+    serve_code_verifiers: bool = Field(
+        default=False, description="Let requests name the verifiers that run code their reference brings "
+        "(python-tests) as search scorers. Only where every client is trusted: the sandbox bounds time, memory, "
+        "output and files but is no security boundary (docs/guidance.md).",
+    )
     scorer_timeout_s: float = Field(
         default=60.0, gt=0, description="Timeout of one scoring call of a search (best-of-N, blockwise, pruning); "
         "past it the request gets 503 scorer_timeout.",

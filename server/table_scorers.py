@@ -48,5 +48,6 @@ def load_table_scorers(settings: Settings, environ: Mapping[str, str], only: str
     check_tokenizers(settings.model, catalog)
     remote = load_remote_scorers(remote_entries, environ)
     reward_models = [load_hf_scorer(spec, settings.model) for spec in specs]
-    return TableScorers(catalog, ScorerCatalog.load(catalog, remote=remote, reward_models=reward_models), remote,
-                        reward_models)
+    scorers = ScorerCatalog.load(catalog, remote=remote, reward_models=reward_models,
+                                 code_verifiers=settings.serve_code_verifiers)
+    return TableScorers(catalog, scorers, remote, reward_models)

@@ -102,8 +102,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens", type=_at_least(1, int), default=32,
                        help="tokens per completion [default: %(default)s]")
     group.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                       help="a stop string of every request (repeat for several), e.g. HumanEval's --stop "
-                            "$'\\ndef' --stop $'\\nclass' --stop $'\\nif' --stop $'\\nprint' --stop $'\\n#'")
+                       help="a stop string of every request (repeat for several, at most 4: vLLM's limit), "
+                            "e.g. for HumanEval --stop $'\\ndef' --stop $'\\nclass' --stop $'\\nif' "
+                            "--stop $'\\nprint'")
     group.add_argument("--seed", type=int, default=0,
                        help="sample j of prompt i gets seed + (i*K + j) * S (docs/eval.md) [default: %(default)s]")
     group.add_argument("--concurrency", type=_at_least(1, int), default=32,

@@ -15,8 +15,8 @@ A scorer maps (prompt, completions) to one score per completion, all in one call
   classifier, or a process reward model that scores each step.
 
 Requests name scorers; the operator configures them (verifiers are built in or installed
-plug-ins, except those not served, such as ``python-tests``; models and URLs come from the guide-model
-table). Scoring runs in the caller's thread: the server calls it off its event loop.
+plug-ins, except those not served, such as ``python-tests``, unless the operator serves them too; models and
+URLs come from the guide-model table). Scoring runs in the caller's thread: the server calls it off its event loop.
 """
 
 from __future__ import annotations
@@ -160,12 +160,13 @@ class ScorerCatalog:
     @classmethod
     def load(cls, catalog: GuideCatalog, dtype: torch.dtype = torch.float32,
              device: torch.device | str = "cpu", remote: Sequence[Scorer] = (),
-             reward_models: Sequence[Scorer] = ()) -> "ScorerCatalog":
-        """The served verifiers, every sequence-scoring guide model of `catalog` (loaded), the `remote`
-        scorers and the off-the-shelf `reward_models` (``guidance.search.hf_scorers``); none of them may
-        take a verifier's name."""
+             reward_models: Sequence[Scorer] = (), code_verifiers: bool = False) -> "ScorerCatalog":
+        """The served verifiers (with `code_verifiers`, also those that run code a request brings, such as
+        ``python-tests``), every sequence-scoring guide model of `catalog` (loaded), the `remote` scorers and
+        the off-the-shelf `reward_models` (``guidance.search.hf_scorers``); none of them may take a
+        verifier's name."""
         verifiers = [get_verifier(name) for name in verifier_names()]
-        scorers: list[Scorer] = [VerifierScorer(v.name, v) for v in verifiers if v.served]
+        scorers: list[Scorer] = [VerifierScorer(v.name, v) for v in verifiers if v.served or code_verifiers]
         for name in catalog.names():
             info = catalog[name]
             if not is_sequence_scorer(info):

@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
+import vllm.envs as vllm_envs
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmCompletionRequest
 
 from guidance.kl_budget import KLBudget, request_budget
@@ -46,7 +47,9 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-StopSequences = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)]
+# vLLM's own request models take at most VLLM_MAX_STOP_STRINGS (4 by default, OpenAI's limit): the same
+# bound here, so that more is refused naming `stop` with the limit, not by vLLM's model with a type error.
+StopSequences = Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=vllm_envs.VLLM_MAX_STOP_STRINGS)]
 
 # vLLM's sampling and response extensions and its request id, declared as vLLM declares them,
 # and the OpenAI fields we ignore.

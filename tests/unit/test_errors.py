@@ -41,6 +41,18 @@ def test_union_error_names_the_deepest_member():
     assert "greater than or equal to 0" in error.message
 
 
+@pytest.mark.parametrize("model", [CompletionRequest, ChatCompletionRequest])
+def test_too_many_stop_strings_name_the_limit_vllm_sets(model):
+    """vLLM takes at most VLLM_MAX_STOP_STRINGS (4): more is refused by our model, naming the limit (the list
+    member's error), not as "should be a valid string" (the str member's) or by vLLM's model later."""
+    body = {"model": "m", "stop": ["\ndef", "\nclass", "\nif", "\nprint", "\n#"],
+            **({"prompt": "x"} if model is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]})}
+    error = validation_error(_request_error(model, body))
+    assert error.param == "stop" and "at most 4 items" in error.message
+    four = model.model_validate({**body, "stop": body["stop"][:4]})
+    assert four.as_vllm_request().stop == body["stop"][:4]
+
+
 def test_extra_field_message():
     error = validation_error(_request_error(ChatCompletionRequest, {
         "model": "m", "messages": [{"role": "user", "content": "x"}], "guidanc": []}))

@@ -389,8 +389,8 @@ def test_a_module_function_verifier_is_for_the_command_line_only(isolated: None)
 
 # search.reference in requests.
 
-def reference_services() -> Services:
-    scorers = ScorerCatalog.load(SimpleNamespace(names=lambda: []))
+def reference_services(code_verifiers: bool = False) -> Services:
+    scorers = ScorerCatalog.load(SimpleNamespace(names=lambda: []), code_verifiers=code_verifiers)
     settings = SimpleNamespace(max_search_candidates=8, max_block_tokens=16)
     return Services(settings=settings, engine=None, renderer=None, catalog=None, scorers=scorers, search=None,
                     lifecycle=None, cache=None, tools=None, created=0, tracker=None)
@@ -419,6 +419,16 @@ def test_requests_cannot_name_code_running_or_unregistered_verifiers(scorer: str
         reference_services().resolve_search({"type": "best_of_n", "n": 2, "scorer": scorer, "reference": "x"})
     assert info.value.param == "search.scorer"
 
+
+def test_an_operator_may_serve_code_running_verifiers_and_only_registered_ones() -> None:
+    """--serve-code-verifiers: python-tests becomes a scorer (for a trusted deployment, e.g. an evaluation
+    harness); an unregistered module:function never does."""
+    services = reference_services(code_verifiers=True)
+    spec = services.resolve_search({"type": "best_of_n", "n": 2, "scorer": "python-tests", "reference": "assert 1"})
+    assert spec.scorer == "python-tests" and services.scorers["python-tests"].score(
+        "p", [], [Completion("x = 1", ()), Completion("raise SystemExit(3)", ())], "assert x == 1") == [1.0, 0.0]
+    with pytest.raises(InvalidRequest):
+        services.resolve_search({"type": "best_of_n", "n": 2, "scorer": "os:system", "reference": "x"})
 
 
 def test_math_reads_the_final_answer_for_majority_votes() -> None:
