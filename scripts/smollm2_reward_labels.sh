@@ -23,7 +23,7 @@ engine=(--max-model-len 256 --max-num-seqs 128)
   $bin train reward --base "$run/base" --prompts "$run/train.jsonl" --verifier arith-first-line --out "$run/rm" \
     --samples 4 --max-tokens 16 --temperature 0.8 --top-p 0.9 "${engine[@]}" \
     --layers 4 --trainable-layers 2 --steps 200 --batch-size 64 --seed 0 --classifier-out "$run/rm/classifier"
-[ -f "$run/guides-rm/value-rm/guide_card.json" ] || \
+[ -f "$run/guides-rm/value-rm-r1/guide_card.json" ] || \
   $bin train value --base "$run/base" --prompts "$run/train64.jsonl" --reward-model reward \
     --guide-models "$run/rm/guides.json" --out "$run/guides-rm" --name value-rm \
     --samples 4 --max-tokens 16 --temperature 0.8 --top-p 0.9 "${engine[@]}" \
@@ -34,7 +34,7 @@ import json, sys
 from pathlib import Path
 table_file = Path(sys.argv[1]) / "guides" / "guides.json"
 table = json.loads(table_file.read_text())
-table["value-rm"] = "../guides-rm/value-rm"
+table["value-rm"] = "../guides-rm/value-rm-r1"  # train value names round 1 NAME-r1
 table_file.write_text(json.dumps(table, indent=2) + "\n")
 PY
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -78,6 +79,27 @@ def test_the_training_card_printed_names_the_classifier(trained):
     assert card["classifier"] == {"path": str(root / "rm"), **written}
     assert written["source"] == str(root / "out" / "reward")
     assert written["architecture"] == "LlamaForSequenceClassification"  # the demo base's family
+
+
+def test_a_pad_token_that_ends_sequences_is_not_written_so_transformers_reads_the_last_token(trained, tmp_path):
+    """SmolLM2's pad token is its end-of-turn token: transformers' classifier would read the token before a
+    completion's final one. The export writes no pad token then, and scores what the guide scores."""
+    root, _ = trained
+    guide = tmp_path / "guide"
+    shutil.copytree(root / "out" / "reward", guide)
+    config = json.loads((guide / "config.json").read_text())
+    (guide / "config.json").write_text(json.dumps({**config, "pad_token_id": config["eos_token_id"]}))
+    card = export_classifier(guide, tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "config.json").read_text()).get("pad_token_id") is None
+    assert "end-of-sequence" in card["pad_token_id"]
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "rm"))
+    sequences = [tokenizer(text, add_special_tokens=False).input_ids for text in TEXTS]
+    assert sequences[0][-1] == config["eos_token_id"]  # a completion that ends the sequence
+    embedded = (SequenceScorer.load(guide).score(sequences) - card["dropped_bias"]).tolist()
+    assert transformers_scores(tmp_path / "rm", sequences) == pytest.approx(embedded, abs=1e-4)
+    scorer = load_hf_scorer(read_scorer_entry("rm", {"path": str(tmp_path / "rm"), "kind": "reward_model"}), guide)
+    completions = [Completion(text, tuple(ids[1:])) for text, ids in zip(TEXTS, sequences)]
+    assert scorer.score("<s>", sequences[0][:1], completions) == pytest.approx(embedded, abs=1e-4)
 
 
 def test_other_heads_and_families_are_refused_naming_the_reason(tmp_path, capsys):
