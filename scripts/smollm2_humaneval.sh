@@ -27,3 +27,12 @@ $bin eval --model "$run/base" --serve-args "--max-model-len 640 --max-num-seqs 2
   --best-of-n python-tests --n 4,8 --resume
 .venv/bin/python -m bench.verifier_agreement "$results/samples.jsonl" --prompts "$run/prompts.jsonl" \
   --verifiers python-tests bench.human_eval_check:check > "$results/human_eval_agreement.json"
+
+# The same problems asked in a chat message (an instruct model's own format), the base alone: the reply is read
+# for its first ```python block, so no stop strings; up to 384 tokens (a restated function repeats its docstring).
+[ -f "$run/prompts-chat.jsonl" ] || $bin train prompts humaneval-chat "$run/prompts-chat.jsonl" --split heldout
+$bin eval --model "$run/base" --serve-args "--max-model-len 1024 --max-num-seqs 256" \
+  --prompts "$run/prompts-chat.jsonl" --verifier python-tests --out "$results/chat" \
+  --samples 1 --temperature 0.8 --top-p 0.95 --max-tokens 384 --concurrency 32 --seed 0 --resume
+.venv/bin/python -m bench.verifier_agreement "$results/chat/samples.jsonl" --prompts "$run/prompts-chat.jsonl" \
+  --verifiers python-tests bench.human_eval_check:check > "$results/chat/human_eval_agreement.json"

@@ -126,5 +126,17 @@ def humaneval_prompts(split: str) -> list[PromptRecord]:
             for problem in read_problems().values()]
 
 
+HUMANEVAL_REQUEST = ("Complete the following Python function. Reply with the whole function in one ```python "
+                     "code block.\n\n```python\n{prompt}```")
+
+
+def humaneval_chat_prompts(split: str) -> list[PromptRecord]:
+    """HumanEval's problems asked of a chat model (``humaneval-chat``): the function's signature and
+    docstring in a user message (``HUMANEVAL_REQUEST``); ``python-tests`` runs the reply's first ```python
+    block after the problem's prompt, so a reply that restates the whole function redefines it."""
+    return [PromptRecord(id=r.id, messages=({"role": "user", "content": HUMANEVAL_REQUEST.format(prompt=r.prompt)},),
+                         answer=r.answer) for r in humaneval_prompts(split)]
+
+
 TASKS = {"chat-arith": chat_arith_prompts, "chat-arith-steps": chat_arith_steps_prompts,
-         "humaneval": humaneval_prompts}
+         "humaneval": humaneval_prompts, "humaneval-chat": humaneval_chat_prompts}

