@@ -48,9 +48,10 @@ def test_every_choice_reports_kl_within_max_kl_streamed_and_not(openai_client, m
         [strength] = report["strengths"]
         cap = ENTRIES[name].get("strength", 1000.0)
         assert 0 <= strength["min"] <= strength["mean"] <= strength["max"] <= cap
-    # seeded: the streamed reports are the same requests' reports
+    # seeded: the streamed reports are the same requests' reports, up to the float rounding of a guide forward
+    # that depends on what else shares its batch (seen: 1.1e-4 relative)
     for choice in whole.choices:
-        assert streamed[choice.index]["kl"] == pytest.approx(choice.model_extra["guidance"]["kl"], rel=1e-4, abs=1e-7)
+        assert streamed[choice.index]["kl"] == pytest.approx(choice.model_extra["guidance"]["kl"], rel=1e-3, abs=1e-7)
 
 
 def test_a_looser_budget_steers_more(openai_client, model_name):
@@ -103,7 +104,8 @@ def test_a_request_budget_steers_as_the_same_budget_on_the_entry_and_keys_its_ow
     for by_request, by_entry in zip(on_request.choices, on_entry.choices):
         report = by_request.model_extra["guidance"]
         assert within(report["kl"], max_kl) and report["budget"] == {"max_kl": max_kl, "kl_per_token": None}
-        assert report["kl"] == pytest.approx(by_entry.model_extra["guidance"]["kl"], rel=1e-4, abs=1e-7)
+        # the same tokens; the KL up to the batch-dependent float rounding of the guide's forward (seen: 1.1e-4)
+        assert report["kl"] == pytest.approx(by_entry.model_extra["guidance"]["kl"], rel=1e-3, abs=1e-7)
     summary = on_request.model_extra["guidance"]
     assert summary["max_kl"] == max_kl and summary["entries"][0]["max_kl"] == max_kl
     assert "max_kl" not in on_entry.model_extra["guidance"]
