@@ -123,6 +123,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{method}", nargs="+", default=[], metavar="MODEL",
                            type=_argument_type(parse_guide_model),
                            help=f"sweep `{method}` guidance of these guide models over the strengths")
+    group.add_argument("--contrast-reference", metavar="MODEL",
+                       help="the reference of the --contrast experts [default: EXPERT-reference, the name "
+                            "`alignserve train expert` gives it]")
     group.add_argument("--strengths", type=_argument_type(parse_strengths), metavar="S,S,...",
                        help="guidance strengths [default: 0.5,1,2,4,8; none with --kl-budgets]")
     group.add_argument("--kl-budgets", type=_argument_type(parse_kl_budgets), default=(), metavar="B,B,...",
@@ -181,12 +184,12 @@ def _configs(args: argparse.Namespace) -> list[EvalConfig]:
                   min_entropies=tuple(h for h in args.min_entropy if h > 0), kl_budgets=args.kl_budgets,
                   step_search=tuple(args.step_search), expansions=args.expansions, answers=args.answers,
                   step_fields={"step_delimiter": args.step_delimiter, "max_steps": args.max_steps,
-                               "aggregate": args.aggregate})
+                               "aggregate": args.aggregate}, contrast_reference=args.contrast_reference)
     listed = read_config_file(args.configs) if args.configs else []
     variants = [variant for config in listed for variant in budget_variants(config, args.kl_budgets)]
     if args.kl_budgets and not any(sweep.guided.values()) and not variants:
-        raise ConfigError("--kl-budgets budgets per-step guidance: give --qsharp, --cd, --arm or --genarm, or "
-                          "--configs entries with guidance, no search and no budget of their own")
+        raise ConfigError("--kl-budgets budgets per-step guidance: give --qsharp, --cd, --arm, --genarm or "
+                          "--contrast, or --configs entries with guidance, no search and no budget of their own")
     configs = [BASE, *sweep_configs(sweep), *listed, *variants]
     check_unique(configs)
     return configs

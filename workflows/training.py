@@ -42,6 +42,7 @@ from server.engine import Engine
 from server.prompts import PromptRenderer
 from server.settings import Settings
 from workflows.prompt_file import read_prompts, require_answers
+from workflows.guide_names import reference_name
 from workflows.labels import Labeller, binary
 from workflows.rollouts import LabelledRollouts, RolloutSettings, generate_rollouts
 
@@ -170,11 +171,6 @@ def split_groups(records: Sequence[RolloutRecord], validation_fraction: float, s
     random.Random(seed).shuffle(groups)
     valid = set(groups[: max(1, round(len(groups) * validation_fraction))]) if validation_fraction > 0 else set()
     return [r for r in records if r.group not in valid], [r for r in records if r.group in valid]
-
-
-def reference_name(expert: str) -> str:
-    """The guide-model name of an expert's reference (its backbone before tuning)."""
-    return f"{expert}-reference"
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def test_bad_input_is_refused_naming_the_flag(capsys, prompts, tmp_path):
         (["--verifier", "demo-verifier", "--qsharp", "v", "--kl-budgets", "1,1"],
          "argument --kl-budgets: budget 1 is given twice"),
         (["--verifier", "demo-verifier", "--best-of-n", "demo-verifier", "--kl-budgets", "1"],
-         "--kl-budgets budgets per-step guidance: give --qsharp, --cd, --arm or --genarm"),
+         "--kl-budgets budgets per-step guidance: give --qsharp, --cd, --arm, --genarm or --contrast"),
     ]
     for flags, message in cases:
         code, err = run(capsys, *common, *flags)

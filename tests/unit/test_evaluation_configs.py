@@ -151,6 +151,21 @@ def test_kl_budgets_run_every_per_step_method_at_each_budget_uncapped():
     assert configs[2].extension == {"guidance": [{"type": "cd", "model": "c", "max_kl": 0.5}]}  # the server's cap
 
 
+def test_contrast_entries_name_the_expert_and_its_reference():
+    """`--contrast EXPERT` pairs the expert with the reference `train expert` wrote beside it, unless
+    --contrast-reference names another; budgets and strengths apply as to any per-step method."""
+    configs = sweep_configs(Sweep(guided={"contrast": (GuideModel("expert", (1.0,)),)}, kl_budgets=(0.5,)))
+    assert [(c.name, c.method) for c in configs] == [("contrast(expert)@1", "contrast(expert)"),
+                                                     ("contrast(expert) max_kl=0.5", "contrast(expert) max_kl")]
+    assert configs[0].extension == {"guidance": [{"type": "contrast", "model": "expert",
+                                                  "reference": "expert-reference", "strength": 1.0}]}
+    assert configs[1].extension == {"guidance": [{"type": "contrast", "model": "expert",
+                                                  "reference": "expert-reference", "max_kl": 0.5}]}
+    other = sweep_configs(Sweep(guided={"contrast": (GuideModel("tuned"),)}, kl_budgets=(1.0,),
+                                contrast_reference="untuned"))
+    assert other[0].extension["guidance"][0]["reference"] == "untuned"
+
+
 def test_kl_budgets_keep_the_strengths_given_and_the_gates():
     configs = sweep_configs(Sweep(guided={"qsharp": (GuideModel("v", (4.0,)), GuideModel("w"))}, strengths=(1.0,),
                                   kl_budgets=(1.0,), min_entropies=(0.5,)))

@@ -1,6 +1,7 @@
 """The usual sweep, built from guide-model and scorer names given on the command line.
 
     --qsharp my-value --cd my-prefix --strengths 0.5,1,2,4,8   per-step guidance, one config per strength
+    --contrast my-expert                                        contrast of my-expert and my-expert-reference
     --arm my-arm@0.25,0.5,1                                     a model's own strengths (after '@')
     --best-of-n alignserve-verifier my-value --n 1,2,4,8,16     best-of-N, one config per N
     --blockwise my-prefix --block-candidates 4 --block-tokens 4 blockwise CD, one config per candidate count
@@ -30,9 +31,10 @@ import math
 from dataclasses import dataclass, field
 
 from workflows.evaluation.configs import EvalConfig
+from workflows.guide_names import reference_name
 
-# Per-step guidance flags: --qsharp, --cd, --arm, --genarm set entries of these module types.
-GUIDED_METHODS = ("qsharp", "cd", "arm", "genarm")
+# Per-step guidance flags: --qsharp, --cd, --arm, --genarm, --contrast set entries of these module types.
+GUIDED_METHODS = ("qsharp", "cd", "arm", "genarm", "contrast")
 DEFAULT_STRENGTHS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_NS = (1, 2, 4, 8, 16)
 DEFAULT_BLOCK_CANDIDATES = (4,)
@@ -63,6 +65,7 @@ class Sweep:
     expansions: int = 4  # E: beam's expansions per kept solution, DVTS's beam_width
     step_fields: dict = field(default_factory=dict)  # step_delimiter, max_steps, aggregate of the step searches
     answers: str | None = None  # weighted-majority picks by this verifier's answers
+    contrast_reference: str | None = None  # reference of every --contrast expert; None: the expert's own
 
     def strengths_of(self, guide: GuideModel) -> tuple[float, ...]:
         """The fixed strengths a guide model is run at (module docstring)."""
@@ -142,6 +145,8 @@ def _guided(method: str, guide: GuideModel, sweep: Sweep, min_entropy: float) ->
     gate, suffix = ({"min_entropy": min_entropy}, f" H>={min_entropy:g}") if min_entropy else ({}, "")
     label = f"{method}({guide.model})"
     entry = {"type": method, "model": guide.model, **gate}
+    if method == "contrast":
+        entry["reference"] = sweep.contrast_reference or reference_name(guide.model)
     fixed = [EvalConfig(name=f"{label}@{strength:g}{suffix}", method=label + suffix, strength=strength,
                         guidance=({**entry, "strength": strength},))
              for strength in sweep.strengths_of(guide)]
