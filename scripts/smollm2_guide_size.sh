@@ -12,7 +12,7 @@
 # Rollouts: 4 more samples per prompt (seeds 2880..5759) make 8, 8 more (5760..11519) make 16; sample j of
 # prompt i has seed SEED + i * samples + j, so the three files never share a seed. Every trainer holds out 10% of
 # the prompts, evaluates every 20 steps and keeps its best validation loss, stopping after 3 evaluations without
-# a better one (the curves are in each card and curve.png). Each step whose output exists is skipped; the
+# a better one (the curves are in each card and training_curves.png). Each step whose output exists is skipped; the
 # evaluation resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +40,12 @@ for layers in 4 8 15 30; do
   [ -f "$out/value-l$layers-s8/guide_card.json" ] || \
     timed "value-l$layers-s8" $bin train value --base "$run/base" --rollouts "$r4" "$out/rollouts-s4b.jsonl" \
       --out "$out" --name "value-l$layers-s8" --layers "$layers" "${fit[@]}"
+done
+# Weight decay, chosen from the validation curves: the 4-layer guide on 8 samples again at AdamW decay 0.01 and 0.1.
+for decay in 0.01 0.1; do
+  [ -f "$out/value-l4-s8-wd$decay/guide_card.json" ] || \
+    timed "value-l4-s8-wd$decay" $bin train value --base "$run/base" --rollouts "$r4" "$out/rollouts-s4b.jsonl" \
+      --out "$out" --name "value-l4-s8-wd$decay" --layers 4 --weight-decay "$decay" "${fit[@]}"
 done
 [ -f "$out/rollouts-s8c.jsonl" ] || \
   timed rollouts-8c $bin train rollouts --base "$run/base" --out "$out/rollouts-s8c.jsonl" --seed 5760 --samples 8 \
