@@ -41,12 +41,6 @@ for layers in 4 8 15 30; do
     timed "value-l$layers-s8" $bin train value --base "$run/base" --rollouts "$r4" "$out/rollouts-s4b.jsonl" \
       --out "$out" --name "value-l$layers-s8" --layers "$layers" "${fit[@]}"
 done
-# Weight decay, chosen from the validation curves: the 4-layer guide on 8 samples again at AdamW decay 0.01 and 0.1.
-for decay in 0.01 0.1; do
-  [ -f "$out/value-l4-s8-wd$decay/guide_card.json" ] || \
-    timed "value-l4-s8-wd$decay" $bin train value --base "$run/base" --rollouts "$r4" "$out/rollouts-s4b.jsonl" \
-      --out "$out" --name "value-l4-s8-wd$decay" --layers 4 --weight-decay "$decay" "${fit[@]}"
-done
 [ -f "$out/rollouts-s8c.jsonl" ] || \
   timed rollouts-8c $bin train rollouts --base "$run/base" --out "$out/rollouts-s8c.jsonl" --seed 5760 --samples 8 \
     "${sampling[@]}" "${engine[@]}"

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from guidance.verifiers import UnknownVerifierError
 from models.export_classifier import export_classifier
-from models.training.guides import Backbone, GuideRecipe
+from models.training.guides import Backbone, GuideRecipe, default_guide_layers
 from models.training.loop import FitConfig
 from workflows.labels import Labeller, reward_model_labeller, verifier_labeller
 from workflows.prompt_file import TASKS, write_prompts
@@ -119,7 +119,8 @@ def _add_trainer_flags(parser: argparse.ArgumentParser, kind: str) -> None:
     backbone.add_argument("--init-from", type=Path,
                           help="checkpoint the guide starts from (same tokenizer as the base) [default: the base]")
     backbone.add_argument("--layers", type=_positive_int,
-                          help="keep only the first N decoder layers [default: all]")
+                          help="keep only the first N decoder layers [default: half the backbone's, rounded "
+                               "up: the measured trade-off of docs/training.md]")
     backbone.add_argument("--trainable-layers", type=int, default=1,
                           help="top layers trained with the head; the rest stay frozen [default: %(default)s]")
     head = parser.add_argument_group("head")
@@ -220,12 +221,13 @@ def _labeller(args: argparse.Namespace) -> Iterator[Labeller]:
 
 def _train(args: argparse.Namespace) -> int:
     kind = args.trainer
+    init_from = args.init_from or args.base
     try:
         recipe = _recipe(args, kind)
-    except ValueError as exc:
+        backbone = Backbone(init_from, args.layers or default_guide_layers(init_from))
+    except (ValueError, FileNotFoundError) as exc:
         print(f"alignserve train {kind}: {exc}", file=sys.stderr)
         return 2
-    backbone = Backbone(args.init_from or args.base, args.layers)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.rollouts is None and (args.prompts is None or _labels_flags_error(args)):
         print(f"alignserve train {kind}: give --rollouts FILE..., or --prompts and exactly one of --verifier and "

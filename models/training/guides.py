@@ -70,6 +70,16 @@ class GuideRecipe:
     normalise_reward: bool = True
 
 
+def default_guide_layers(init_from: Path) -> int:
+    """The layers a guide keeps when the user does not say: half of ``init_from``'s decoder layers, rounded up.
+
+    Measured on SmolLM2-135M-Instruct chat-arith (docs/results/smollm2-guide-size): the smallest cut whose
+    Q-sharp value model lifted held-out pass@1 by 10 points at KL budgets of 0.5 and 1 nat; the full copy
+    lifted it more at 1 nat and guided at about half the speed, 4- and 8-layer cuts ran faster and lifted less."""
+    layers = json.loads((init_from / "config.json").read_text())["num_hidden_layers"]
+    return (layers + 1) // 2
+
+
 @dataclass(frozen=True)
 class Backbone:
     """Where a guide's backbone comes from: ``init_from`` cut to its first ``layers`` layers (None: all)."""

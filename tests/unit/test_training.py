@@ -21,7 +21,14 @@ from models.demo.rollouts import sample_rollouts
 from models.demo.task import held_out_problems, sample_problems
 from models.runtime import build_head, load_guide_model, load_head
 from models.runtime.loader import load_decoder
-from models.training.guides import Backbone, GuideRecipe, save_guide, shared_features, train_guide
+from models.training.guides import (
+    Backbone,
+    GuideRecipe,
+    default_guide_layers,
+    save_guide,
+    shared_features,
+    train_guide,
+)
 from models.training.loop import FitConfig, fit
 from models.training.objectives import GuideTrainee, calibration_error, pair_margins, value_examples, value_loss
 from models.training.rollouts import (
@@ -383,3 +390,9 @@ def test_train_expert_writes_an_expert_and_its_reference_that_serve_contrast(tmp
     torch.testing.assert_close((out_logits[0] - logits[0]).double(),
                                log_probs["expert"] - log_probs["expert-reference"], atol=2e-5, rtol=0)
     assert batch.collect(["c"])["c"].kl > 0
+
+
+@pytest.mark.parametrize(("layers", "kept"), [(30, 15), (5, 3), (4, 2), (1, 1)])
+def test_a_guide_keeps_half_the_backbone_layers_by_default(tmp_path, layers, kept):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    assert default_guide_layers(tmp_path) == kept
